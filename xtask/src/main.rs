@@ -1,0 +1,71 @@
+//! linkpulse's developer commands, run as `cargo xtask <command>` (alias in .cargo/config.toml).
+//!
+//! Each command that builds first runs `setup`, so a fresh Debian 12 machine needs nothing but
+//! rustup and this checkout.
+
+mod cmd;
+mod demo;
+mod http;
+mod links_table;
+mod setup;
+mod signals;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::process::{Command, ExitCode};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    about = "linkpulse's developer commands (run as root on Debian 12)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Check the machine and install what is missing (Debian packages, bpf-linker); idempotent.
+    Setup,
+    /// setup, then `cargo build --release --workspace`.
+    Build,
+    /// setup, fmt check, clippy, then `cargo test --workspace --release`.
+    Test(test::TestArgs),
+    /// setup, build, then the daemon on an emulated router with a live per-link table.
+    Demo(demo::DemoArgs),
+    /// setup, build, then `linkpulse-bench ARGS` (writes target/bench/summary.json).
+    Bench {
+        /// Passed to linkpulse-bench as they are.
+        #[arg(last = true, value_name = "BENCH_ARGS")]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => setup::run().and_then(|()| cmd::build_release()),
+        Cmd::Test(args) => test::run(args),
+        Cmd::Demo(args) => demo::run(args),
+        Cmd::Bench { args } => bench(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    setup::run()?;
+    cmd::build_release()?;
+    let bench = cmd::release_bin("linkpulse-bench")?;
+    let mut run = Command::new(bench);
+    run.args(args).current_dir(cmd::repo_root());
+    cmd::run(&mut run)
+}

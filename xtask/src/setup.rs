@@ -1,0 +1,331 @@
+//! `cargo xtask setup`: checks the machine and installs what is missing, idempotently.
+//!
+//! A second run only asks dpkg once and bpf-linker for its version, so it takes well under a second.
+
+use crate::cmd;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::Command;
+
+/// Every Debian package the project needs, with what needs it. Later work adds rows here, and the
+/// README's "What gets installed" lists the same names.
+pub const PACKAGES: &[(&str, &str)] = &[
+    (
+        "rustc-web",
+        "Debian's rustc 1.96: compiles the eBPF crate ebpf/ for bpfel-unknown-none",
+    ),
+    (
+        "cargo-web",
+        "Debian's cargo: aya-build runs it for ebpf/; it also builds bpf-linker",
+    ),
+    (
+        "libstd-rust-web-dev-bpf",
+        "prebuilt `core` for bpfel-unknown-none (no rust-src, no -Z build-std)",
+    ),
+    (
+        "llvm-22-dev",
+        "libLLVM 22, the LLVM of Debian's rustc, which bpf-linker links against",
+    ),
+    (
+        "bpftool",
+        "inspecting loaded programs and maps; per-program run time for the bench",
+    ),
+    (
+        "iproute2",
+        "`ip netns` / `ip link` for the testbed, the demo and the tests",
+    ),
+    ("ethtool", "testbed: interface offload settings on veths"),
+    (
+        "tarantool",
+        "the local store of rollups, supervised by the daemon",
+    ),
+    (
+        "influxdb",
+        "a local stand-in for the central InfluxDB in tests and the bench",
+    ),
+    (
+        "influxdb-client",
+        "the `influx` CLI, to look into that InfluxDB",
+    ),
+    ("irtt", "the RTT-accuracy peer the bench compares against"),
+    (
+        "procps",
+        "ps/pgrep/free: RSS and CPU figures in tests and the bench",
+    ),
+];
+
+/// bpf-linker's version; the recipe in shared notes/ebpf-toolchain.md was verified with it.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian's LLVM 22, the one Debian's rustc uses; without LLVM_PREFIX bpf-linker's build finds
+/// /usr/bin/llvm-config (LLVM 14) and fails with `unable to find library -lLLVM`.
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Kernel that brought tcx (bpf_link based tc attach), which the daemon uses.
+const TCX_KERNEL: (u32, u32) = (6, 6);
+
+/// One line per check, aligned so that a failing line stands out.
+fn report(status: &str, what: &str) {
+    println!("setup  {status:<9}  {what}");
+}
+
+pub fn run() -> Result<()> {
+    check_root()?;
+    check_btf()?;
+    check_kernel_version();
+    ensure_packages()?;
+    check_rustup()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}
+
+fn check_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        report("error", "running as root");
+        bail!(
+            "not running as root (euid {euid}): setup installs Debian packages, and the testbed \
+             and tests create network namespaces and load eBPF programs. Fix: run as root, e.g. \
+             `sudo -E cargo xtask ...` or from a root shell"
+        );
+    }
+    report("ok", "running as root");
+    Ok(())
+}
+
+fn check_btf() -> Result<()> {
+    let btf = Path::new("/sys/kernel/btf/vmlinux");
+    if !btf.exists() {
+        report("error", "kernel BTF");
+        bail!(
+            "{} does not exist: this kernel was built without BTF (CONFIG_DEBUG_INFO_BTF), which \
+             linkpulse's eBPF programs need; such kernels are not supported. Fix: boot a kernel \
+             with BTF (Debian 12's own kernels have it)",
+            btf.display()
+        );
+    }
+    report("ok", &format!("kernel BTF at {}", btf.display()));
+    Ok(())
+}
+
+/// Only a warning: a backported kernel may have tcx under an older version number, and the daemon
+/// reports a failed attach itself.
+fn check_kernel_version() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    match parse_kernel_version(release) {
+        Some(v) if v >= TCX_KERNEL => report(
+            "ok",
+            &format!(
+                "kernel {release} has tcx (>= {}.{})",
+                TCX_KERNEL.0, TCX_KERNEL.1
+            ),
+        ),
+        _ => report(
+            "warn",
+            &format!(
+                "kernel `{release}` is older than {}.{} or unrecognised: tcx attach may fail. \
+                 Fix: use a kernel >= {}.{}",
+                TCX_KERNEL.0, TCX_KERNEL.1, TCX_KERNEL.0, TCX_KERNEL.1
+            ),
+        ),
+    }
+}
+
+/// "6.18.44-fc-v669" -> (6, 18).
+fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+fn ensure_packages() -> Result<()> {
+    let names: Vec<&str> = PACKAGES.iter().map(|(name, _)| *name).collect();
+    let missing = missing_packages(&names)?;
+    if missing.is_empty() {
+        report(
+            "ok",
+            &format!("Debian packages: all {} installed", names.len()),
+        );
+        return Ok(());
+    }
+    for name in &missing {
+        report("missing", &format!("Debian package {name}"));
+    }
+    cmd::run(Command::new("apt-get").arg("update")).context(
+        "`apt-get update` failed. Fix: check the network and /etc/apt/sources.list, then rerun",
+    )?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .context("`apt-get install` failed. Fix: read apt's message above, then rerun setup")?;
+    let still = missing_packages(&missing)?;
+    if !still.is_empty() {
+        bail!(
+            "apt-get finished but dpkg still lists {} as not installed. Fix: run `apt-get install \
+             {}` by hand and read its output",
+            still.join(", "),
+            still.join(" ")
+        );
+    }
+    for name in &missing {
+        report("installed", &format!("Debian package {name}"));
+    }
+    Ok(())
+}
+
+/// One dpkg-query for all packages. It prints a line per known package and exits 1 if any is
+/// unknown to dpkg, so its exit code is ignored and the absence of an "install ok installed" line
+/// is what counts as missing.
+fn missing_packages<S: AsRef<str>>(names: &[S]) -> Result<Vec<String>> {
+    let out = Command::new("dpkg-query")
+        .arg("-W")
+        .arg("-f=${Package} ${Status}\n")
+        .args(names.iter().map(AsRef::as_ref))
+        .output()
+        .context(
+            "could not run dpkg-query. Fix: run on Debian 12 (setup installs with dpkg/apt)",
+        )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(names
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|name| !is_installed(&stdout, name))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Whether dpkg-query's `${Package} ${Status}` output has `name` fully installed (a multi-arch
+/// package may have several lines; any installed one is enough).
+fn is_installed(dpkg_output: &str, name: &str) -> bool {
+    dpkg_output.lines().any(|line| {
+        line.split_once(' ')
+            .is_some_and(|(pkg, status)| pkg == name && status.trim() == "install ok installed")
+    })
+}
+
+/// aya-build builds ebpf/ with `rustup run /usr cargo ...`, so the build needs rustup even though
+/// the eBPF toolchain itself is Debian's.
+fn check_rustup() -> Result<()> {
+    match Command::new("rustup").arg("--version").output() {
+        Ok(out) if out.status.success() => {
+            report("ok", "rustup (aya-build runs `rustup run /usr cargo`)");
+            Ok(())
+        }
+        _ => {
+            report("error", "rustup");
+            bail!(
+                "rustup is not on PATH: the daemon's build.rs builds the eBPF crate with \
+                 `rustup run /usr cargo`. Fix: install rustup with a stable toolchain \
+                 (rustup.rs) and make sure ~/.cargo/bin is in PATH"
+            )
+        }
+    }
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let tools = cmd::tools_dir()?;
+    let linker = tools.join("bin/bpf-linker");
+    if bpf_linker_version_ok(&linker) {
+        report(
+            "ok",
+            &format!("bpf-linker {BPF_LINKER_VERSION} at {}", linker.display()),
+        );
+        return Ok(());
+    }
+    report(
+        "missing",
+        &format!(
+            "bpf-linker {BPF_LINKER_VERSION} at {} (building it takes about a minute)",
+            linker.display()
+        ),
+    );
+    // Debian's cargo on purpose: the recipe in notes/ebpf-toolchain.md was verified with it.
+    let mut install = Command::new("/usr/bin/cargo");
+    install
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+            "--root",
+        ])
+        .arg(&tools);
+    cmd::run(&mut install).with_context(|| {
+        format!(
+            "installing bpf-linker {BPF_LINKER_VERSION} failed. Fix: check that crates.io is \
+             reachable and that llvm-22-dev is installed ({LLVM_PREFIX} must exist), then rerun \
+             `cargo xtask setup`"
+        )
+    })?;
+    if !bpf_linker_version_ok(&linker) {
+        bail!(
+            "cargo install finished but `{} --version` does not print {BPF_LINKER_VERSION}. Fix: \
+             delete {} and rerun `cargo xtask setup`",
+            linker.display(),
+            tools.display()
+        );
+    }
+    report(
+        "installed",
+        &format!("bpf-linker {BPF_LINKER_VERSION} at {}", linker.display()),
+    );
+    Ok(())
+}
+
+/// True if `linker --version` runs and names exactly our version ("bpf-linker 0.13.0").
+fn bpf_linker_version_ok(linker: &Path) -> bool {
+    Command::new(linker)
+        .arg("--version")
+        .output()
+        .map(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .any(|word| word == BPF_LINKER_VERSION)
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(parse_kernel_version("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(parse_kernel_version("6.1.0-28-amd64"), Some((6, 1)));
+        assert_eq!(parse_kernel_version("6.6"), Some((6, 6)));
+        assert_eq!(parse_kernel_version(""), None);
+        assert!(parse_kernel_version("6.1.0-28-amd64").unwrap() < TCX_KERNEL);
+        assert!(parse_kernel_version("6.10.2").unwrap() >= TCX_KERNEL);
+    }
+
+    #[test]
+    fn dpkg_status_lines() {
+        let out = "procps install ok installed\nirtt deinstall ok config-files\n\
+                   libc6 install ok installed\nlibc6 not-installed\n";
+        assert!(is_installed(out, "procps"));
+        assert!(
+            !is_installed(out, "irtt"),
+            "config-files only is not installed"
+        );
+        assert!(is_installed(out, "libc6"), "one installed arch is enough");
+        assert!(!is_installed(out, "ethtool"), "absent from the output");
+        assert!(!is_installed(out, "proc"), "no prefix matches");
+    }
+
+    #[test]
+    fn package_names_are_unique() {
+        let mut names: Vec<_> = PACKAGES.iter().map(|(n, _)| n).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), PACKAGES.len());
+    }
+}

@@ -1,0 +1,192 @@
+//! `cargo xtask test`: format check, clippy, then the whole test suite, with one summary at the end.
+
+use crate::{cmd, setup};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct TestArgs {
+    /// Skip `cargo fmt --check` and clippy (both are lints; the tests still run).
+    #[arg(long)]
+    no_lint: bool,
+    /// Passed to `cargo test` as they are, e.g. `-- demo_links` or `-- -p linkpulse -- --nocapture`.
+    #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
+    cargo_test_args: Vec<String>,
+}
+
+/// What each step ended with, for the summary.
+struct Step {
+    name: &'static str,
+    outcome: Result<()>,
+}
+
+pub fn run(args: &TestArgs) -> Result<()> {
+    let start = Instant::now();
+    setup::run()?;
+    let mut steps = Vec::new();
+    // Every step runs even after a failure: one CI run then reports all that is wrong.
+    if !args.no_lint {
+        steps.push(Step {
+            name: "fmt",
+            outcome: cmd::cargo(&["fmt", "--all", "--check"])
+                .and_then(|mut c| cmd::run(&mut c))
+                .context("formatting differs. Fix: run `cargo fmt --all` and commit"),
+        });
+        steps.push(Step {
+            name: "clippy",
+            outcome: cmd::cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .and_then(|mut c| cmd::run(&mut c))
+            .context("clippy found problems (listed above). Fix them, or see why the build failed"),
+        });
+    }
+    let (outcome, counts) = cargo_test(&args.cargo_test_args);
+    steps.push(Step {
+        name: "tests",
+        outcome,
+    });
+
+    let failed: Vec<&Step> = steps.iter().filter(|s| s.outcome.is_err()).collect();
+    for step in &failed {
+        if let Err(err) = &step.outcome {
+            eprintln!("error in {}: {err:#}", step.name);
+        }
+    }
+    let states: Vec<String> = steps
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}",
+                s.name,
+                if s.outcome.is_ok() { "ok" } else { "FAILED" }
+            )
+        })
+        .collect();
+    println!(
+        "xtask test: {} ({}) in {:.0} s",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        states.join(", "),
+        start.elapsed().as_secs_f64()
+    );
+    // The totals over every test binary, in the plain "N passed, N failed" form that reads the
+    // same whatever the runner; only when cargo test got as far as running tests.
+    if let Some(c) = counts {
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            c.passed, c.failed, c.ignored
+        );
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} steps failed: {}",
+            failed.len(),
+            steps.len(),
+            failed.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
+#[derive(Default, Debug, PartialEq)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cargo test --workspace --release ARGS`, echoing its stdout while adding up the
+/// "test result:" lines of every test binary and doc-test run.
+fn cargo_test(extra: &[String]) -> (Result<()>, Option<Counts>) {
+    let mut counts: Option<Counts> = None;
+    let outcome = (|| {
+        let mut test = cmd::cargo(&["test", "--workspace", "--release"])?;
+        test.args(extra).stdout(Stdio::piped());
+        eprintln!("$ {}", cmd::display(&test));
+        let mut child = test
+            .spawn()
+            .with_context(|| format!("could not start `{}`", cmd::display(&test)))?;
+        let stdout = child
+            .stdout
+            .take()
+            .context("cargo test's stdout was not captured")?;
+        let mut out = std::io::stdout();
+        for line in BufReader::new(stdout).lines() {
+            // A test may print invalid UTF-8; losing that one line beats losing the count.
+            let Ok(line) = line else { continue };
+            // Echo failures do not stop the run: the exit status below is what counts.
+            let _ = writeln!(out, "{line}");
+            if let Some(c) = parse_test_result(&line) {
+                let total = counts.get_or_insert_with(Counts::default);
+                total.passed += c.passed;
+                total.failed += c.failed;
+                total.ignored += c.ignored;
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            bail!(
+                "`{}` failed ({}); the failing tests are listed above",
+                cmd::display(&test),
+                cmd::describe(status)
+            );
+        }
+        Ok(())
+    })();
+    (outcome, counts)
+}
+
+/// libtest's "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...".
+fn parse_test_result(line: &str) -> Option<Counts> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let (_, fields) = rest.split_once(". ")?;
+    let mut counts = Counts::default();
+    for field in fields.split(';') {
+        let mut words = field.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        match what {
+            "passed" => counts.passed = n,
+            "failed" => counts.failed = n,
+            "ignored" => counts.ignored = n,
+            _ => {}
+        }
+    }
+    Some(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_result_lines() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 2 filtered out; finished in 0.01s"
+            ),
+            Some(Counts { passed: 3, failed: 0, ignored: 1 })
+        );
+        assert_eq!(
+            parse_test_result(
+                "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out"
+            ),
+            Some(Counts {
+                passed: 1,
+                failed: 2,
+                ignored: 0
+            })
+        );
+        assert_eq!(parse_test_result("test foo ... ok"), None);
+    }
+}
