@@ -1,0 +1,124 @@
+//! Records shared by the kernel programs (`ebpf/`) and user space (`daemon/`).
+//!
+//! Every type is `#[repr(C)]`, has explicit padding and no `bool`, so that both sides agree
+//! byte for byte. Sizes are asserted at compile time.
+#![no_std]
+
+/// Most modem links one daemon follows (the design's ceiling is 16 modems; headroom for
+/// hot-plug churn, where a returning modem keeps its index).
+pub const MAX_LINKS: usize = 32;
+/// Directions per link: 0 = ingress (download), 1 = egress (upload).
+pub const DIRS: usize = 2;
+/// Slots per CPU in [`SLOTS`](Slot): one per (link, direction).
+pub const SLOTS_PER_CPU: usize = MAX_LINKS * DIRS;
+/// Entries of the ifindex → link table. Interface indexes are allocated per network namespace
+/// and start small; an interface above this index is refused by the daemon with a clear error.
+pub const MAX_IFINDEX: u32 = 16384;
+
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// Name of the global holding the bin width in nanoseconds (set by the loader).
+pub const GLOBAL_BIN_WIDTH_NS: &str = "BIN_WIDTH_NS";
+/// Map names, shared so the loader cannot misspell them.
+pub const MAP_IFACES: &str = "IFACES";
+pub const MAP_SLOTS: &str = "SLOTS";
+pub const MAP_BINS: &str = "BINS";
+
+/// Value of the `IFACES` array, indexed by ifindex. `link_plus_one == 0` means "not a modem".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceConf {
+    /// Link index + 1 (0 = unused entry).
+    pub link_plus_one: u32,
+    /// Bytes of link-layer header in front of the IP header at tc (14 for Ethernet/veth, 0 for
+    /// raw-IP modems and TUN devices), so that bytes are counted from the IP header on.
+    pub l2_len: u32,
+}
+
+/// The per-CPU accumulator of one (link, direction), in the `SLOTS` array
+/// (index = cpu * SLOTS_PER_CPU + link * 2 + dir). The array is mmapped by the daemon, which
+/// reads it without a syscall to close bins of idle links; only the CPU that owns a slot writes
+/// it, and all fields are naturally aligned u64 (torn reads of one field cannot happen).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    /// TAI start of the bin being accumulated (ns), 0 before the first packet.
+    pub bin_start: u64,
+    /// Wire packets (GSO segments) in that bin so far.
+    pub packets: u64,
+    /// L3 bytes in that bin so far.
+    pub bytes: u64,
+    /// Monotonic: bins the ring buffer could not take (ring full).
+    pub ring_full: u64,
+    /// Monotonic: packets of those bins, kept here instead of being lost; the daemon carries
+    /// the growth of these counters into the next bin it publishes.
+    pub spill_packets: u64,
+    /// Monotonic: bytes of those bins.
+    pub spill_bytes: u64,
+    /// Monotonic: packets whose headers could not be read (counted with their skb length).
+    pub malformed: u64,
+    pub _reserved: u64,
+}
+
+/// One completed per-CPU bin, sent through the `BINS` ring buffer when a CPU sees the first
+/// packet of a newer bin on the same (link, direction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BinRecord {
+    pub bin_start: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub cpu: u32,
+    pub link: u16,
+    pub dir: u8,
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<IfaceConf>() == 8);
+const _: () = assert!(core::mem::size_of::<Slot>() == 64);
+const _: () = assert!(core::mem::size_of::<BinRecord>() == 32);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers with explicit padding: every bit pattern is valid.
+    unsafe impl aya::Pod for super::IfaceConf {}
+    unsafe impl aya::Pod for super::Slot {}
+    unsafe impl aya::Pod for super::BinRecord {}
+}
+
+/// Start of the epoch-aligned bin that contains `t` (both in ns).
+#[inline(always)]
+pub fn bin_start(t: u64, width: u64) -> u64 {
+    t - t % width
+}
+
+/// Slot index of (cpu, link, dir).
+#[inline(always)]
+pub fn slot_index(cpu: u32, link: u32, dir: u8) -> u32 {
+    cpu * SLOTS_PER_CPU as u32 + link * DIRS as u32 + dir as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bins_are_epoch_aligned() {
+        assert_eq!(bin_start(1_000_000_123, 100_000), 1_000_000_000);
+        assert_eq!(bin_start(99_999, 100_000), 0);
+        assert_eq!(bin_start(100_000, 100_000), 100_000);
+    }
+
+    #[test]
+    fn slot_indexes_do_not_overlap() {
+        assert_eq!(slot_index(0, 0, 0), 0);
+        assert_eq!(slot_index(0, 0, 1), 1);
+        assert_eq!(slot_index(0, 1, 0), 2);
+        assert_eq!(slot_index(1, 0, 0), SLOTS_PER_CPU as u32);
+        assert_eq!(
+            slot_index(0, MAX_LINKS as u32 - 1, 1) + 1,
+            slot_index(1, 0, 0)
+        );
+    }
+}

@@ -1,0 +1,381 @@
+//! The daemon's TOML configuration: sections with documented defaults, unknown keys refused,
+//! every semantic error reported with the file, line and column of the offending value.
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use linkpulse_common::MAX_LINKS;
+
+/// Where the daemon looks when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/linkpulse/linkpulse.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source} (pass the right file with --config or LINKPULSE_CONFIG)")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub router_id: String,
+    pub site: String,
+    pub bin_width_ns: u64,
+    pub grace_ns: u64,
+    pub http_listen: SocketAddr,
+    pub links: Vec<LinkConfig>,
+    /// The file it came from (for SIGHUP reloads and messages).
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// Kernel interface name of the modem (e.g. `wwan0`).
+    pub interface: String,
+    /// Human label shown on the page and in the table (defaults to the interface name).
+    pub label: String,
+    pub operator: String,
+    pub modem_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    router: RawRouter,
+    #[serde(default)]
+    sampling: RawSampling,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default, rename = "link")]
+    links: Vec<RawLink>,
+}
+
+/// `[router]`: the identity that tags everything leaving the box.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouter {
+    id: Spanned<String>,
+    site: Spanned<String>,
+}
+
+/// `[sampling]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSampling {
+    /// Bin width in µs; must divide one second (10 µs to 1 s). Default 100.
+    #[serde(default = "default_bin_width_us")]
+    bin_width_us: Spanned<u64>,
+    /// How long after a bin's end the daemon waits for per-CPU data before publishing it.
+    /// Default 1000 µs.
+    #[serde(default = "default_grace_us")]
+    grace_us: Spanned<u64>,
+}
+
+impl Default for RawSampling {
+    fn default() -> Self {
+        Self {
+            bin_width_us: default_bin_width_us(),
+            grace_us: default_grace_us(),
+        }
+    }
+}
+
+fn default_bin_width_us() -> Spanned<u64> {
+    Spanned::new(0..0, 100)
+}
+fn default_grace_us() -> Spanned<u64> {
+    Spanned::new(0..0, 1000)
+}
+
+/// `[http]`: API and metrics. Default `127.0.0.1:8480` (loopback only).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    #[serde(default = "default_listen")]
+    listen: Spanned<String>,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:8480".to_string())
+}
+
+/// `[[link]]`: one modem.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLink {
+    interface: Spanned<String>,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    operator: Option<String>,
+    #[serde(default)]
+    modem_id: Option<String>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text, path)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
+    }
+
+    /// Validates config text; `path` only names the file in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let err = |span: Option<Range<usize>>, message: String| {
+            let (line, column) = span.map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message,
+            }
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| err(e.span(), e.message().to_string()))?;
+
+        let router_id = non_empty_tag(&raw.router.id, "router.id")
+            .map_err(|m| err(Some(raw.router.id.span()), m))?;
+        let site = non_empty_tag(&raw.router.site, "router.site")
+            .map_err(|m| err(Some(raw.router.site.span()), m))?;
+
+        let width_us = *raw.sampling.bin_width_us.get_ref();
+        if !(10..=1_000_000).contains(&width_us) || 1_000_000 % width_us != 0 {
+            return Err(err(
+                Some(raw.sampling.bin_width_us.span()),
+                format!(
+                    "bin_width_us = {width_us} does not divide one second: use a divisor of \
+                     1000000 between 10 and 1000000 (e.g. 10, 50, 100, 250, 500, 1000)"
+                ),
+            ));
+        }
+        let grace_us = *raw.sampling.grace_us.get_ref();
+        if grace_us > 1_000_000 {
+            return Err(err(
+                Some(raw.sampling.grace_us.span()),
+                format!(
+                    "grace_us = {grace_us} is over one second: use 100 to 10000 (default 1000)"
+                ),
+            ));
+        }
+
+        let http_listen: SocketAddr = raw.http.listen.get_ref().parse().map_err(|e| {
+            err(
+                Some(raw.http.listen.span()),
+                format!(
+                    "http.listen = {:?} is not an address with a port ({e}): e.g. \"127.0.0.1:8480\"",
+                    raw.http.listen.get_ref()
+                ),
+            )
+        })?;
+
+        if raw.links.len() > MAX_LINKS {
+            return Err(err(
+                Some(raw.links[MAX_LINKS].interface.span()),
+                format!(
+                    "{} links configured; at most {MAX_LINKS} are supported",
+                    raw.links.len()
+                ),
+            ));
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut links = Vec::with_capacity(raw.links.len());
+        for l in &raw.links {
+            let name = l.interface.get_ref();
+            validate_ifname(name).map_err(|m| err(Some(l.interface.span()), m))?;
+            if let Some(first) = seen.get(name.as_str()) {
+                return Err(err(
+                    Some(l.interface.span()),
+                    format!(
+                        "interface {name:?} is already used by the link on line {first}: each \
+                         modem interface may appear in one [[link]] only"
+                    ),
+                ));
+            }
+            seen.insert(name, line_col(text, l.interface.span().start).0);
+            links.push(LinkConfig {
+                interface: name.clone(),
+                label: l.label.clone().unwrap_or_else(|| name.clone()),
+                operator: l.operator.clone().unwrap_or_default(),
+                modem_id: l.modem_id.clone().unwrap_or_default(),
+            });
+        }
+
+        Ok(Config {
+            router_id,
+            site,
+            bin_width_ns: width_us * 1000,
+            grace_ns: grace_us * 1000,
+            http_listen,
+            links,
+            source: None,
+        })
+    }
+}
+
+fn non_empty_tag(v: &Spanned<String>, key: &str) -> Result<String, String> {
+    let s = v.get_ref().trim();
+    if s.is_empty() {
+        return Err(format!(
+            "{key} is empty: it tags every metric that leaves the router, set it"
+        ));
+    }
+    if s.chars().any(|c| c.is_control()) {
+        return Err(format!("{key} contains control characters"));
+    }
+    Ok(s.to_string())
+}
+
+/// Linux interface names: 1–15 bytes, no '/', no whitespace, not "." or "..".
+fn validate_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!(
+            "interface {name:?} is not a valid Linux interface name (1 to 15 characters)"
+        ));
+    }
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return Err(format!(
+            "interface {name:?} is not a valid Linux interface name (no '/', ':' or spaces)"
+        ));
+    }
+    Ok(())
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+impl fmt::Display for LinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.label, self.interface)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[router]
+id = "rtr-1"
+site = "depot"
+
+[sampling]
+bin_width_us = 100
+
+[[link]]
+interface = "wwan0"
+label = "Verizon A"
+operator = "Verizon"
+
+[[link]]
+interface = "wwan1"
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    fn invalid_at(s: &str) -> (usize, String) {
+        match parse(s) {
+            Err(ConfigError::Invalid { line, message, .. }) => (line, message),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.bin_width_ns, 100_000);
+        assert_eq!(c.grace_ns, 1_000_000);
+        assert_eq!(c.http_listen, "127.0.0.1:8480".parse().unwrap());
+        assert_eq!(c.links.len(), 2);
+        assert_eq!(c.links[1].label, "wwan1");
+        assert_eq!(c.links[0].operator, "Verizon");
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let s = GOOD.replace("label = \"Verizon A\"", "lable = \"Verizon A\"");
+        let (line, msg) = invalid_at(&s);
+        assert_eq!(line, 11);
+        assert!(msg.contains("lable"), "{msg}");
+    }
+
+    #[test]
+    fn width_that_does_not_divide_a_second_is_refused() {
+        let (line, msg) = invalid_at(&GOOD.replace("bin_width_us = 100", "bin_width_us = 300"));
+        assert_eq!(line, 7);
+        assert!(msg.contains("does not divide one second"), "{msg}");
+        let (_, msg) = invalid_at(&GOOD.replace("bin_width_us = 100", "bin_width_us = 5"));
+        assert!(msg.contains("between 10"), "{msg}");
+    }
+
+    #[test]
+    fn two_links_on_one_interface_are_refused() {
+        let s = GOOD.replace("interface = \"wwan1\"", "interface = \"wwan0\"");
+        let (line, msg) = invalid_at(&s);
+        assert_eq!(line, 15);
+        assert!(msg.contains("line 10"), "{msg}");
+    }
+
+    #[test]
+    fn bad_interface_name_and_listen_are_refused() {
+        let (line, _) = invalid_at(&GOOD.replace("\"wwan1\"", "\"a-very-long-interface-name\""));
+        assert_eq!(line, 15);
+        let s = format!("{GOOD}\n[http]\nlisten = \"localhost\"\n");
+        let (_, msg) = invalid_at(&s);
+        assert!(msg.contains("http.listen"), "{msg}");
+    }
+
+    #[test]
+    fn missing_router_section_is_named() {
+        let (_, msg) = invalid_at("[[link]]\ninterface = \"wwan0\"\n");
+        assert!(msg.contains("router"), "{msg}");
+    }
+
+    #[test]
+    fn error_display_has_file_line_column() {
+        let e = parse(&GOOD.replace("bin_width_us = 100", "bin_width_us = 300")).unwrap_err();
+        assert!(e.to_string().starts_with("test.toml:7:16:"), "{e}");
+    }
+}

@@ -1,0 +1,237 @@
+//! Starts and stops the pipeline: kernel programs, control thread (links, hot-plug), ingest
+//! thread (ring + slots → aligned frames), consumers, HTTP. See ARCHITECTURE.md.
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+};
+
+use crossbeam_channel::Sender;
+
+use crate::{
+    align::Aligner,
+    config::Config,
+    frame::Frame,
+    http,
+    ingest::{self, Fanout},
+    kernel::{Kernel, KernelError},
+    links::{self, Control, LinkManager},
+    shared::Shared,
+    stats,
+};
+
+/// Frames the live-statistics queue holds (~100 ms at 10 kHz bins; it is read every 5 ms).
+const STATS_QUEUE_FRAMES: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error("cannot start thread {name}: {source}")]
+    Thread {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the HTTP thread stopped before it was ready")]
+    HttpStartup,
+}
+
+/// A consumer queue to register at start (tests, benchmarks, later the stream socket).
+pub struct Subscription {
+    pub name: String,
+    pub producer: rtrb::Producer<Frame>,
+}
+
+/// A queue pair for [`Daemon::start`]: give the producer to the daemon, read the consumer.
+pub fn subscription(name: &str, capacity: usize) -> (Subscription, rtrb::Consumer<Frame>) {
+    let (producer, consumer) = rtrb::RingBuffer::new(capacity);
+    (
+        Subscription {
+            name: name.to_string(),
+            producer,
+        },
+        consumer,
+    )
+}
+
+pub struct Daemon {
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    control: Sender<Control>,
+    threads: Vec<(&'static str, JoinHandle<()>)>,
+    http_addr: SocketAddr,
+    http_shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+fn spawn(
+    name: &'static str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<(&'static str, JoinHandle<()>), DaemonError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(|h| (name, h))
+        .map_err(|source| DaemonError::Thread { name, source })
+}
+
+impl Daemon {
+    /// Loads and attaches everything in the calling thread's network namespace and starts the
+    /// threads. Links whose interface is missing are reported and attached when they appear.
+    pub fn start(cfg: &Config, subscriptions: Vec<Subscription>) -> Result<Daemon, DaemonError> {
+        let (kernel, data) = Kernel::load(cfg.bin_width_ns)?;
+        let shared = Arc::new(Shared::new(cfg));
+        let stop = Arc::new(AtomicBool::new(false));
+
+        let (stats_tx, stats_rx) = rtrb::RingBuffer::new(STATS_QUEUE_FRAMES);
+        let mut names = vec!["stats".to_string()];
+        let mut producers = vec![stats_tx];
+        for s in subscriptions {
+            names.push(s.name);
+            producers.push(s.producer);
+        }
+        let fanout = Fanout::new(producers);
+        *shared
+            .fanout_dropped
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = names
+            .into_iter()
+            .map(|n| (n, Arc::clone(&fanout.dropped)))
+            .collect::<Vec<_>>();
+        // One Arc for all: split per consumer when rendering is not worth the copies here.
+        let mut manager = LinkManager::new(kernel, cfg, Arc::clone(&shared));
+        manager.resync();
+
+        let mut threads = Vec::new();
+        let (control_tx, control_rx) = crossbeam_channel::bounded(16);
+        {
+            let stop = Arc::clone(&stop);
+            threads.push(spawn("lp-control", move || manager.run(control_rx, stop))?);
+        }
+        {
+            let (tx, stop) = (control_tx.clone(), Arc::clone(&stop));
+            threads.push(spawn("lp-netlink", move || {
+                if let Err(e) = links::watch_netlink(tx, stop) {
+                    tracing::error!(error = %e, "netlink watch failed: hot-plug is then seen by the 2 s periodic check only");
+                }
+            })?);
+        }
+        {
+            let aligner = Aligner::new(cfg.bin_width_ns, cfg.grace_ns, data.slots_ncpu());
+            let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+            let crate::kernel::DataMaps { ring, slots } = data;
+            threads.push(spawn("lp-ingest", move || {
+                ingest::run(aligner, ring, slots, fanout, shared, stop)
+            })?);
+        }
+        {
+            let (shared, stop, width) = (Arc::clone(&shared), Arc::clone(&stop), cfg.bin_width_ns);
+            threads.push(spawn("lp-stats", move || {
+                stats::run(stats_rx, shared, width, stop)
+            })?);
+        }
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        {
+            let (shared, addr) = (Arc::clone(&shared), cfg.http_listen);
+            threads.push(spawn("lp-http", move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(http::HttpError::Bind { addr, source: e }));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match http::bind(addr).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(listener.local_addr().unwrap_or(addr)));
+                    let serve = axum::serve(listener, http::router(shared)).with_graceful_shutdown(
+                        async move {
+                            let _ = shutdown_rx.await;
+                        },
+                    );
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "HTTP server stopped");
+                    }
+                });
+            })?);
+        }
+        let mut daemon = Daemon {
+            shared,
+            stop,
+            control: control_tx,
+            threads,
+            http_addr: cfg.http_listen,
+            http_shutdown: Some(shutdown_tx),
+        };
+        match ready_rx.recv() {
+            Ok(Ok(addr)) => daemon.http_addr = addr,
+            Ok(Err(e)) => {
+                daemon.shutdown();
+                return Err(e.into());
+            }
+            Err(_) => {
+                daemon.shutdown();
+                return Err(DaemonError::HttpStartup);
+            }
+        }
+        Ok(daemon)
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The address the HTTP API listens on (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Applies a new configuration (links added/removed without a restart).
+    pub fn reload(&self, cfg: Config) {
+        let _ = self.control.send(Control::Reload(Box::new(cfg)));
+    }
+
+    /// Whether the ingest thread ticked within `max_age_ns` (for the watchdog).
+    pub fn is_healthy(&self, max_age_ns: u64) -> bool {
+        let last = self.shared.counters.last_tick_tai.load(Ordering::Relaxed);
+        crate::clock::tai_ns().saturating_sub(last) < max_age_ns
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(tx) = self.http_shutdown.take() {
+            let _ = tx.send(());
+        }
+        for (name, h) in self.threads.drain(..) {
+            if h.join().is_err() {
+                tracing::error!(thread = name, "thread panicked");
+            }
+        }
+    }
+
+    /// Stops every thread and detaches from every interface.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

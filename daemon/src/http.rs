@@ -1,0 +1,249 @@
+//! HTTP: `GET /api/v1/links` (JSON) and `GET /metrics` (Prometheus text). Served by a
+//! single-threaded tokio runtime on its own thread, away from the data path.
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
+
+use axum::{
+    extract::State,
+    http::{header, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use linkpulse_common::DIRS;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+
+use crate::shared::{LinkState, Shared};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot listen on {addr} ({source}): another linkpulse or service uses it? set [http] listen to a free address")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/api/v1/links", get(links))
+        .route("/api/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(shared)
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, HttpError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })
+}
+
+async fn not_found(uri: Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({
+            "error": format!("no such endpoint: {}", uri.path()),
+            "hint": "available: GET /api/v1/links, GET /api/v1/events, GET /metrics",
+        })),
+    )
+        .into_response()
+}
+
+async fn links(State(s): State<Arc<Shared>>) -> Response {
+    let clock = s.clock();
+    Json(json!({
+        "router_id": s.router_id,
+        "site": s.site,
+        "bin_width_ns": s.bin_width_ns,
+        "clock": clock,
+        "links": s.links(),
+    }))
+    .into_response()
+}
+
+async fn events(State(s): State<Arc<Shared>>) -> Response {
+    Json(json!({ "events": s.events() })).into_response()
+}
+
+/// Escapes a Prometheus label value.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let mut o = String::with_capacity(8192);
+    let c = &s.counters;
+    let links = s.links();
+    let counter = |o: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    };
+    counter(
+        &mut o,
+        "linkpulse_frames_total",
+        "Aligned frames published (one per bin).",
+        c.frames.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_ring_records_total",
+        "Per-CPU bins read from the kernel ring buffer.",
+        c.ring_records.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_bins_late_total",
+        "Data arriving for a bin already published (carried into the next bin).",
+        c.bins_late.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_late_packets_total",
+        "Packets carried into a later bin because they arrived late.",
+        c.late_packets.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_ring_full_total",
+        "Bins the kernel could not put in the ring buffer (kept in spill counters, not lost).",
+        c.ring_full.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_spilled_packets_total",
+        "Packets accounted through the spill counters because the ring was full.",
+        c.spilled_packets.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_skipped_bins_total",
+        "Bins skipped because the daemon fell behind or the clock jumped.",
+        c.skipped_bins.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_malformed_packets_total",
+        "GSO packets whose headers could not be read.",
+        c.malformed_packets.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_attach_errors_total",
+        "Failed attachments to modem interfaces.",
+        c.attach_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_attaches_total",
+        "Attachments to modem interfaces (hot-plug re-attachments included).",
+        c.attaches.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_clock_steps_total",
+        "Steps of the real-time clock detected.",
+        c.clock_steps.load(Ordering::Relaxed),
+    );
+    let _ = writeln!(o, "# HELP linkpulse_consumer_frames_dropped_total Frames a consumer lost because its queue was full.\n# TYPE linkpulse_consumer_frames_dropped_total counter");
+    for (name, dropped) in s
+        .fanout_dropped
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        let total: u64 = dropped.iter().map(|d| d.load(Ordering::Relaxed)).sum();
+        let _ = writeln!(
+            o,
+            "linkpulse_consumer_frames_dropped_total{{consumer=\"{}\"}} {total}",
+            esc(name)
+        );
+    }
+    let clock = s.clock();
+    let _ = writeln!(o, "# HELP linkpulse_clock_synced 1 if the kernel reports the clock synchronised.\n# TYPE linkpulse_clock_synced gauge\nlinkpulse_clock_synced {}", u8::from(clock.synced));
+    let _ = writeln!(o, "# HELP linkpulse_clock_max_error_seconds The kernel's maximum clock error bound.\n# TYPE linkpulse_clock_max_error_seconds gauge\nlinkpulse_clock_max_error_seconds {}", clock.max_error_us as f64 / 1e6);
+    let _ = writeln!(o, "# HELP linkpulse_bin_width_seconds Width of a bin.\n# TYPE linkpulse_bin_width_seconds gauge\nlinkpulse_bin_width_seconds {}", s.bin_width_ns as f64 / 1e9);
+
+    let labels = |l: &crate::shared::LinkInfo| {
+        format!(
+            "router=\"{}\",site=\"{}\",link=\"{}\",interface=\"{}\",operator=\"{}\"",
+            esc(&s.router_id),
+            esc(&s.site),
+            esc(&l.config.label),
+            esc(&l.config.interface),
+            esc(&l.config.operator)
+        )
+    };
+    let _ = writeln!(o, "# HELP linkpulse_link_up 1 while linkpulse counts on the link's interface (0: missing or attach error).\n# TYPE linkpulse_link_up gauge");
+    for l in &links {
+        let _ = writeln!(
+            o,
+            "linkpulse_link_up{{{}}} {}",
+            labels(l),
+            u8::from(l.state == LinkState::Attached)
+        );
+    }
+    for (metric, help) in [
+        (
+            "linkpulse_link_packets_total",
+            "Wire packets (GSO segments) counted on the link.",
+        ),
+        (
+            "linkpulse_link_bytes_total",
+            "L3 bytes (IP header onward) counted on the link.",
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
+        for l in &links {
+            let lc = &s.link_counters[l.index];
+            for d in 0..DIRS {
+                let v = if metric.contains("packets") {
+                    &lc.packets[d]
+                } else {
+                    &lc.bytes[d]
+                };
+                let dir = if d == 0 { "down" } else { "up" };
+                let _ = writeln!(
+                    o,
+                    "{metric}{{{},direction=\"{dir}\"}} {}",
+                    labels(l),
+                    v.load(Ordering::Relaxed)
+                );
+            }
+        }
+    }
+    let _ = writeln!(o, "# HELP linkpulse_link_bins_missing_total Bins in which the link was not attached (missing data, not zeros).\n# TYPE linkpulse_link_bins_missing_total counter");
+    for l in &links {
+        let v = s.link_counters[l.index]
+            .bins_missing
+            .load(Ordering::Relaxed);
+        let _ = writeln!(o, "linkpulse_link_bins_missing_total{{{}}} {v}", labels(l));
+    }
+    let _ = writeln!(o, "# HELP linkpulse_link_throughput_bits_per_second Throughput over the last complete second.\n# TYPE linkpulse_link_throughput_bits_per_second gauge");
+    for l in &links {
+        if let Some(sec) = l.last_second {
+            let _ = writeln!(
+                o,
+                "linkpulse_link_throughput_bits_per_second{{{},direction=\"down\"}} {}",
+                labels(l),
+                sec.down.bits_per_s
+            );
+            let _ = writeln!(
+                o,
+                "linkpulse_link_throughput_bits_per_second{{{},direction=\"up\"}} {}",
+                labels(l),
+                sec.up.bits_per_s
+            );
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        o,
+    )
+        .into_response()
+}

@@ -1,0 +1,128 @@
+//! The ingest thread: reads the ring buffer and the mmapped slots, runs the aligner at each
+//! bin's deadline and fans frames out to the consumers through SPSC queues. Per tick it takes
+//! no lock and allocates nothing (see tests/no_alloc.rs).
+use std::sync::{
+    atomic::{AtomicBool, AtomicU64, Ordering},
+    Arc,
+};
+
+use aya::maps::{MapData, RingBuf};
+use linkpulse_common::{BinRecord, MAX_LINKS};
+
+use crate::{
+    align::{Aligner, SlotSource, TickContext},
+    clock::{self, ClockState, StepDetector},
+    frame::Frame,
+    kernel::decode_record,
+    shared::Shared,
+};
+
+/// Where completed per-CPU bins come from (the BPF ring buffer, or a Vec in tests).
+pub trait RecordSource {
+    /// Calls `f` for every record available now.
+    fn drain(&mut self, f: impl FnMut(&BinRecord));
+}
+
+impl RecordSource for RingBuf<MapData> {
+    fn drain(&mut self, mut f: impl FnMut(&BinRecord)) {
+        while let Some(item) = self.next() {
+            if let Some(rec) = decode_record(&item) {
+                f(&rec);
+            }
+        }
+    }
+}
+
+/// The consumers' queues. A full queue loses that frame for that consumer only (counted); the
+/// pipeline never waits for anyone.
+pub struct Fanout {
+    pub producers: Vec<rtrb::Producer<Frame>>,
+    pub dropped: Arc<[AtomicU64]>,
+}
+
+impl Fanout {
+    pub fn new(producers: Vec<rtrb::Producer<Frame>>) -> Self {
+        let dropped: Arc<[AtomicU64]> = producers.iter().map(|_| AtomicU64::new(0)).collect();
+        Self { producers, dropped }
+    }
+
+    #[inline]
+    pub fn publish(&mut self, f: &Frame) {
+        for (p, d) in self.producers.iter_mut().zip(self.dropped.iter()) {
+            if p.push(*f).is_err() {
+                d.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// One pass of the pipeline: ring, snapshot, ring, close due bins, fan out.
+pub fn tick_once(
+    aligner: &mut Aligner,
+    ring: &mut impl RecordSource,
+    slots: &impl SlotSource,
+    ctx: &TickContext,
+    fanout: &mut Fanout,
+) {
+    ring.drain(|r| aligner.on_record(r));
+    aligner.take_snapshot(slots, ctx.link_count);
+    ring.drain(|r| aligner.on_record(r));
+    aligner.apply_snapshot(ctx.now_tai, ctx.link_count);
+    aligner.close_due(ctx, |f| fanout.publish(f));
+}
+
+/// How often the clock state (adjtimex) and steps are checked.
+const CLOCK_CHECK_NS: u64 = 100_000_000;
+
+/// Runs until `stop` is set.
+pub fn run(
+    mut aligner: Aligner,
+    mut ring: RingBuf<MapData>,
+    slots: crate::kernel::MmapSlots,
+    mut fanout: Fanout,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+) {
+    // Precise wake-ups: the default 50 µs timer slack is half a bin.
+    // SAFETY: prctl with an integer argument.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    let mut clock_state = ClockState::read().unwrap_or_default();
+    let mut steps = StepDetector::new(clock::realtime_ns(), clock::monotonic_ns());
+    let mut next_clock_check = 0u64;
+    let mut stepped = false;
+    aligner.start(clock::tai_ns());
+    while !stop.load(Ordering::Relaxed) {
+        let deadline = aligner.next_deadline();
+        let now = clock::tai_ns();
+        if deadline > now {
+            // Bounded so a stop request is seen within 100 ms even with 1 s bins.
+            clock::sleep_until_tai(deadline.min(now + 100_000_000));
+        }
+        let now = clock::tai_ns();
+        if now >= next_clock_check {
+            next_clock_check = now + CLOCK_CHECK_NS;
+            if let Ok(c) = ClockState::read() {
+                if c.synced != clock_state.synced {
+                    shared.event_clock_sync(c.synced);
+                }
+                clock_state = c;
+            }
+            if let Some(step) = steps.observe(clock::realtime_ns(), clock::monotonic_ns()) {
+                stepped = true;
+                shared.event_clock_step(step);
+            }
+            shared.set_clock(clock_state);
+        }
+        let mut ctx = TickContext {
+            now_tai: now,
+            clock: clock_state,
+            clock_stepped: stepped,
+            link_count: shared.link_count(),
+            attached_since: [0; MAX_LINKS],
+        };
+        shared.load_attached_since(&mut ctx.attached_since);
+        stepped = false;
+        tick_once(&mut aligner, &mut ring, &slots, &ctx, &mut fanout);
+        shared.publish_align_stats(&aligner.stats, now);
+    }
+}

@@ -1,0 +1,359 @@
+//! The kernel side as the daemon sees it: loads the embedded eBPF object, attaches its tcx
+//! programs to interfaces, and hands out the three maps (ifindex table, mmapped slots, ring).
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+};
+
+use aya::{
+    maps::{Array, Map, MapData, RingBuf},
+    programs::{tc::SchedClassifierLinkId, ProgramError, SchedClassifier, TcAttachType},
+    Ebpf, EbpfLoader,
+};
+use linkpulse_common::{
+    BinRecord, IfaceConf, Slot, GLOBAL_BIN_WIDTH_NS, MAP_BINS, MAP_IFACES, MAP_SLOTS, MAX_IFINDEX,
+    SLOTS_PER_CPU,
+};
+
+use crate::align::SlotSource;
+
+/// The compiled kernel programs (built by build.rs from ../ebpf).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/linkpulse"));
+
+const PROG_INGRESS: &str = "lp_ingress";
+const PROG_EGRESS: &str = "lp_egress";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot count possible CPUs ({0}): is /sys/devices/system/cpu/possible readable?")]
+    Cpus(String),
+    #[error("loading the eBPF object failed: {0} (needs root or CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN, and a kernel with BTF)")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF program {name} is missing from the object: rebuild the daemon")]
+    MissingProgram { name: &'static str },
+    #[error("eBPF map {name} is missing from the object: rebuild the daemon")]
+    MissingMap { name: &'static str },
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("mmap of the slot map failed: {0} (kernel without BPF_F_MMAPABLE array support?)")]
+    Mmap(#[source] io::Error),
+    #[error("attaching to {interface} ({direction}) failed: {source} (the kernel needs tcx, Linux ≥ 6.6; CAP_NET_ADMIN and CAP_BPF)")]
+    Attach {
+        interface: String,
+        direction: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "interface {interface} has ifindex {ifindex}, above the {MAX_IFINDEX} this build supports"
+    )]
+    IfindexTooLarge { interface: String, ifindex: u32 },
+}
+
+/// What attaching one interface produced; dropping it detaches nothing by itself — call
+/// [`Kernel::detach`] (tcx links also die with the interface).
+#[derive(Debug)]
+pub struct Attachment {
+    pub ifindex: u32,
+    ingress: SchedClassifierLinkId,
+    egress: SchedClassifierLinkId,
+}
+
+/// Owns the loaded object, its programs and the interface table (the control side).
+pub struct Kernel {
+    ebpf: Ebpf,
+    ifaces: Array<MapData, IfaceConf>,
+}
+
+/// The data side: moved to the ingest thread.
+pub struct DataMaps {
+    pub ring: RingBuf<MapData>,
+    pub slots: MmapSlots,
+}
+
+impl Kernel {
+    /// Loads the programs with the given bin width; returns the control and data halves.
+    pub fn load(bin_width_ns: u64) -> Result<(Kernel, DataMaps), KernelError> {
+        let ncpu =
+            aya::util::nr_cpus().map_err(|(what, e)| KernelError::Cpus(format!("{what}: {e}")))?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_BIN_WIDTH_NS, &bin_width_ns, true)
+            .map_max_entries(MAP_SLOTS, (ncpu * SLOTS_PER_CPU) as u32)
+            .load(EBPF_OBJECT)
+            .map_err(KernelError::Load)?;
+        for name in [PROG_INGRESS, PROG_EGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| KernelError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| KernelError::Program { name, source })?;
+        }
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(KernelError::MissingMap { name })
+        };
+        let ifaces =
+            Array::try_from(take(&mut ebpf, MAP_IFACES)?).map_err(|source| KernelError::Map {
+                name: MAP_IFACES,
+                source,
+            })?;
+        let ring =
+            RingBuf::try_from(take(&mut ebpf, MAP_BINS)?).map_err(|source| KernelError::Map {
+                name: MAP_BINS,
+                source,
+            })?;
+        let slots = match take(&mut ebpf, MAP_SLOTS)? {
+            Map::Array(data) => MmapSlots::new(data, ncpu)?,
+            _ => return Err(KernelError::MissingMap { name: MAP_SLOTS }),
+        };
+        Ok((Kernel { ebpf, ifaces }, DataMaps { ring, slots }))
+    }
+
+    /// Points `ifindex` at `link` (so the programs count it) and attaches both directions.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        ifindex: u32,
+        link: u32,
+        l2_len: u32,
+    ) -> Result<Attachment, KernelError> {
+        if ifindex >= MAX_IFINDEX {
+            return Err(KernelError::IfindexTooLarge {
+                interface: interface.to_string(),
+                ifindex,
+            });
+        }
+        let conf = IfaceConf {
+            link_plus_one: link + 1,
+            l2_len,
+        };
+        self.ifaces
+            .set(ifindex, conf, 0)
+            .map_err(|source| KernelError::Map {
+                name: MAP_IFACES,
+                source,
+            })?;
+        let ingress = self.attach_one(interface, PROG_INGRESS, TcAttachType::Ingress, "ingress");
+        let ingress = match ingress {
+            Ok(id) => id,
+            Err(e) => {
+                self.clear(ifindex);
+                return Err(e);
+            }
+        };
+        match self.attach_one(interface, PROG_EGRESS, TcAttachType::Egress, "egress") {
+            Ok(egress) => Ok(Attachment {
+                ifindex,
+                ingress,
+                egress,
+            }),
+            Err(e) => {
+                let _ = self.program(PROG_INGRESS).map(|p| p.detach(ingress));
+                self.clear(ifindex);
+                Err(e)
+            }
+        }
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, KernelError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })
+    }
+
+    fn attach_one(
+        &mut self,
+        interface: &str,
+        name: &'static str,
+        kind: TcAttachType,
+        direction: &'static str,
+    ) -> Result<SchedClassifierLinkId, KernelError> {
+        self.program(name)?
+            .attach(interface, kind)
+            .map_err(|source| KernelError::Attach {
+                interface: interface.to_string(),
+                direction,
+                source,
+            })
+    }
+
+    /// Stops counting `ifindex` and detaches both programs. Errors are ignored when the
+    /// interface is already gone (the kernel dropped the links with it).
+    pub fn detach(&mut self, a: Attachment) {
+        self.clear(a.ifindex);
+        for (name, id) in [(PROG_INGRESS, a.ingress), (PROG_EGRESS, a.egress)] {
+            if let Ok(p) = self.program(name) {
+                // Fails harmlessly when the interface (and so the link) is already gone.
+                if let Err(e) = p.detach(id) {
+                    tracing::debug!(error = %e, "detach");
+                }
+            }
+        }
+    }
+
+    fn clear(&mut self, ifindex: u32) {
+        if let Err(e) = self.ifaces.set(ifindex, IfaceConf::default(), 0) {
+            tracing::warn!(ifindex, error = %e, "could not clear interface table entry");
+        }
+    }
+}
+
+/// The `SLOTS` array mapped read-only into our address space (no syscalls to read it).
+pub struct MmapSlots {
+    ptr: NonNull<Slot>,
+    len: usize,
+    map_len: usize,
+    ncpu: usize,
+    _map: MapData,
+}
+
+// SAFETY: the mapping is read-only shared memory owned by this value; reads are volatile.
+unsafe impl Send for MmapSlots {}
+
+impl MmapSlots {
+    fn new(map: MapData, ncpu: usize) -> Result<Self, KernelError> {
+        let len = ncpu * SLOTS_PER_CPU;
+        let page = 4096usize;
+        let map_len = (len * std::mem::size_of::<Slot>()).div_ceil(page) * page;
+        // SAFETY: mapping a BPF array fd created with BPF_F_MMAPABLE, read-only and shared.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(KernelError::Mmap(io::Error::last_os_error()));
+        }
+        let ptr = NonNull::new(ptr.cast::<Slot>())
+            .ok_or_else(|| KernelError::Mmap(io::Error::other("null mapping")))?;
+        Ok(Self {
+            ptr,
+            len,
+            map_len,
+            ncpu,
+            _map: map,
+        })
+    }
+}
+
+impl SlotSource for MmapSlots {
+    fn ncpu(&self) -> usize {
+        self.ncpu
+    }
+
+    #[inline]
+    fn read(&self, index: usize) -> Slot {
+        if index >= self.len {
+            return Slot::default();
+        }
+        // SAFETY: in bounds of the mapping; the kernel writes concurrently, so every field is
+        // read once, volatile (each is an aligned u64: no torn field).
+        unsafe {
+            let p = self.ptr.as_ptr().add(index);
+            Slot {
+                bin_start: std::ptr::addr_of!((*p).bin_start).read_volatile(),
+                packets: std::ptr::addr_of!((*p).packets).read_volatile(),
+                bytes: std::ptr::addr_of!((*p).bytes).read_volatile(),
+                ring_full: std::ptr::addr_of!((*p).ring_full).read_volatile(),
+                spill_packets: std::ptr::addr_of!((*p).spill_packets).read_volatile(),
+                spill_bytes: std::ptr::addr_of!((*p).spill_bytes).read_volatile(),
+                malformed: std::ptr::addr_of!((*p).malformed).read_volatile(),
+                _reserved: 0,
+            }
+        }
+    }
+}
+
+impl Drop for MmapSlots {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
+
+/// Decodes one ring-buffer item (the kernel writes exactly one BinRecord per item).
+#[inline]
+pub fn decode_record(bytes: &[u8]) -> Option<BinRecord> {
+    if bytes.len() < std::mem::size_of::<BinRecord>() {
+        return None;
+    }
+    // SAFETY: length checked; BinRecord is plain integers; read_unaligned tolerates any alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<BinRecord>()) })
+}
+
+/// Link-layer header length of an interface, from its ARPHRD type (SIOCGIFHWADDR in the
+/// calling thread's network namespace).
+pub fn l2_header_len(interface: &str) -> io::Result<u32> {
+    let name = CString::new(interface).map_err(|_| io::Error::other("interface name has a NUL"))?;
+    // SAFETY: plain socket for an ioctl; closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq zeroed then the name copied within IFNAMSIZ.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.as_bytes_with_nul().iter().take(libc::IFNAMSIZ - 1))
+    {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: valid fd and ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let err = io::Error::last_os_error();
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    if rc < 0 {
+        return Err(err);
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifru_hwaddr.
+    let family = unsafe { req.ifr_ifru.ifru_hwaddr.sa_family };
+    Ok(match family {
+        libc::ARPHRD_ETHER => 14,
+        // TUN (NONE), raw-IP modems (RAWIP = 519), PPP, IP-in-IP tunnels: no L2 header at tc.
+        libc::ARPHRD_NONE | libc::ARPHRD_PPP | libc::ARPHRD_TUNNEL | libc::ARPHRD_TUNNEL6 | 519 => {
+            0
+        }
+        other => {
+            return Err(io::Error::other(format!(
+                "link type {other} is not supported (supported: Ethernet/veth, raw-IP, TUN, PPP)"
+            )))
+        }
+    })
+}
+
+/// ifindex of `interface` in the calling thread's network namespace, None if it does not exist.
+pub fn ifindex(interface: &str) -> Option<u32> {
+    let name = CString::new(interface).ok()?;
+    // SAFETY: valid C string.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+impl DataMaps {
+    /// Possible CPUs the slot map was sized for.
+    pub fn slots_ncpu(&self) -> usize {
+        self.slots.ncpu
+    }
+}

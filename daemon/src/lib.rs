@@ -1,0 +1,21 @@
+//! linkpulse: per-modem traffic counted in the kernel, aligned on one time grid.
+//!
+//! Data path: `kernel` (eBPF programs and their maps) → `ingest` (ring buffer + mmapped
+//! slots) → `align` (one frame per bin) → consumers (`stats` → `http`). `links` follows the
+//! interfaces; `config` and `clock` are what they say. See ARCHITECTURE.md.
+pub mod align;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod frame;
+pub mod http;
+pub mod ingest;
+pub mod kernel;
+pub mod links;
+pub mod notify;
+pub mod shared;
+pub mod stats;
+
+pub use config::Config;
+pub use daemon::{subscription, Daemon, Subscription};
+pub use frame::Frame;

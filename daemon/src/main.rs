@@ -1,0 +1,154 @@
+//! The `linkpulse` binary: `run`, `check-config`, `testbed`.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use linkpulse::{config::DEFAULT_CONFIG_PATH, notify::Notifier, Config, Daemon};
+
+#[derive(Parser)]
+#[command(
+    name = "linkpulse",
+    version,
+    about = "Per-modem throughput at 0.1 ms resolution, on one time grid"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "LINKPULSE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon: attach to the configured modem interfaces and serve the API.
+    Run {
+        /// Configuration file.
+        #[arg(long, short, env = "LINKPULSE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file; errors name the line and the fix.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(env = "LINKPULSE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        file: PathBuf,
+    },
+    /// The emulated router used by the demo and the tests (network namespaces, LTE traces).
+    #[cfg(feature = "testbed")]
+    #[command(subcommand)]
+    Testbed(linkpulse_testbed::cli::TestbedCmd),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.cmd {
+        Cmd::Run { config } => run(config),
+        Cmd::CheckConfig { file } => {
+            let cfg = Config::load(&file)?;
+            println!(
+                "{}: ok — router {} at {}, {} link(s), bins of {} µs, API on {}",
+                file.display(),
+                cfg.router_id,
+                cfg.site,
+                cfg.links.len(),
+                cfg.bin_width_ns / 1000,
+                cfg.http_listen
+            );
+            Ok(())
+        }
+        #[cfg(feature = "testbed")]
+        Cmd::Testbed(cmd) => linkpulse_testbed::cli::run(cmd),
+    }
+}
+
+fn run(path: PathBuf) -> anyhow::Result<()> {
+    let cfg = Config::load(&path)?;
+    // Signals are taken synchronously by this thread; block them before any thread starts so
+    // every thread inherits the mask.
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGHUP,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        set.add(s);
+    }
+    set.thread_block().context("blocking signals")?;
+
+    let daemon = Daemon::start(&cfg, Vec::new()).context("starting the daemon")?;
+    tracing::info!(
+        router = %cfg.router_id,
+        links = cfg.links.len(),
+        bin_width_us = cfg.bin_width_ns / 1000,
+        api = %daemon.http_addr(),
+        "linkpulse running"
+    );
+    let notifier = Notifier::from_env();
+    notifier.notify("READY=1");
+    let watchdog = Notifier::watchdog_interval();
+    let wait = watchdog
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_secs(1));
+    loop {
+        match wait_signal(&set, wait) {
+            Some(libc::SIGHUP) => match Config::load(&path) {
+                Ok(new) => {
+                    tracing::info!(file = %path.display(), "configuration reloaded");
+                    notifier.notify("RELOADING=1");
+                    daemon.reload(new);
+                    notifier.notify("READY=1");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reload refused, keeping the running configuration")
+                }
+            },
+            Some(sig) => {
+                tracing::info!(signal = sig, "stopping");
+                notifier.notify("STOPPING=1");
+                break;
+            }
+            None => {}
+        }
+        // The watchdog is fed only while the data path is alive (ticked within 2 s).
+        if watchdog.is_some() && daemon.is_healthy(2_000_000_000) {
+            notifier.notify("WATCHDOG=1");
+        }
+    }
+    daemon.stop();
+    Ok(())
+}
+
+/// Waits up to `timeout` for one of the blocked signals.
+fn wait_signal(set: &nix::sys::signal::SigSet, timeout: Duration) -> Option<i32> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: valid sigset and timespec; the info pointer may be null.
+    let sig = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
+    (sig > 0).then_some(sig)
+}

@@ -1,0 +1,147 @@
+//! The live-statistics consumer: from every frame, cumulative per-link counters (for /metrics)
+//! and per-second totals (for /api/v1/links). Reads its queue in batches; a whole second is
+//! written to the shared table once, when it completes.
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+use std::time::Duration;
+
+use linkpulse_common::{DIRS, MAX_LINKS};
+
+use crate::{
+    frame::Frame,
+    shared::{DirTotals, SecondTotals, Shared},
+};
+
+const NS_PER_S: i64 = 1_000_000_000;
+
+/// Per-link accumulation of the second in progress.
+#[derive(Clone, Copy, Default)]
+struct Acc {
+    packets: [u64; DIRS],
+    bytes: [u64; DIRS],
+    bins: u64,
+    valid_bins: u64,
+}
+
+pub struct SecondAccumulator {
+    second: i64,
+    acc: [Acc; MAX_LINKS],
+    bins_per_second: u64,
+}
+
+impl SecondAccumulator {
+    pub fn new(width_ns: u64) -> Self {
+        Self {
+            second: i64::MIN,
+            acc: [Acc::default(); MAX_LINKS],
+            bins_per_second: 1_000_000_000 / width_ns.max(1),
+        }
+    }
+
+    /// Adds a frame; returns the completed second's totals (per link) when `f` starts a new one.
+    pub fn push(&mut self, f: &Frame, mut done: impl FnMut(usize, SecondTotals)) {
+        let sec = f.bin_start_utc_ns.div_euclid(NS_PER_S);
+        if sec != self.second {
+            if self.second != i64::MIN {
+                for (l, a) in self.acc.iter().enumerate().take(f.link_count as usize) {
+                    let dir = |d: usize| DirTotals {
+                        packets: a.packets[d],
+                        bytes: a.bytes[d],
+                        bits_per_s: a.bytes[d] * 8,
+                    };
+                    done(
+                        l,
+                        SecondTotals {
+                            start_utc_ns: self.second * NS_PER_S,
+                            down: dir(0),
+                            up: dir(1),
+                            complete: a.valid_bins == self.bins_per_second,
+                        },
+                    );
+                }
+            }
+            self.second = sec;
+            self.acc = [Acc::default(); MAX_LINKS];
+        }
+        for l in 0..(f.link_count as usize).min(MAX_LINKS) {
+            let a = &mut self.acc[l];
+            for d in 0..DIRS {
+                a.packets[d] += f.links[l].packets[d];
+                a.bytes[d] += f.links[l].bytes[d];
+            }
+            a.bins += 1;
+            if f.is_valid(l) {
+                a.valid_bins += 1;
+            }
+        }
+    }
+}
+
+pub fn run(
+    mut rx: rtrb::Consumer<Frame>,
+    shared: Arc<Shared>,
+    width_ns: u64,
+    stop: Arc<AtomicBool>,
+) {
+    let mut acc = SecondAccumulator::new(width_ns);
+    while !stop.load(Ordering::Relaxed) {
+        let mut any = false;
+        while let Ok(f) = rx.pop() {
+            any = true;
+            for l in 0..(f.link_count as usize).min(MAX_LINKS) {
+                let c = &shared.link_counters[l];
+                for d in 0..DIRS {
+                    c.packets[d].fetch_add(f.links[l].packets[d], Ordering::Relaxed);
+                    c.bytes[d].fetch_add(f.links[l].bytes[d], Ordering::Relaxed);
+                }
+                if f.is_valid(l) {
+                    c.bins_valid.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    c.bins_missing.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            acc.push(&f, |l, totals| {
+                shared.update_link(l, |info| info.last_second = Some(totals))
+            });
+        }
+        if !any {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_sum_their_bins() {
+        let w = 100_000_000u64; // 10 bins a second
+        let mut acc = SecondAccumulator::new(w);
+        let mut out = Vec::new();
+        for i in 0..25i64 {
+            let mut f = Frame {
+                bin_start_utc_ns: 1_000 * NS_PER_S + i * w as i64,
+                width_ns: w,
+                link_count: 1,
+                valid_mask: if i == 13 { 0 } else { 1 },
+                ..Frame::default()
+            };
+            f.links[0].bytes = [10, 1];
+            f.links[0].packets = [1, 1];
+            acc.push(&f, |l, t| out.push((l, t)));
+        }
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].1.start_utc_ns, 1_000 * NS_PER_S);
+        assert_eq!(out[0].1.down.bytes, 100);
+        assert_eq!(out[0].1.down.bits_per_s, 800);
+        assert_eq!(out[0].1.up.packets, 10);
+        assert!(out[0].1.complete);
+        assert!(
+            !out[1].1.complete,
+            "a missing bin makes the second incomplete"
+        );
+    }
+}

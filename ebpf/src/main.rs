@@ -1,0 +1,175 @@
+//! linkpulse's kernel side: one tcx program per direction, attached to every modem interface.
+//!
+//! Per packet: find the link by ifindex, stamp with CLOCK_TAI, add the packet to the current
+//! epoch-aligned bin of (link, direction) in this CPU's slot. When this CPU sees the first
+//! packet of a newer bin, the finished bin goes to the `BINS` ring buffer without a wakeup (the
+//! daemon polls). The daemon closes bins of idle links itself by reading the mmapped slots.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_tai_ns},
+    macros::{classifier, map},
+    maps::{Array, RingBuf},
+    programs::TcContext,
+};
+use linkpulse_common::{
+    bin_start, slot_index, BinRecord, IfaceConf, Slot, DIR_EGRESS, DIR_INGRESS, MAX_IFINDEX,
+    SLOTS_PER_CPU,
+};
+
+/// Bin width in ns, set by the loader before load (a divisor of one second).
+#[no_mangle]
+static BIN_WIDTH_NS: u64 = 100_000;
+
+/// ifindex → link of this daemon (0 = not a modem we follow).
+#[map(name = "IFACES")]
+static IFACES: Array<IfaceConf> = Array::with_max_entries(MAX_IFINDEX, 0);
+
+/// cpu × (link, dir) accumulators; max_entries is set by the loader to possible CPUs ×
+/// SLOTS_PER_CPU. Mmappable so the daemon reads it without syscalls.
+#[map(name = "SLOTS")]
+static SLOTS: Array<Slot> = Array::with_max_entries(SLOTS_PER_CPU as u32, BPF_F_MMAPABLE);
+
+/// Completed per-CPU bins. 1 MiB holds 32k records: ~100 ms of 16 busy links × 2 directions ×
+/// 2 CPUs at 10 kHz bins, far more than the daemon's poll interval.
+#[map(name = "BINS")]
+static BINS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+#[classifier]
+pub fn lp_ingress(ctx: TcContext) -> i32 {
+    try_count(&ctx, DIR_INGRESS);
+    // TCX_NEXT: never end the chain, other programs on the modem still run.
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn lp_egress(ctx: TcContext) -> i32 {
+    try_count(&ctx, DIR_EGRESS);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn try_count(ctx: &TcContext, dir: u8) {
+    // SAFETY: the verifier guarantees `skb` points to a valid __sk_buff for tc programs.
+    let skb = unsafe { &*ctx.skb.skb };
+    let proto = u16::from_be(skb.protocol as u16);
+    if proto != ETH_P_IP && proto != ETH_P_IPV6 {
+        return;
+    }
+    let Some(conf) = IFACES.get(skb.ifindex) else {
+        return;
+    };
+    if conf.link_plus_one == 0 {
+        return;
+    }
+    let link = conf.link_plus_one - 1;
+    let l2 = conf.l2_len;
+
+    let len = skb.len.saturating_sub(l2) as u64;
+    let (packets, bytes, malformed) = if skb.gso_size != 0 && skb.gso_segs > 1 {
+        // A GSO super-packet leaves as gso_segs wire packets, each with its own headers.
+        match l3_l4_header_len(ctx, l2 as usize, proto) {
+            Some(hdr) => (
+                skb.gso_segs as u64,
+                len + (skb.gso_segs as u64 - 1) * hdr as u64,
+                0,
+            ),
+            None => (skb.gso_segs as u64, len, 1),
+        }
+    } else {
+        (1u64, len, 0u64)
+    };
+
+    // SAFETY: helpers without arguments, allowed in tc programs.
+    let now = unsafe { bpf_ktime_get_tai_ns() };
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    // SAFETY: a global set once by the loader before the program is loaded.
+    let width = unsafe { core::ptr::read_volatile(&BIN_WIDTH_NS) };
+    if width == 0 {
+        return;
+    }
+    let bin = bin_start(now, width);
+
+    let Some(slot) = SLOTS.get_ptr_mut(slot_index(cpu, link, dir)) else {
+        return;
+    };
+    // SAFETY: array values live as long as the map; only this CPU writes this slot (the
+    // daemon only reads), and tc programs do not migrate between CPUs while they run.
+    let slot = unsafe { &mut *slot };
+    if slot.bin_start != bin {
+        if slot.packets != 0 {
+            emit(slot, cpu, link, dir);
+        }
+        slot.packets = 0;
+        slot.bytes = 0;
+        slot.bin_start = bin;
+    }
+    slot.packets += packets;
+    slot.bytes += bytes;
+    slot.malformed += malformed;
+}
+
+/// Sends the finished bin of `slot` to the ring; if the ring is full, keeps its counts in the
+/// slot's monotonic spill counters so the daemon still accounts for them.
+#[inline(always)]
+fn emit(slot: &mut Slot, cpu: u32, link: u32, dir: u8) {
+    match BINS.reserve::<BinRecord>(0) {
+        Some(mut entry) => {
+            entry.write(BinRecord {
+                bin_start: slot.bin_start,
+                packets: slot.packets,
+                bytes: slot.bytes,
+                cpu,
+                link: link as u16,
+                dir,
+                _pad: 0,
+            });
+            entry.submit(BPF_RB_NO_WAKEUP as u64);
+        }
+        None => {
+            slot.ring_full += 1;
+            slot.spill_packets += slot.packets;
+            slot.spill_bytes += slot.bytes;
+        }
+    }
+}
+
+/// Length of the IP and TCP/UDP headers of a GSO packet (the part repeated in every segment).
+#[inline(always)]
+fn l3_l4_header_len(ctx: &TcContext, l2: usize, proto: u16) -> Option<u32> {
+    let (l3, l4proto) = if proto == ETH_P_IP {
+        let vihl: u8 = ctx.load(l2).ok()?;
+        let l4proto: u8 = ctx.load(l2 + 9).ok()?;
+        (((vihl & 0x0f) as u32) * 4, l4proto)
+    } else {
+        // Extension headers are not used by GSO'd TCP/UDP in practice; the next header decides.
+        let l4proto: u8 = ctx.load(l2 + 6).ok()?;
+        (40u32, l4proto)
+    };
+    let l4 = match l4proto {
+        IPPROTO_TCP => {
+            let doff: u8 = ctx.load(l2 + l3 as usize + 12).ok()?;
+            ((doff >> 4) as u32) * 4
+        }
+        IPPROTO_UDP => 8,
+        _ => return None,
+    };
+    Some(l3 + l4)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
