@@ -83,7 +83,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs a command with inherited stdio and returns its exit status; failing to start it is an error.
 pub fn status(cmd: &mut Command) -> Result<ExitStatus> {
-    eprintln!("$ {}", display(cmd));
+    esay!("$ {}", display(cmd));
     cmd.status()
         .with_context(|| format!("could not start `{}`", display(cmd)))
 }

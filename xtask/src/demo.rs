@@ -57,7 +57,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         (Err(err), Ok(())) => Err(err),
         (Err(err), Err(teardown_err)) => {
             // The first error is the cause; the teardown failure is what the user must clean up.
-            eprintln!("demo: teardown also failed: {teardown_err:#}");
+            esay!("demo: teardown also failed: {teardown_err:#}");
             Err(err)
         }
     }
@@ -77,7 +77,7 @@ impl Demo {
             .with_context(|| format!("creating {}", self.dir.display()))?;
         // A demo killed with SIGKILL leaves its namespaces; `testbed up` would then fail on them.
         if Path::new("/run/netns").join(ROUTER_NS).exists() {
-            println!("demo: removing the testbed {TESTBED} left by an earlier run");
+            say!("demo: removing the testbed {TESTBED} left by an earlier run");
             self.testbed_started = true;
             self.testbed_down()?;
         }
@@ -114,7 +114,7 @@ impl Demo {
             // Own process group: the terminal's Ctrl-C reaches only us, and we stop the daemon
             // with SIGTERM in teardown, after the table stops, in a known order.
             .process_group(0);
-        println!(
+        say!(
             "demo: starting `{}` (log: {})",
             cmd::display(&daemon),
             log_path.display()
@@ -127,7 +127,7 @@ impl Demo {
 
         let addr: SocketAddr = API_ADDR.parse().context("API_ADDR is not an address")?;
         self.wait_for_api(addr)?;
-        println!("web page / API: http://{API_ADDR}/ (API {LINKS_PATH}, metrics /metrics)");
+        say!("web page / API: http://{API_ADDR}/ (API {LINKS_PATH}, metrics /metrics)");
         self.show_table(addr, args)
     }
 
@@ -145,7 +145,7 @@ impl Demo {
             self.check_daemon_alive()?;
             match http::get(addr, LINKS_PATH, Duration::from_secs(2)) {
                 Ok(_) => {
-                    println!(
+                    say!(
                         "demo: the API answered after {:.1} s",
                         start.elapsed().as_secs_f64()
                     );
@@ -227,7 +227,7 @@ impl Demo {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        println!(
+        say!(
             "demo: stopping after {:.0} s",
             start.elapsed().as_secs_f64()
         );
@@ -251,17 +251,29 @@ impl Demo {
     fn testbed_down(&mut self) -> Result<()> {
         let mut down = Command::new(&self.linkpulse);
         down.args(["testbed", "down", "--name", TESTBED])
+            .stdin(Stdio::null())
             // A second Ctrl-C must not interrupt the cleanup of the first.
             .process_group(0);
-        cmd::run(&mut down).with_context(|| {
-            format!(
-                "removing the testbed failed. Fix: run `{}` by hand; `ip netns list` shows what \
-                 is left",
-                cmd::display(&down)
-            )
-        })?;
+        let fix = format!(
+            "Fix: run `{}` by hand; `ip netns list` shows what is left",
+            cmd::display(&down)
+        );
+        esay!("$ {}", cmd::display(&down));
+        // Captured, not inherited: after SIGHUP the terminal is gone, and a child writing to it
+        // would fail before it removed anything. We relay what it said as far as we can.
+        let out = down
+            .output()
+            .with_context(|| format!("could not start the testbed teardown. {fix}"))?;
+        let _ = std::io::stdout().write_all(&out.stdout);
+        let _ = std::io::stderr().write_all(&out.stderr);
+        if !out.status.success() {
+            bail!(
+                "removing the testbed failed ({}). {fix}",
+                cmd::describe(out.status)
+            );
+        }
         self.testbed_started = false;
-        println!("demo: testbed {TESTBED} removed");
+        say!("demo: testbed {TESTBED} removed");
         Ok(())
     }
 }
@@ -269,7 +281,7 @@ impl Demo {
 /// SIGTERM, then SIGKILL if the daemon has not exited within STOP_GRACE.
 fn stop_daemon(mut child: Child) -> Result<()> {
     if let Some(status) = child.try_wait()? {
-        println!(
+        say!(
             "demo: the daemon had already exited ({})",
             cmd::describe(status)
         );
@@ -282,7 +294,7 @@ fn stop_daemon(mut child: Child) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < STOP_GRACE {
         if let Some(status) = child.try_wait()? {
-            println!(
+            say!(
                 "demo: daemon stopped ({}, {:.1} s after SIGTERM)",
                 cmd::describe(status),
                 start.elapsed().as_secs_f64()

@@ -13,11 +13,13 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     // `Connection: close` lets us read the answer to EOF instead of parsing keep-alive framing.
-    write!(
-        stream,
+    // Formatted first and sent in one write: `write!` on the stream would send each piece apart.
+    let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    )
-    .with_context(|| format!("sending GET {path} to {addr}"))?;
+    );
+    stream
+        .write_all(request.as_bytes())
+        .with_context(|| format!("sending GET {path} to {addr}"))?;
     let mut raw = Vec::new();
     stream
         .read_to_end(&mut raw)
@@ -123,9 +125,15 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
+            // Read the whole request head, however the client's writes were split.
+            let mut request = Vec::new();
             let mut buf = [0u8; 1024];
-            let n = conn.read(&mut buf).unwrap();
-            assert!(buf[..n].starts_with(b"GET /api/v1/links HTTP/1.1\r\n"));
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0, "client closed before the end of its request");
+                request.extend_from_slice(&buf[..n]);
+            }
+            assert!(request.starts_with(b"GET /api/v1/links HTTP/1.1\r\n"));
             conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n{\"links\":[]}")
                 .unwrap();
         });

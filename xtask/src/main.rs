@@ -3,6 +3,23 @@
 //! Each command that builds first runs `setup`, so a fresh Debian 12 machine needs nothing but
 //! rustup and this checkout.
 
+/// `println!` that ignores a closed stdout: after a terminal hangs up (SIGHUP), the demo's teardown
+/// must still run, and `println!` would panic on the failed write.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that ignores a closed stderr, for the same reason as `say!`.
+macro_rules! esay {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod cmd;
 mod demo;
 mod http;
@@ -55,7 +72,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            esay!("error: {err:#}");
             ExitCode::FAILURE
         }
     }

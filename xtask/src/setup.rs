@@ -64,7 +64,7 @@ const TCX_KERNEL: (u32, u32) = (6, 6);
 
 /// One line per check, aligned so that a failing line stands out.
 fn report(status: &str, what: &str) {
-    println!("setup  {status:<9}  {what}");
+    say!("setup  {status:<9}  {what}");
 }
 
 pub fn run() -> Result<()> {

@@ -1,5 +1,5 @@
-//! Ctrl-C (SIGINT) and SIGTERM become a flag, so that the demo can tear its testbed down instead of
-//! dying with network namespaces and a daemon left behind.
+//! Ctrl-C (SIGINT), SIGTERM and SIGHUP (terminal closed) become a flag, so that the demo can tear
+//! its testbed down instead of dying with network namespaces and a daemon left behind.
 
 use anyhow::{bail, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,10 +11,10 @@ extern "C" fn on_signal(_signal: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// Installs the handler for SIGINT and SIGTERM. Children in our process group still get the
+/// Installs the handler for SIGINT, SIGTERM and SIGHUP. Children in our process group still get the
 /// terminal's SIGINT themselves; those we must outlive are started in their own group.
 pub fn install() -> Result<()> {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler only
         // performs an atomic store, which is async-signal-safe.
         let ok = unsafe {
@@ -35,7 +35,7 @@ pub fn install() -> Result<()> {
     Ok(())
 }
 
-/// True once Ctrl-C or SIGTERM arrived.
+/// True once one of those signals arrived.
 pub fn stopping() -> bool {
     STOP.load(Ordering::SeqCst)
 }

@@ -58,7 +58,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let failed: Vec<&Step> = steps.iter().filter(|s| s.outcome.is_err()).collect();
     for step in &failed {
         if let Err(err) = &step.outcome {
-            eprintln!("error in {}: {err:#}", step.name);
+            esay!("error in {}: {err:#}", step.name);
         }
     }
     let states: Vec<String> = steps
@@ -71,7 +71,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
             )
         })
         .collect();
-    println!(
+    say!(
         "xtask test: {} ({}) in {:.0} s",
         if failed.is_empty() { "ok" } else { "FAILED" },
         states.join(", "),
@@ -80,9 +80,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
     // The totals over every test binary, in the plain "N passed, N failed" form that reads the
     // same whatever the runner; only when cargo test got as far as running tests.
     if let Some(c) = counts {
-        println!(
+        say!(
             "tests: {} passed, {} failed, {} skipped",
-            c.passed, c.failed, c.ignored
+            c.passed,
+            c.failed,
+            c.ignored
         );
     }
     if !failed.is_empty() {
@@ -110,7 +112,7 @@ fn cargo_test(extra: &[String]) -> (Result<()>, Option<Counts>) {
     let outcome = (|| {
         let mut test = cmd::cargo(&["test", "--workspace", "--release"])?;
         test.args(extra).stdout(Stdio::piped());
-        eprintln!("$ {}", cmd::display(&test));
+        esay!("$ {}", cmd::display(&test));
         let mut child = test
             .spawn()
             .with_context(|| format!("could not start `{}`", cmd::display(&test)))?;
