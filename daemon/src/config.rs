@@ -374,6 +374,12 @@ interface = "wwan1"
     }
 
     #[test]
+    fn shipped_example_config_is_valid() {
+        let c = parse(include_str!("../../deploy/linkpulse.toml")).expect("deploy/linkpulse.toml");
+        assert_eq!(c.links.len(), 2);
+    }
+
+    #[test]
     fn error_display_has_file_line_column() {
         let e = parse(&GOOD.replace("bin_width_us = 100", "bin_width_us = 300")).unwrap_err();
         assert!(e.to_string().starts_with("test.toml:7:16:"), "{e}");

@@ -24,6 +24,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 const PROG_INGRESS: &str = "lp_ingress";
 const PROG_EGRESS: &str = "lp_egress";
+/// An empty program in the same object: the benchmark's baseline (not attached by the daemon).
+const PROG_EMPTY: &str = "lp_empty";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -93,7 +95,7 @@ impl Kernel {
             .map_max_entries(MAP_SLOTS, (ncpu * SLOTS_PER_CPU) as u32)
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
-        for name in [PROG_INGRESS, PROG_EGRESS] {
+        for name in [PROG_INGRESS, PROG_EGRESS, PROG_EMPTY] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram { name })?
@@ -204,6 +206,27 @@ impl Kernel {
                 }
             }
         }
+    }
+
+    /// Attaches the empty baseline program to both directions of `interface` (benchmarks).
+    pub fn attach_baseline(&mut self, interface: &str) -> Result<(), KernelError> {
+        for (kind, direction) in [(TcAttachType::Ingress, "ingress"), (TcAttachType::Egress, "egress")] {
+            self.attach_one(interface, PROG_EMPTY, kind, direction)?;
+        }
+        Ok(())
+    }
+
+    /// (program name, total run time ns, run count) of each program, as bpf_stats counts them
+    /// (both are 0 unless `kernel.bpf_stats_enabled` is 1).
+    pub fn program_stats(&self) -> Vec<(&'static str, u64, u64)> {
+        [PROG_INGRESS, PROG_EGRESS, PROG_EMPTY]
+            .into_iter()
+            .filter_map(|name| {
+                let p: &SchedClassifier = self.ebpf.program(name)?.try_into().ok()?;
+                let info = p.info().ok()?;
+                Some((name, info.run_time().as_nanos() as u64, info.run_count()))
+            })
+            .collect()
     }
 
     fn clear(&mut self, ifindex: u32) {

@@ -55,6 +55,13 @@ pub fn lp_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Does nothing: the baseline the benchmark subtracts (the cost of running any tc program
+/// under bpf_stats on the same interface, in the same run).
+#[classifier]
+pub fn lp_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 #[inline(always)]
 fn try_count(ctx: &TcContext, dir: u8) {
     // SAFETY: the verifier guarantees `skb` points to a valid __sk_buff for tc programs.
