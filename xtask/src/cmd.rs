@@ -63,7 +63,14 @@ pub fn cargo(args: &[&str]) -> Result<Command> {
 
 /// The command line as a user would type it, for logs and error messages.
 pub fn display(cmd: &Command) -> String {
-    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    // The cargo `cargo run` hands us is a long toolchain path; the user typed `cargo`.
+    let program = cmd.get_program();
+    let program = if std::env::var_os("CARGO").is_some_and(|c| c == program) {
+        "cargo".into()
+    } else {
+        program.to_string_lossy()
+    };
+    let mut parts = vec![program.into_owned()];
     parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
     parts.join(" ")
 }

@@ -110,7 +110,12 @@ struct Counts {
 fn cargo_test(extra: &[String]) -> (Result<()>, Option<Counts>) {
     let mut counts: Option<Counts> = None;
     let outcome = (|| {
-        let mut test = cmd::cargo(&["test", "--workspace", "--release"])?;
+        // `--workspace` would override a `-p` of the user's, so it is added only without one.
+        let mut test = if selects_packages(extra) {
+            cmd::cargo(&["test", "--release"])?
+        } else {
+            cmd::cargo(&["test", "--workspace", "--release"])?
+        };
         test.args(extra).stdout(Stdio::piped());
         esay!("$ {}", cmd::display(&test));
         let mut child = test
@@ -144,6 +149,13 @@ fn cargo_test(extra: &[String]) -> (Result<()>, Option<Counts>) {
         Ok(())
     })();
     (outcome, counts)
+}
+
+/// Whether cargo test's own arguments (those before a `--`) pick packages with `-p`/`--package`.
+fn selects_packages(args: &[String]) -> bool {
+    args.iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-p" || a.starts_with("--package") || (a.starts_with("-p") && a.len() > 2))
 }
 
 /// libtest's "test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...".
@@ -190,5 +202,18 @@ mod tests {
             })
         );
         assert_eq!(parse_test_result("test foo ... ok"), None);
+    }
+
+    #[test]
+    fn package_selection() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(selects_packages(&args(&["-p", "xtask", "foo"])));
+        assert!(selects_packages(&args(&["-pxtask"])));
+        assert!(selects_packages(&args(&["--package=xtask"])));
+        assert!(!selects_packages(&args(&["some_test"])));
+        assert!(
+            !selects_packages(&args(&["foo", "--", "-p"])),
+            "after -- it is libtest's"
+        );
     }
 }
