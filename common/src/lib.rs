@@ -49,16 +49,13 @@ pub struct Slot {
     pub packets: u64,
     /// L3 bytes in that bin so far.
     pub bytes: u64,
-    /// Monotonic: bins the ring buffer could not take (ring full).
+    /// Monotonic: times the ring buffer was full when a bin ended. The slot then keeps its
+    /// old bin and goes on counting into it (nothing is lost); the daemon takes those counts
+    /// from the slot and publishes them as late data.
     pub ring_full: u64,
-    /// Monotonic: packets of those bins, kept here instead of being lost; the daemon carries
-    /// the growth of these counters into the next bin it publishes.
-    pub spill_packets: u64,
-    /// Monotonic: bytes of those bins.
-    pub spill_bytes: u64,
-    /// Monotonic: packets whose headers could not be read (counted with their skb length).
+    /// Monotonic: GSO packets whose headers could not be read (counted with their skb length).
     pub malformed: u64,
-    pub _reserved: u64,
+    pub _reserved: [u64; 3],
 }
 
 /// One completed per-CPU bin, sent through the `BINS` ring buffer when a CPU sees the first

@@ -4,8 +4,9 @@
 //! Rules (see ARCHITECTURE.md):
 //! - a bin `[b, b + w)` is published when CLOCK_TAI passes `b + w + grace`;
 //! - the kernel emits a CPU's bin when that CPU sees a packet of a newer bin; for idle links the
-//!   aligner takes the counts from the slot snapshot itself and remembers what it took, so the
-//!   kernel's later record only adds the difference;
+//!   aligner takes the counts from the slot itself and remembers what it took, so the kernel's
+//!   later record only adds the difference (and until that record arrives, takes nothing more
+//!   from the slot);
 //! - anything that arrives for a bin already published (late) is carried into the next
 //!   published bin and counted: totals over any interval equal what the kernel counted.
 //!
@@ -46,9 +47,9 @@ pub struct AlignStats {
     /// Arrivals of data for a bin already published (each carried into the next frame).
     pub late_events: u64,
     pub late_packets: u64,
-    /// Bins the kernel could not put in the ring (their counts came through the spill counters).
+    /// Times the kernel found the ring full at a bin's end (the slot kept counting into its
+    /// old bin; those counts arrive late, nothing is lost).
     pub ring_full: u64,
-    pub spilled_packets: u64,
     /// Records naming a CPU or link out of range (should never happen).
     pub bad_records: u64,
     /// A final count lower than what was taken earlier from the slot (a torn read).
@@ -87,8 +88,6 @@ struct Taken {
 #[derive(Clone, Copy, Default, Debug)]
 struct Seen {
     ring_full: u64,
-    spill_packets: u64,
-    spill_bytes: u64,
     malformed: u64,
 }
 
@@ -106,7 +105,6 @@ pub struct Aligner {
     pending: Box<[[Counts; SLOTS_PER_CPU]]>,
     taken: Box<[Taken]>,
     seen: Box<[Seen]>,
-    snapshot: Box<[Slot]>,
     carry: [Counts; SLOTS_PER_CPU],
     seq: u64,
     pending_step: bool,
@@ -131,7 +129,6 @@ impl Aligner {
             pending: vec![[Counts::default(); SLOTS_PER_CPU]; window].into_boxed_slice(),
             taken: vec![Taken::default(); slots].into_boxed_slice(),
             seen: vec![Seen::default(); slots].into_boxed_slice(),
-            snapshot: vec![Slot::default(); slots].into_boxed_slice(),
             carry: [Counts::default(); SLOTS_PER_CPU],
             seq: 0,
             pending_step: false,
@@ -187,69 +184,43 @@ impl Aligner {
         self.add(rec.bin_start, s, p, b);
     }
 
-    /// Copies every in-use slot; call between two complete drains of the ring buffer, then
-    /// [`Aligner::apply_snapshot`]. (Records submitted before the snapshot are then all read
-    /// before it is applied, which is what makes the taken/record bookkeeping exact.)
-    pub fn take_snapshot(&mut self, src: &impl SlotSource, link_count: usize) {
-        let used = link_count.min(MAX_LINKS) * DIRS;
-        for cpu in 0..self.ncpu.min(src.ncpu()) {
-            let base = cpu * SLOTS_PER_CPU;
-            for s in 0..used {
-                self.snapshot[base + s] = src.read(base + s);
-            }
-        }
-    }
-
-    /// Applies the last snapshot at time `now_tai`.
-    pub fn apply_snapshot(&mut self, now_tai: u64, link_count: usize) {
+    /// Reads every in-use slot and takes the counts of bins that are due (idle links), or the
+    /// growth since the last read. Call between two complete drains of the ring buffer.
+    pub fn read_slots(&mut self, src: &impl SlotSource, now_tai: u64, link_count: usize) {
         let used = link_count.min(MAX_LINKS) * DIRS;
         let closable_end = now_tai.saturating_sub(self.grace);
-        for cpu in 0..self.ncpu {
+        for cpu in 0..self.ncpu.min(src.ncpu()) {
             for s in 0..used {
                 let i = cpu * SLOTS_PER_CPU + s;
-                let snap = self.snapshot[i];
+                let snap = src.read(i);
                 let seen = self.seen[i];
                 self.seen[i] = Seen {
                     ring_full: snap.ring_full,
-                    spill_packets: snap.spill_packets,
-                    spill_bytes: snap.spill_bytes,
                     malformed: snap.malformed,
                 };
                 self.stats.malformed += snap.malformed.wrapping_sub(seen.malformed);
-                let mut spill = Counts {
-                    packets: snap.spill_packets.wrapping_sub(seen.spill_packets),
-                    bytes: snap.spill_bytes.wrapping_sub(seen.spill_bytes),
-                };
+                self.stats.ring_full += snap.ring_full.wrapping_sub(seen.ring_full);
                 let t = self.taken[i];
                 if t.bin != 0 && t.bin != snap.bin_start {
-                    // The kernel moved on from a bin we took from, and its record was not in
-                    // the ring (read completely after the snapshot): it went to the spill
-                    // counters, which include what we already published.
-                    spill.packets = spill.packets.saturating_sub(t.packets);
-                    spill.bytes = spill.bytes.saturating_sub(t.bytes);
-                    self.taken[i] = Taken::default();
-                }
-                if !spill.is_zero() {
-                    self.stats.ring_full += snap.ring_full.wrapping_sub(seen.ring_full);
-                    self.stats.spilled_packets += spill.packets;
-                    self.carry[s].add(spill.packets, spill.bytes);
+                    // The kernel moved on from a bin we took from: it submitted that bin's
+                    // record (a full ring keeps the slot on its bin), which resolves `taken`
+                    // in the next drain. Take nothing from this slot until then.
+                    continue;
                 }
                 if snap.bin_start == 0 || snap.bin_start + self.width > closable_end {
                     continue; // empty, or its bin may still receive packets
                 }
-                let t = &mut self.taken[i];
-                let (p, b) = if t.bin == snap.bin_start {
-                    (
-                        snap.packets.saturating_sub(t.packets),
-                        snap.bytes.saturating_sub(t.bytes),
-                    )
-                } else {
-                    (snap.packets, snap.bytes)
-                };
-                *t = Taken {
+                let (p, b) = (
+                    snap.packets.saturating_sub(t.packets),
+                    snap.bytes.saturating_sub(t.bytes),
+                );
+                if snap.packets < t.packets || snap.bytes < t.bytes {
+                    self.stats.torn_reads += 1;
+                }
+                self.taken[i] = Taken {
                     bin: snap.bin_start,
-                    packets: snap.packets,
-                    bytes: snap.bytes,
+                    packets: snap.packets.max(t.packets),
+                    bytes: snap.bytes.max(t.bytes),
                 };
                 self.add(snap.bin_start, s, p, b);
             }
@@ -408,7 +379,7 @@ mod tests {
             let bin = bin_start(t, W);
             let slot = &mut self.src.slots[slot_index(cpu, link, dir) as usize];
             if slot.bin_start != bin {
-                if slot.packets != 0 {
+                let emitted = slot.packets == 0 || {
                     if self.ring.len() < self.ring_cap {
                         self.ring.push(BinRecord {
                             bin_start: slot.bin_start,
@@ -419,15 +390,17 @@ mod tests {
                             dir,
                             _pad: 0,
                         });
+                        true
                     } else {
                         slot.ring_full += 1;
-                        slot.spill_packets += slot.packets;
-                        slot.spill_bytes += slot.bytes;
+                        false
                     }
+                };
+                if emitted {
+                    slot.bin_start = bin;
+                    slot.packets = 0;
+                    slot.bytes = 0;
                 }
-                slot.bin_start = bin;
-                slot.packets = 0;
-                slot.bytes = 0;
             }
             slot.packets += 1;
             slot.bytes += bytes;
@@ -449,14 +422,27 @@ mod tests {
     }
 
     fn tick(a: &mut Aligner, k: &mut Kernel, now: u64, links: usize, out: &mut Vec<Frame>) {
+        tick_racing(a, k, now, links, out, |_| {});
+    }
+
+    /// A tick during which the kernel also runs (`race`) between reading the slots and the
+    /// second drain of the ring: the interleaving that a sequential model misses.
+    fn tick_racing(
+        a: &mut Aligner,
+        k: &mut Kernel,
+        now: u64,
+        links: usize,
+        out: &mut Vec<Frame>,
+        race: impl FnOnce(&mut Kernel),
+    ) {
         for r in k.ring.drain(..) {
             a.on_record(&r);
         }
-        a.take_snapshot(&k.src, links);
+        a.read_slots(&k.src, now, links);
+        race(k);
         for r in k.ring.drain(..) {
             a.on_record(&r);
         }
-        a.apply_snapshot(now, links);
         a.close_due(&ctx(now, links), |f| out.push(*f));
     }
 
@@ -524,7 +510,7 @@ mod tests {
     }
 
     #[test]
-    fn ring_full_spills_without_loss_or_double_count() {
+    fn ring_full_keeps_counting_without_loss_or_double_count() {
         let mut a = Aligner::new(W, G, 1);
         let mut k = Kernel::new(1, 0); // ring always full
         let mut out = Vec::new();
@@ -571,9 +557,25 @@ mod tests {
                 truth[l][d] += b;
                 if rng.gen_bool(0.05) {
                     // the daemon ticks at any moment (its clock never goes back here), sometimes
-                    // ahead of packets the model then stamps in already published bins
+                    // ahead of packets the model then stamps in already published bins, and
+                    // sometimes the kernel moves a slot on while the daemon is mid-tick
                     last_now = last_now.max(t + rng.gen_range(0..2 * G));
-                    tick(&mut a, &mut k, last_now, links, &mut out);
+                    let (rl, rd, rc) = (
+                        rng.gen_range(0..4),
+                        rng.gen_range(0..2),
+                        rng.gen_range(0..ncpu),
+                    );
+                    let rb = rng.gen_range(40..1500);
+                    let racing = rng.gen_bool(0.5);
+                    let rt = last_now;
+                    tick_racing(&mut a, &mut k, last_now, links, &mut out, |k| {
+                        if racing {
+                            k.packet(rc as u32, rl as u32, rd as u8, rt, rb);
+                        }
+                    });
+                    if racing {
+                        truth[rl][rd] += rb;
+                    }
                 }
             }
             tick(&mut a, &mut k, last_now.max(t + 10 * G), links, &mut out);

@@ -46,6 +46,8 @@ pub enum DaemonError {
 pub struct Subscription {
     pub name: String,
     pub producer: rtrb::Producer<Frame>,
+    /// Wants each bin at its deadline (the daemon then wakes once per bin).
+    pub realtime: bool,
 }
 
 /// A queue pair for [`Daemon::start`]: give the producer to the daemon, read the consumer.
@@ -55,6 +57,7 @@ pub fn subscription(name: &str, capacity: usize) -> (Subscription, rtrb::Consume
         Subscription {
             name: name.to_string(),
             producer,
+            realtime: false,
         },
         consumer,
     )
@@ -91,11 +94,13 @@ impl Daemon {
         let (stats_tx, stats_rx) = rtrb::RingBuffer::new(STATS_QUEUE_FRAMES);
         let mut names = vec!["stats".to_string()];
         let mut producers = vec![stats_tx];
+        let realtime = subscriptions.iter().any(|s| s.realtime);
         for s in subscriptions {
             names.push(s.name);
             producers.push(s.producer);
         }
-        let fanout = Fanout::new(producers);
+        let mut fanout = Fanout::new(producers);
+        fanout.realtime = realtime;
         *shared
             .fanout_dropped
             .write()
@@ -125,8 +130,9 @@ impl Daemon {
             let aligner = Aligner::new(cfg.bin_width_ns, cfg.grace_ns, data.slots_ncpu());
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
             let crate::kernel::DataMaps { ring, slots } = data;
+            let interval = cfg.publish_interval_ns;
             threads.push(spawn("lp-ingest", move || {
-                ingest::run(aligner, ring, slots, fanout, shared, stop)
+                ingest::run(interval, aligner, ring, slots, fanout, shared, stop)
             })?);
         }
         {

@@ -108,14 +108,8 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     counter(
         &mut o,
         "linkpulse_ring_full_total",
-        "Bins the kernel could not put in the ring buffer (kept in spill counters, not lost).",
+        "Bin ends at which the kernel found the ring buffer full (the slot kept counting; the data arrives late, nothing is lost).",
         c.ring_full.load(Ordering::Relaxed),
-    );
-    counter(
-        &mut o,
-        "linkpulse_spilled_packets_total",
-        "Packets accounted through the spill counters because the ring was full.",
-        c.spilled_packets.load(Ordering::Relaxed),
     );
     counter(
         &mut o,

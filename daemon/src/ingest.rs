@@ -38,12 +38,18 @@ impl RecordSource for RingBuf<MapData> {
 pub struct Fanout {
     pub producers: Vec<rtrb::Producer<Frame>>,
     pub dropped: Arc<[AtomicU64]>,
+    /// Some consumer wants every bin at its deadline (else bins are published in batches).
+    pub realtime: bool,
 }
 
 impl Fanout {
     pub fn new(producers: Vec<rtrb::Producer<Frame>>) -> Self {
         let dropped: Arc<[AtomicU64]> = producers.iter().map(|_| AtomicU64::new(0)).collect();
-        Self { producers, dropped }
+        Self {
+            producers,
+            dropped,
+            realtime: false,
+        }
     }
 
     #[inline]
@@ -56,7 +62,9 @@ impl Fanout {
     }
 }
 
-/// One pass of the pipeline: ring, snapshot, ring, close due bins, fan out.
+/// One pass of the pipeline: ring, slots, ring again, close due bins, fan out. The second
+/// drain picks up records the kernel submitted while the slots were read (a bin that moved on
+/// just then) before its bin is published.
 pub fn tick_once(
     aligner: &mut Aligner,
     ring: &mut impl RecordSource,
@@ -65,17 +73,19 @@ pub fn tick_once(
     fanout: &mut Fanout,
 ) {
     ring.drain(|r| aligner.on_record(r));
-    aligner.take_snapshot(slots, ctx.link_count);
+    aligner.read_slots(slots, ctx.now_tai, ctx.link_count);
     ring.drain(|r| aligner.on_record(r));
-    aligner.apply_snapshot(ctx.now_tai, ctx.link_count);
     aligner.close_due(ctx, |f| fanout.publish(f));
 }
 
 /// How often the clock state (adjtimex) and steps are checked.
 const CLOCK_CHECK_NS: u64 = 100_000_000;
 
-/// Runs until `stop` is set.
+/// Runs until `stop` is set. Wakes at each bin's deadline when a real-time consumer is
+/// connected, otherwise every `publish_interval_ns` (fewer wake-ups: each costs several µs of
+/// CPU, more on a VM).
 pub fn run(
+    publish_interval_ns: u64,
     mut aligner: Aligner,
     mut ring: RingBuf<MapData>,
     slots: crate::kernel::MmapSlots,
@@ -91,14 +101,19 @@ pub fn run(
     let mut next_clock_check = 0u64;
     let mut stepped = false;
     aligner.start(clock::tai_ns());
+    let mut last_wake = clock::tai_ns();
     while !stop.load(Ordering::Relaxed) {
-        let deadline = aligner.next_deadline();
+        let mut deadline = aligner.next_deadline();
+        if !fanout.realtime {
+            deadline = deadline.max(last_wake + publish_interval_ns);
+        }
         let now = clock::tai_ns();
         if deadline > now {
             // Bounded so a stop request is seen within 100 ms even with 1 s bins.
             clock::sleep_until_tai(deadline.min(now + 100_000_000));
         }
         let now = clock::tai_ns();
+        last_wake = now;
         if now >= next_clock_check {
             next_clock_check = now + CLOCK_CHECK_NS;
             if let Ok(c) = ClockState::read() {

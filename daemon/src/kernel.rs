@@ -210,7 +210,10 @@ impl Kernel {
 
     /// Attaches the empty baseline program to both directions of `interface` (benchmarks).
     pub fn attach_baseline(&mut self, interface: &str) -> Result<(), KernelError> {
-        for (kind, direction) in [(TcAttachType::Ingress, "ingress"), (TcAttachType::Egress, "egress")] {
+        for (kind, direction) in [
+            (TcAttachType::Ingress, "ingress"),
+            (TcAttachType::Egress, "egress"),
+        ] {
             self.attach_one(interface, PROG_EMPTY, kind, direction)?;
         }
         Ok(())
@@ -298,10 +301,8 @@ impl SlotSource for MmapSlots {
                 packets: std::ptr::addr_of!((*p).packets).read_volatile(),
                 bytes: std::ptr::addr_of!((*p).bytes).read_volatile(),
                 ring_full: std::ptr::addr_of!((*p).ring_full).read_volatile(),
-                spill_packets: std::ptr::addr_of!((*p).spill_packets).read_volatile(),
-                spill_bytes: std::ptr::addr_of!((*p).spill_bytes).read_volatile(),
                 malformed: std::ptr::addr_of!((*p).malformed).read_volatile(),
-                _reserved: 0,
+                _reserved: [0; 3],
             }
         }
     }

@@ -109,7 +109,6 @@ pub struct DaemonCounters {
     pub bins_late: AtomicU64,
     pub late_packets: AtomicU64,
     pub ring_full: AtomicU64,
-    pub spilled_packets: AtomicU64,
     pub bad_records: AtomicU64,
     pub torn_reads: AtomicU64,
     pub skipped_bins: AtomicU64,
@@ -259,8 +258,6 @@ impl Shared {
         c.bins_late.store(s.late_events, Ordering::Relaxed);
         c.late_packets.store(s.late_packets, Ordering::Relaxed);
         c.ring_full.store(s.ring_full, Ordering::Relaxed);
-        c.spilled_packets
-            .store(s.spilled_packets, Ordering::Relaxed);
         c.bad_records.store(s.bad_records, Ordering::Relaxed);
         c.torn_reads.store(s.torn_reads, Ordering::Relaxed);
         c.skipped_bins.store(s.skipped_bins, Ordering::Relaxed);

@@ -118,8 +118,18 @@ fn ingest_tick_allocates_nothing() {
         }
     }
     COUNTING.store(false, Ordering::SeqCst);
-    assert!(frames > 19_000, "the loop really published frames: {frames}");
-    assert_eq!(ALLOCS.load(Ordering::SeqCst), 0, "allocations on the hot path");
-    assert!(fanout.dropped[1].load(Ordering::Relaxed) > 0, "the stuck consumer lost frames");
+    assert!(
+        frames > 19_000,
+        "the loop really published frames: {frames}"
+    );
+    assert_eq!(
+        ALLOCS.load(Ordering::SeqCst),
+        0,
+        "allocations on the hot path"
+    );
+    assert!(
+        fanout.dropped[1].load(Ordering::Relaxed) > 0,
+        "the stuck consumer lost frames"
+    );
     assert_eq!(fanout.dropped[0].load(Ordering::Relaxed), 0);
 }

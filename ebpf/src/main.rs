@@ -110,10 +110,8 @@ fn try_count(ctx: &TcContext, dir: u8) {
     // SAFETY: array values live as long as the map; only this CPU writes this slot (the
     // daemon only reads), and tc programs do not migrate between CPUs while they run.
     let slot = unsafe { &mut *slot };
-    if slot.bin_start != bin {
-        if slot.packets != 0 {
-            emit(slot, cpu, link, dir);
-        }
+    // A full ring keeps the slot on its old bin (see `emit`).
+    if slot.bin_start != bin && (slot.packets == 0 || emit(slot, cpu, link, dir)) {
         slot.packets = 0;
         slot.bytes = 0;
         slot.bin_start = bin;
@@ -123,10 +121,11 @@ fn try_count(ctx: &TcContext, dir: u8) {
     slot.malformed += malformed;
 }
 
-/// Sends the finished bin of `slot` to the ring; if the ring is full, keeps its counts in the
-/// slot's monotonic spill counters so the daemon still accounts for them.
+/// Sends the finished bin of `slot` to the ring. If the ring is full it returns false: the slot
+/// then stays on its old bin and this packet is added to it, so nothing is lost; the daemon
+/// reads those counts from the slot and publishes them as late data.
 #[inline(always)]
-fn emit(slot: &mut Slot, cpu: u32, link: u32, dir: u8) {
+fn emit(slot: &mut Slot, cpu: u32, link: u32, dir: u8) -> bool {
     match BINS.reserve::<BinRecord>(0) {
         Some(mut entry) => {
             entry.write(BinRecord {
@@ -139,11 +138,11 @@ fn emit(slot: &mut Slot, cpu: u32, link: u32, dir: u8) {
                 _pad: 0,
             });
             entry.submit(BPF_RB_NO_WAKEUP as u64);
+            true
         }
         None => {
             slot.ring_full += 1;
-            slot.spill_packets += slot.packets;
-            slot.spill_bytes += slot.bytes;
+            false
         }
     }
 }

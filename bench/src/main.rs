@@ -1,0 +1,437 @@
+//! `cargo xtask bench`: measures linkpulse against each target of DESIGN.md, beside its peer
+//! (measured in the same run, or a labelled constant with its source), prints a table and
+//! writes target/bench/summary.json. Needs root (namespaces, eBPF, bpf_stats).
+mod gen;
+mod net;
+mod report;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use linkpulse::{kernel::Kernel, shared::LinkState, Config, Daemon};
+use linkpulse_testbed::netns;
+use net::BenchNet;
+use report::Metric;
+
+#[derive(Parser)]
+#[command(about = "linkpulse benchmarks: every figure beside its peer")]
+struct Args {
+    /// Run only the sections whose name contains this (ebpf, lost, hotplug, footprint).
+    #[arg(long)]
+    only: Option<String>,
+    /// Where to write the summary.
+    #[arg(long, default_value_os_t = default_out())]
+    out: PathBuf,
+    /// Packets per direction for the eBPF cost measurement.
+    #[arg(long, default_value_t = 400_000)]
+    cost_packets: u64,
+    /// Seconds of flood for the 16-link loss measurement.
+    #[arg(long, default_value_t = 5)]
+    flood_secs: u64,
+}
+
+fn default_out() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench/summary.json")
+}
+
+type Section = fn(&Args) -> anyhow::Result<Vec<Metric>>;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("the benchmarks need root (network namespaces, eBPF, bpf_stats): run `sudo cargo xtask bench`");
+    }
+    let sections: [(&str, Section); 4] = [
+        ("ebpf", ebpf_cost),
+        ("lost", bins_lost_16_links),
+        ("hotplug", hotplug),
+        ("footprint", footprint),
+    ];
+    let mut all = Vec::new();
+    let mut failed = Vec::new();
+    for (name, f) in sections {
+        if args.only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
+        eprintln!("bench: {name} …");
+        match f(&args) {
+            Ok(m) => all.extend(m),
+            Err(e) => {
+                eprintln!("bench: {name} FAILED: {e:#}");
+                failed.push(name);
+            }
+        }
+    }
+    report::print_table(&all);
+    report::write_summary(&args.out, &all)?;
+    println!("\nsummary: {}", args.out.display());
+    if !failed.is_empty() {
+        anyhow::bail!("sections failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Sets kernel.bpf_stats_enabled for the guard's life (restores the old value).
+struct BpfStats(String);
+impl BpfStats {
+    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+    fn enable() -> anyhow::Result<Self> {
+        let old = std::fs::read_to_string(Self::PATH).context("reading bpf_stats_enabled")?;
+        std::fs::write(Self::PATH, "1").context("enabling bpf_stats")?;
+        Ok(Self(old.trim().to_string()))
+    }
+}
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// ebpf.ns_per_packet: our programs' cost per packet minus the empty program's, both attached
+/// to the same interface and run by the same packets (bpf_stats run_time_ns / run_cnt).
+fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
+    let net = BenchNet::up("c", 1)?;
+    let _stats = BpfStats::enable()?;
+    let kernel = netns::run_in(&net.router, || -> anyhow::Result<Kernel> {
+        let (mut k, _data) = Kernel::load(100_000)?;
+        k.attach_baseline("wwan0")?;
+        let ix = linkpulse::kernel::ifindex("wwan0").context("wwan0 missing")?;
+        k.attach("wwan0", ix, 0, 14)?;
+        Ok(k)
+    })??;
+    let before = kernel.program_stats();
+    let stop = AtomicBool::new(false);
+    let n = args.cost_packets;
+    let egress = netns::run_in(&net.router, || {
+        gen::flood(
+            &[net::router_sink(0)],
+            64,
+            n,
+            Duration::from_secs(60),
+            0,
+            &stop,
+        )
+    })??;
+    let ingress = netns::run_in(&net.peer, || {
+        gen::flood(
+            &[net::peer_sink(0)],
+            64,
+            n,
+            Duration::from_secs(60),
+            0,
+            &stop,
+        )
+    })??;
+    let after = kernel.program_stats();
+    let delta = |name: &str| -> (f64, f64) {
+        let b = before
+            .iter()
+            .find(|p| p.0 == name)
+            .map_or((0, 0), |p| (p.1, p.2));
+        let a = after
+            .iter()
+            .find(|p| p.0 == name)
+            .map_or((0, 0), |p| (p.1, p.2));
+        ((a.0 - b.0) as f64, (a.1 - b.1) as f64)
+    };
+    let (ti, ci) = delta("lp_ingress");
+    let (te, ce) = delta("lp_egress");
+    let (t0, c0) = delta("lp_empty");
+    anyhow::ensure!(
+        ci > 0.0 && ce > 0.0 && c0 > 0.0,
+        "bpf_stats counted nothing (ingress {ci}, egress {ce}, empty {c0})"
+    );
+    let empty = t0 / c0;
+    let ours = (ti + te) / (ci + ce);
+    drop(kernel);
+    Ok(vec![Metric::new("ebpf.ns_per_packet", ours - empty, "ns")
+        .peer(
+            empty,
+            "empty tc program on the same iface, same packets (bpf_stats)",
+        )
+        .target("≤ 70 over the empty program")
+        .note(format!(
+            "ours {ours:.0} ns in all (ingress {:.0}, egress {:.0}); {} + {} packets",
+            ti / ci,
+            te / ce,
+            egress.0,
+            ingress.0
+        ))])
+}
+
+/// Sums every frame a subscription receives, per link and direction.
+struct Totals {
+    packets: Vec<[AtomicU64; 2]>,
+    frames: AtomicU64,
+}
+
+fn start_daemon(
+    net: &BenchNet,
+    links: usize,
+    totals: Option<Arc<Totals>>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(Daemon, Option<std::thread::JoinHandle<()>>)> {
+    let cfg = Config::parse(&net.config(links), std::path::Path::new("bench.toml"))?;
+    let (sub, mut rx) = linkpulse::subscription("bench", 1 << 16);
+    let daemon = netns::run_in(&net.router, || Daemon::start(&cfg, vec![sub]))??;
+    let reader = totals.map(|t| {
+        std::thread::spawn(move || loop {
+            let mut any = false;
+            while let Ok(f) = rx.pop() {
+                any = true;
+                t.frames.fetch_add(1, Ordering::Relaxed);
+                for (l, p) in t.packets.iter().enumerate().take(f.link_count as usize) {
+                    p[0].fetch_add(f.links[l].packets[0], Ordering::Relaxed);
+                    p[1].fetch_add(f.links[l].packets[1], Ordering::Relaxed);
+                }
+            }
+            if !any {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    });
+    Ok((daemon, reader))
+}
+
+fn wait_attached(d: &Daemon, links: usize, deadline: Duration) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < deadline {
+        if d.shared()
+            .links()
+            .iter()
+            .filter(|l| l.state == LinkState::Attached)
+            .count()
+            >= links
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    anyhow::bail!("links not attached within {deadline:?}")
+}
+
+/// bins.lost_16_links: a flood over 16 links; every packet the generator sent must be in the
+/// daemon's frames.
+fn bins_lost_16_links(args: &Args) -> anyhow::Result<Vec<Metric>> {
+    let net = BenchNet::up("l", 16)?;
+    // Interfaces that just came up send IGMP membership reports (IP) for about a second;
+    // let them pass so that the window compared below holds only generated packets.
+    std::thread::sleep(Duration::from_secs(2));
+    let kernel_before = net.egress_packets()?;
+    let totals = Arc::new(Totals {
+        packets: (0..16)
+            .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+            .collect(),
+        frames: AtomicU64::new(0),
+    });
+    let stop_reader = Arc::new(AtomicBool::new(false));
+    let (daemon, reader) = start_daemon(
+        &net,
+        16,
+        Some(Arc::clone(&totals)),
+        Arc::clone(&stop_reader),
+    )?;
+    wait_attached(&daemon, 16, Duration::from_secs(10))?;
+    let dsts: Vec<_> = (0..16).map(net::router_sink).collect();
+    let stop = AtomicBool::new(false);
+    let dur = Duration::from_secs(args.flood_secs);
+    let t = Instant::now();
+    let sent = netns::run_in(&net.router, || {
+        std::thread::scope(|s| {
+            let a = s.spawn(|| gen::flood(&dsts[..8], 18, u64::MAX, dur, 0, &stop));
+            let b = gen::flood(&dsts[8..], 18, u64::MAX, dur, 0, &stop);
+            let a = a
+                .join()
+                .map_err(|_| std::io::Error::other("generator panicked"))?;
+            Ok::<_, std::io::Error>((a?.0 + b?.0, 0))
+        })
+    })??;
+    let secs = t.elapsed().as_secs_f64();
+    let kernel_sent = net.egress_packets()? - kernel_before;
+    // Let the last bins pass their deadline (grace 1 ms), then stop.
+    std::thread::sleep(Duration::from_millis(100));
+    let dropped: u64 = daemon
+        .shared()
+        .fanout_dropped
+        .read()
+        .map(|v| {
+            v.iter()
+                .map(|(_, d)| d.iter().map(|x| x.load(Ordering::Relaxed)).sum::<u64>())
+                .sum()
+        })
+        .unwrap_or(0);
+    let c = &daemon.shared().counters;
+    let late = format!(
+        "{} (torn reads {}, ring full {}, records {})",
+        c.bins_late.load(Ordering::Relaxed),
+        c.torn_reads.load(Ordering::Relaxed),
+        c.ring_full.load(Ordering::Relaxed),
+        c.ring_records.load(Ordering::Relaxed)
+    );
+    daemon.stop();
+    stop_reader.store(true, Ordering::Relaxed);
+    if let Some(r) = reader {
+        let _ = r.join();
+    }
+    let counted: u64 = totals
+        .packets
+        .iter()
+        .map(|p| p[1].load(Ordering::Relaxed))
+        .sum();
+    let pps = kernel_sent as f64 / secs;
+    Ok(vec![
+        Metric::new("bins.lost_16_links", kernel_sent as f64 - counted as f64, "pkts")
+            .peer(kernel_sent as f64, "packets the 16 interfaces transmitted (kernel counters)")
+            .target("0 at ≥ 200 kpps total")
+            .note(format!(
+                "{:.0} kpps over 16 links for {secs:.1} s; generator's own count {} (it misses sends refused with ENOBUFS after the hook); frames dropped by queues {dropped}; late arrivals {late}",
+                pps / 1e3,
+                sent.0
+            )),
+        Metric::new("bins.pps_16_links", pps, "pps")
+            .peer(200_000.0, "target rate (issue: ≥ 200 kpps total)")
+            .target("≥ 200000"),
+    ])
+}
+
+/// hotplug.reattach_ms: delete a modem interface and create it again (new ifindex); the time
+/// from the interface existing again to the daemon counting on it.
+fn hotplug(_args: &Args) -> anyhow::Result<Vec<Metric>> {
+    let net = BenchNet::up("h", 1)?;
+    let (daemon, _) = start_daemon(&net, 1, None, Arc::new(AtomicBool::new(false)))?;
+    wait_attached(&daemon, 1, Duration::from_secs(10))?;
+    let mut samples = Vec::new();
+    for _ in 0..10 {
+        let old = daemon.shared().links()[0].ifindex;
+        net.del_link(0)?;
+        let t = Instant::now();
+        while daemon.shared().links()[0].state == LinkState::Attached
+            && t.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        net.create_link(0)?;
+        let t = Instant::now();
+        loop {
+            let l = &daemon.shared().links()[0];
+            if l.state == LinkState::Attached && l.ifindex != old {
+                samples.push(t.elapsed().as_secs_f64() * 1e3);
+                break;
+            }
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "not re-attached within 10 s"
+            );
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        net.configure_link(0)?;
+    }
+    daemon.stop();
+    samples.sort_by(f64::total_cmp);
+    let median = samples[samples.len() / 2];
+    Ok(vec![Metric::new("hotplug.reattach_ms", median, "ms")
+        .peer(
+            2000.0,
+            "a 2 s polling re-check (linkpulse's own fallback without netlink)",
+        )
+        .note(format!(
+            "median of {} delete/re-create cycles, max {:.2} ms",
+            samples.len(),
+            samples.last().copied().unwrap_or(0.0)
+        ))])
+}
+
+/// daemon.cpu_pct_16_links, daemon.rss_mb, binary.linkpulse_mb: the release binary as a
+/// process, 16 links, 10 kHz bins, traffic on every link.
+fn footprint(_args: &Args) -> anyhow::Result<Vec<Metric>> {
+    let exe = std::env::current_exe()?.with_file_name("linkpulse");
+    anyhow::ensure!(
+        exe.exists(),
+        "{} not built: run `cargo xtask build`",
+        exe.display()
+    );
+    let bin_mb = std::fs::metadata(&exe)?.len() as f64 / 1e6;
+    let net = BenchNet::up("f", 16)?;
+    let dir = std::env::temp_dir().join(format!("lpbench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("bench.toml");
+    std::fs::write(
+        &cfg,
+        net.config(16).replace("127.0.0.1:0", "127.0.0.1:18480"),
+    )?;
+    let mut child = netns::command(&net.router, exe.to_str().context("path")?)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stderr(std::fs::File::create(dir.join("daemon.log"))?)
+        .spawn()?;
+    let pid = child.id();
+    std::thread::sleep(Duration::from_secs(2));
+    let stop = AtomicBool::new(false);
+    let dsts: Vec<_> = (0..16).map(net::router_sink).collect();
+    let cpu0 = cpu_ns(pid)?;
+    let t0 = Instant::now();
+    let sent = netns::run_in(&net.router, || {
+        gen::flood(&dsts, 200, u64::MAX, Duration::from_secs(10), 16_000, &stop)
+    })??;
+    let cpu1 = cpu_ns(pid)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let (rss, hwm) = rss_kb(pid)?;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let cpu_pct = (cpu1 - cpu0) as f64 / 1e9 / secs * 100.0;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(vec![
+        Metric::new("daemon.cpu_pct_16_links", cpu_pct, "%")
+            .peer(10.0, "target, DESIGN.md (≤ 10% of a core, later 5%)")
+            .note(format!(
+                "16 links × 10 kHz bins, {:.0} pps of traffic",
+                sent.0 as f64 / secs
+            )),
+        Metric::new("daemon.rss_mb", rss as f64 / 1024.0, "MB")
+            .peer(16.0, "target, DESIGN.md (seed: ARM with 64 MB RAM)")
+            .note(format!("peak {:.1} MB", hwm as f64 / 1024.0)),
+        Metric::new("binary.linkpulse_mb", bin_mb, "MB")
+            .peer(6.0, "seed system: 6 MB of binaries (DESIGN.md)"),
+    ])
+}
+
+/// CPU time of every thread of `pid` in ns, from the scheduler (/proc/PID/task/*/schedstat):
+/// exact, unlike the tick-sampled utime/stime, which misattribute threads that wake 10k times
+/// a second.
+fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let s = std::fs::read_to_string(t?.path().join("schedstat"))?;
+        total += s
+            .split_whitespace()
+            .next()
+            .context("schedstat format")?
+            .parse::<u64>()?;
+    }
+    Ok(total)
+}
+
+fn rss_kb(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let get = |k: &str| -> u64 {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((get("VmRSS:"), get("VmHWM:")))
+}
