@@ -4,10 +4,15 @@
 //!
 //! Layout: `{name}-rtr` (the router, where the daemon runs, modems wwanK) ↔ `{name}-car` (the
 //! carrier: veth peers, emulator sockets) ↔ `{name}-srv` (the server side, TUN srvK).
+pub mod cli;
 pub mod emulator;
 pub mod netns;
 pub(crate) mod sys;
+pub mod topology;
+pub mod traffic;
 pub mod truth;
+
+pub use topology::{ModemKind, ModemSpec, Testbed, TestbedOptions, TestbedSpec};
 
 use std::path::PathBuf;
 

@@ -348,6 +348,34 @@ pub fn read_dir(dir: &Path) -> Result<Vec<TruthRecord>, TruthError> {
     Ok(all)
 }
 
+/// Per-verdict counts of one truth file, streamed (files can be large).
+pub fn summarize_file(path: &Path) -> Result<BTreeMap<Verdict, Counts>, TruthError> {
+    let io_err = |source| TruthError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut r = std::io::BufReader::with_capacity(1 << 20, File::open(path).map_err(io_err)?);
+    let mut m: BTreeMap<Verdict, Counts> = BTreeMap::new();
+    let mut b = [0u8; RECORD_SIZE];
+    let mut index = 0usize;
+    loop {
+        match r.read_exact(&mut b) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(io_err(e)),
+        }
+        let rec = TruthRecord::from_bytes(&b).map_err(|(field, value)| TruthError::BadField {
+            path: path.to_path_buf(),
+            index,
+            field,
+            value,
+        })?;
+        m.entry(rec.verdict).or_default().add(u64::from(rec.size));
+        index += 1;
+    }
+    Ok(m)
+}
+
 /// Packet and byte counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
@@ -517,6 +545,8 @@ mod tests {
         assert!(router_view(&all, 2, Dir::Up).is_empty());
         let v = verdict_totals(&all, 3, Dir::Down);
         assert_eq!(v[&Verdict::DroppedQueue].packets, 1);
+        let f = summarize_file(&dir.join(file_name(3, Dir::Down))).unwrap();
+        assert_eq!(f, v);
         std::fs::write(dir.join("junk.bin"), [0u8; 5]).unwrap();
         assert!(matches!(
             read_dir(&dir),

@@ -421,8 +421,10 @@ mod tests {
     #[test]
     fn rate_throughput_over_a_second_matches() {
         // Saturate 5 Mbit/s with 1000-byte packets for 1 s: 625 packets fit.
-        let mut p = LinkProfile::default();
-        p.queue_bytes = 1_000_000_000;
+        let p = LinkProfile {
+            queue_bytes: 1_000_000_000,
+            ..LinkProfile::default()
+        };
         let mut e = engine(&p, Bottleneck::Rate { kbit: 5_000 });
         for i in 0..2000u32 {
             e.arrive(T0 + u64::from(i) * 500_000, 1000, i);
@@ -504,8 +506,10 @@ mod tests {
     #[test]
     fn trace_capacity_when_saturated() {
         let tr = Arc::new(Trace::parse("0\n0\n1\n4\n4\n4\n7\n9\n9\n", Path::new("t")).unwrap());
-        let mut p = LinkProfile::default();
-        p.queue_bytes = 0; // unlimited
+        let p = LinkProfile {
+            queue_bytes: 0, // unlimited
+            ..LinkProfile::default()
+        };
         let mut e = LinkEngine::new(&p, Bottleneck::Trace(tr.clone()), T0, 0).unwrap();
         for i in 0..5000u32 {
             e.arrive(T0 + u64::from(i) * 100_000, 1500, i);
@@ -521,8 +525,10 @@ mod tests {
     #[test]
     fn queue_drop_tail() {
         // A 3000-byte queue at 12 Mbit/s (1 ms per 1500 B): the packet in service and one waiting.
-        let mut p = LinkProfile::default();
-        p.queue_bytes = 3000;
+        let p = LinkProfile {
+            queue_bytes: 3000,
+            ..LinkProfile::default()
+        };
         let mut e = engine(&p, Bottleneck::Rate { kbit: 12_000 });
         let mut verdicts = Vec::new();
         for i in 0..4 {
@@ -552,9 +558,11 @@ mod tests {
     #[test]
     fn loss_is_deterministic_per_seed_and_close_to_rate() {
         let pattern = |seed: u64| {
-            let mut p = LinkProfile::default();
-            p.loss = 0.1;
-            p.seed = seed;
+            let p = LinkProfile {
+                loss: 0.1,
+                seed,
+                ..LinkProfile::default()
+            };
             let mut e = engine(&p, Bottleneck::Unlimited);
             (0..20_000u32)
                 .map(|i| {
@@ -571,11 +579,13 @@ mod tests {
         let lost = a.iter().filter(|x| **x).count();
         assert!((1700..2300).contains(&lost), "{lost}");
         // Jitter does not change the loss pattern (separate random streams).
-        let mut p = LinkProfile::default();
-        p.loss = 0.1;
-        p.seed = 7;
-        p.jitter_us = 500;
-        p.delay_us = 1000;
+        let p = LinkProfile {
+            loss: 0.1,
+            seed: 7,
+            jitter_us: 500,
+            delay_us: 1000,
+            ..LinkProfile::default()
+        };
         let mut e = engine(&p, Bottleneck::Unlimited);
         let b: Vec<bool> = (0..20_000u32)
             .map(|i| {
@@ -590,12 +600,14 @@ mod tests {
 
     #[test]
     fn outages_drop_and_repeat() {
-        let mut p = LinkProfile::default();
-        p.outages = vec![Outage {
-            start_ms: 100,
-            duration_ms: 50,
-            every_ms: Some(1000),
-        }];
+        let p = LinkProfile {
+            outages: vec![Outage {
+                start_ms: 100,
+                duration_ms: 50,
+                every_ms: Some(1000),
+            }],
+            ..LinkProfile::default()
+        };
         let mut e = engine(&p, Bottleneck::Unlimited);
         let dropped = |e: &mut LinkEngine<u32>, ms: u64| {
             matches!(
@@ -616,12 +628,14 @@ mod tests {
         assert!(!dropped(&mut e, 5150));
         assert_eq!(e.stats().dropped_outage, 4);
         // One-shot outage.
-        let mut p = LinkProfile::default();
-        p.outages = vec![Outage {
-            start_ms: 10,
-            duration_ms: 5,
-            every_ms: None,
-        }];
+        let p = LinkProfile {
+            outages: vec![Outage {
+                start_ms: 10,
+                duration_ms: 5,
+                every_ms: None,
+            }],
+            ..LinkProfile::default()
+        };
         let mut e = engine(&p, Bottleneck::Unlimited);
         assert!(dropped(&mut e, 12));
         assert!(!dropped(&mut e, 1012));
@@ -629,10 +643,12 @@ mod tests {
 
     #[test]
     fn delay_and_jitter_never_reorder() {
-        let mut p = LinkProfile::default();
-        p.delay_us = 20_000;
-        p.jitter_us = 5_000;
-        p.seed = 42;
+        let p = LinkProfile {
+            delay_us: 20_000,
+            jitter_us: 5_000,
+            seed: 42,
+            ..LinkProfile::default()
+        };
         let mut e = engine(&p, Bottleneck::Unlimited);
         for i in 0..10_000u32 {
             e.arrive(T0 + u64::from(i) * 100_000, 1000, i);
@@ -701,8 +717,10 @@ mod tests {
 
     #[test]
     fn drain_returns_in_flight() {
-        let mut p = LinkProfile::default();
-        p.delay_us = 1000;
+        let p = LinkProfile {
+            delay_us: 1000,
+            ..LinkProfile::default()
+        };
         let mut e = engine(&p, Bottleneck::Unlimited);
         e.arrive(T0, 100, 0);
         e.arrive(T0, 100, 1);
@@ -713,8 +731,10 @@ mod tests {
 
     #[test]
     fn rejects_invalid_profiles() {
-        let mut p = LinkProfile::default();
-        p.loss = 1.5;
+        let p = LinkProfile {
+            loss: 1.5,
+            ..LinkProfile::default()
+        };
         assert!(LinkEngine::<u32>::new(&p, Bottleneck::Unlimited, T0, 0).is_err());
         assert!(LinkEngine::<u32>::new(
             &LinkProfile::default(),

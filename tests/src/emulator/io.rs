@@ -1,9 +1,9 @@
 //! The emulator's I/O: one thread per modem per direction, reading packets from one side,
 //! running them through a [`LinkEngine`] and writing them to the other side at their departure.
 //!
-//! The thread sleeps in ppoll() on its input fd and a stop eventfd, with a timeout to the next
-//! departure (timer slack 1 ns, so the hrtimer wakes it within a few µs); it never spins. Reads
-//! are drained in batches so a burst costs one wakeup.
+//! The thread sleeps in ppoll() on its input fd, a stop eventfd and a timerfd armed at the next
+//! departure (absolute CLOCK_REALTIME, no timer slack); it never spins. Reads are drained in
+//! batches so a burst costs one wakeup.
 //!
 //! **Boundary guard** (downlink, toward the router, `guard_ns` > 0): the engine already moves
 //! every departure that falls in the last `guard_ns` before a whole UTC second to that second's
@@ -225,6 +225,8 @@ impl State {
     fn main_loop(&mut self, stop: &EventFd) -> Result<(), EmulatorError> {
         let mut buf = vec![0u8; 65_536];
         let rx_fd = self.spec.rx.raw();
+        let mut timer = sys::TimerFd::new()
+            .map_err(|e| EmulatorError::io(format!("{}: timerfd", self.spec.label), e))?;
         let mut next_stats_ns = sys::realtime_ns() + NS_PER_SEC;
         loop {
             let mut wake = self.deliver_due()?;
@@ -237,11 +239,17 @@ impl State {
                 self.poll_socket_stats();
                 next_stats_ns = now + NS_PER_SEC;
             }
-            let timeout = wake.map(|w| w.saturating_sub(sys::realtime_ns()));
-            let [readable, stopped] = sys::poll_readable([rx_fd, stop.raw()], timeout)
-                .map_err(|e| EmulatorError::io(format!("{}: ppoll", self.spec.label), e))?;
+            timer.set(wake).map_err(|e| {
+                EmulatorError::io(format!("{}: timerfd_settime", self.spec.label), e)
+            })?;
+            let [readable, stopped, fired] =
+                sys::poll_readable([rx_fd, stop.raw(), timer.raw()], None)
+                    .map_err(|e| EmulatorError::io(format!("{}: ppoll", self.spec.label), e))?;
             if stopped {
                 return Ok(());
+            }
+            if fired {
+                timer.clear();
             }
             if readable {
                 self.read_batch(&mut buf)?;
