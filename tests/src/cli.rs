@@ -334,11 +334,38 @@ fn running_pid(state_dir: &Path) -> Option<i32> {
     ours.then_some(pid)
 }
 
+/// A live `testbed run` process for testbed `name`, found by its command line (for when the pid
+/// file is gone or another state dir was used).
+fn find_runner(name: &str) -> Option<i32> {
+    let me = std::process::id() as i32;
+    let rd = fs::read_dir("/proc").ok()?;
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_run = args.iter().any(|a| *a == b"run") && args.iter().any(|a| *a == b"--state-dir");
+        let named = args
+            .windows(2)
+            .any(|w| w[0] == b"--name" && w[1] == name.as_bytes());
+        if is_run && named {
+            return Some(pid);
+        }
+    }
+    None
+}
+
 fn up(launcher: &Launcher, a: &RunArgs, timeout: Duration) -> Result<()> {
     topology::check_prerequisites()?;
     // Validate before forking, so mistakes are reported here, not in a log file.
     demo_spec(&a.name, usize::from(a.modems), &a.state_dir).validate()?;
-    if let Some(pid) = running_pid(&a.state_dir) {
+    if let Some(pid) = running_pid(&a.state_dir).or_else(|| find_runner(&a.name)) {
         bail!(
             "testbed {} is already running (pid {pid}); stop it with `testbed down --name {}`",
             a.name,
@@ -484,7 +511,7 @@ fn down(name: &str, state_dir: &Path, timeout: Duration) -> Result<()> {
         bail!("testbed down needs root (it deletes network namespaces)");
     }
     let mut did = Vec::new();
-    if let Some(pid) = running_pid(state_dir) {
+    if let Some(pid) = running_pid(state_dir).or_else(|| find_runner(name)) {
         signal::kill(Pid::from_raw(pid), Signal::SIGTERM)
             .with_context(|| format!("signalling testbed process {pid}"))?;
         let t0 = Instant::now();
@@ -527,7 +554,7 @@ fn down(name: &str, state_dir: &Path, timeout: Duration) -> Result<()> {
 fn status(name: &str, state_dir: &Path) -> Result<()> {
     let nss = topology::namespaces(name);
     let present: Vec<&String> = nss.iter().filter(|n| netns::exists(n)).collect();
-    match running_pid(state_dir) {
+    match running_pid(state_dir).or_else(|| find_runner(name)) {
         Some(pid) => println!("testbed {name}: running (pid {pid})"),
         None => println!("testbed {name}: no process"),
     }

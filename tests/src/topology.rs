@@ -388,6 +388,34 @@ impl Testbed {
         })
     }
 
+    /// Packets inside modem `k`'s emulator (both directions): admitted, not yet delivered.
+    pub fn in_flight(&self, k: usize) -> usize {
+        self.modems.get(k).map_or(0, |m| {
+            m.up.as_ref().map_or(0, |h| h.in_flight())
+                + m.down.as_ref().map_or(0, |h| h.in_flight())
+        })
+    }
+
+    /// Waits until no emulator holds a packet (queues and delay lines drained; call it after
+    /// stopping the traffic, before comparing counts), up to `timeout`. True if drained.
+    pub fn wait_drained(&self, timeout: std::time::Duration) -> bool {
+        let t0 = std::time::Instant::now();
+        loop {
+            // Twice, 20 ms apart: a packet may sit between a socket and the engine.
+            let idle = |tb: &Testbed| (0..tb.modems.len()).all(|k| tb.in_flight(k) == 0);
+            if idle(self) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                if idle(self) {
+                    return true;
+                }
+            }
+            if t0.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Removes modem `k`'s router interface (hot-unplug): its emulator threads stop (what is
     /// in flight is logged as `dropped_shutdown`), the server side stays.
     pub fn delete_modem(&mut self, k: usize) -> Result<(), TopologyError> {

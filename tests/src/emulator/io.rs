@@ -13,6 +13,7 @@
 //! and the router's ingress stamp and the truth's `t_out` (read right after the write, which
 //! takes a few µs; the record keeps that duration in `write_ns`) fall in the same second.
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -126,6 +127,7 @@ pub struct DirectionStats {
 pub struct DirectionHandle {
     label: String,
     stop: Arc<EventFd>,
+    in_flight: Arc<AtomicUsize>,
     join: Option<JoinHandle<Result<DirectionStats, EmulatorError>>>,
 }
 
@@ -136,15 +138,23 @@ impl DirectionHandle {
             EventFd::new().map_err(|e| EmulatorError::io(format!("{label}: eventfd"), e))?,
         );
         let stop2 = stop.clone();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let in_flight2 = in_flight.clone();
         let join = std::thread::Builder::new()
             .name(format!("emu {label}"))
-            .spawn(move || run(spec, &stop2))
+            .spawn(move || run(spec, &stop2, in_flight2))
             .map_err(|e| EmulatorError::io(format!("{label}: spawn thread"), e))?;
         Ok(DirectionHandle {
             label,
             stop,
+            in_flight,
             join: Some(join),
         })
+    }
+
+    /// Packets admitted and not yet delivered (as of the thread's last loop).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     pub fn label(&self) -> &str {
@@ -192,9 +202,15 @@ struct State {
     consecutive_rx_errors: u32,
     /// The last second start the thread held deliveries for (write-time guard).
     hold_release: u64,
+    /// Published for [`DirectionHandle::in_flight`].
+    in_flight: Arc<AtomicUsize>,
 }
 
-fn run(spec: DirectionSpec, stop: &EventFd) -> Result<DirectionStats, EmulatorError> {
+fn run(
+    spec: DirectionSpec,
+    stop: &EventFd,
+    in_flight: Arc<AtomicUsize>,
+) -> Result<DirectionStats, EmulatorError> {
     sys::set_timer_slack_ns(1);
     let label = spec.label.clone();
     tracing::debug!(%label, "emulator thread started");
@@ -204,6 +220,7 @@ fn run(spec: DirectionSpec, stop: &EventFd) -> Result<DirectionStats, EmulatorEr
         pool: Vec::new(),
         consecutive_rx_errors: 0,
         hold_release: 0,
+        in_flight,
     };
     let res = st.main_loop(stop);
     // Whatever happened, account for what is still queued and get the truth on disk.
@@ -230,6 +247,8 @@ impl State {
         let mut next_stats_ns = sys::realtime_ns() + NS_PER_SEC;
         loop {
             let mut wake = self.deliver_due()?;
+            self.in_flight
+                .store(self.spec.engine.in_flight(), Ordering::Relaxed);
             let now = sys::realtime_ns();
             self.spec.truth.maybe_flush(now, TRUTH_FLUSH_NS)?;
             if let Some(f) = self.spec.truth.flush_due_ns(TRUTH_FLUSH_NS) {
@@ -253,6 +272,8 @@ impl State {
             }
             if readable {
                 self.read_batch(&mut buf)?;
+                self.in_flight
+                    .store(self.spec.engine.in_flight(), Ordering::Relaxed);
             }
         }
     }
