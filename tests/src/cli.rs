@@ -537,7 +537,8 @@ fn down(name: &str, state_dir: &Path, timeout: Duration) -> Result<()> {
             }
         }
     }
-    for f in [PID_FILE, READY_FILE, STATE_FILE] {
+    // testbed.json and truth/ stay for `status` and analysis after the fact.
+    for f in [PID_FILE, READY_FILE] {
         let _ = fs::remove_file(state_dir.join(f));
     }
     if !errors.is_empty() {
@@ -580,7 +581,7 @@ fn status(name: &str, state_dir: &Path) -> Result<()> {
     };
     let secs = sys::realtime_ns().saturating_sub(state.start_ns) as f64 / 1e9;
     println!(
-        "emulator started {secs:.1} s ago, downlink guard {} µs, state {}",
+        "last emulator start {secs:.1} s ago, downlink guard {} µs, state {}",
         state.guard_us,
         state_dir.display()
     );

@@ -104,7 +104,7 @@ fn setsockopt_int(
     .map(drop)
 }
 
-/// An eventfd used to wake a thread blocked in [`poll_fds`].
+/// An eventfd used to wake a thread blocked in [`poll_readable`].
 #[derive(Debug)]
 pub struct EventFd(OwnedFd);
 

@@ -499,12 +499,7 @@ impl Testbed {
                 first.get_or_insert(e.into());
             }
         }
-        let state = self.spec.state_dir.join(STATE_FILE);
-        if let Err(e) = fs::remove_file(&state) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %state.display(), error = %e, "cannot remove state file");
-            }
-        }
+        // The state file stays, next to the truth logs, for `status` after the fact.
         tracing::info!(name = %self.spec.name, "testbed down");
         first.map_or(Ok(()), Err)
     }

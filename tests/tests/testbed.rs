@@ -39,6 +39,17 @@ fn name(tag: &str) -> String {
     format!("{tag}{:03x}", std::process::id() & 0xfff)
 }
 
+/// Removes a test's state dir when the test passes (kept after a failure, for a look).
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 fn state_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("lp-testbed-{name}"))
 }
@@ -71,6 +82,7 @@ fn ns_gone(name: &str) -> bool {
 fn up_and_down_leave_nothing() {
     let _g = setup();
     let n = name("tud");
+    let _sd = Cleanup(state_dir(&n));
     let tb = Testbed::up(spec(
         &n,
         vec![
@@ -114,6 +126,7 @@ fn up_and_down_leave_nothing() {
 fn drop_cleans_up_on_panic_and_up_removes_leftovers() {
     let _g = setup();
     let n = name("tdp");
+    let _sd = Cleanup(state_dir(&n));
     // A leftover router namespace of the same name (a crashed run) does not block `up`.
     netns::create(&format!("{n}-rtr")).unwrap();
     let r = std::panic::catch_unwind(|| {
@@ -183,6 +196,7 @@ fn addrs(tb: &Testbed, k: usize, v6: bool) -> (IpAddr, IpAddr) {
 fn udp_flow_is_logged_exactly_on_both_kinds_and_families() {
     let _g = setup();
     let n = name("tux");
+    let _sd = Cleanup(state_dir(&n));
     let tb = Testbed::up(spec(
         &n,
         vec![
@@ -269,6 +283,7 @@ fn udp_flow_is_logged_exactly_on_both_kinds_and_families() {
 fn trace_replay_delivers_the_trace_capacity_when_saturated() {
     let _g = setup();
     let n = name("ttr");
+    let _sd = Cleanup(state_dir(&n));
     let up_trace = traces_dir().join("Verizon-LTE-short.up");
     let down_trace = traces_dir().join("Verizon-LTE-short.down");
     // Unlimited queue: the backlog keeps growing, so every opportunity finds a packet.
@@ -369,6 +384,7 @@ fn percentile(v: &mut [u64], p: f64) -> u64 {
 fn delay_is_at_least_the_configured_one() {
     let _g = setup();
     let n = name("tdl");
+    let _sd = Cleanup(state_dir(&n));
     let prof = |delay_us, jitter_us| LinkProfile {
         delay_us,
         jitter_us,
@@ -445,6 +461,7 @@ fn delay_is_at_least_the_configured_one() {
 fn modem_hot_plug_gets_a_new_ifindex_and_keeps_working() {
     let _g = setup();
     let n = name("thp");
+    let _sd = Cleanup(state_dir(&n));
     let mut tb = Testbed::up(spec(
         &n,
         vec![
@@ -507,6 +524,7 @@ fn modem_hot_plug_gets_a_new_ifindex_and_keeps_working() {
 fn high_rate_is_exact_and_downlink_guard_holds() {
     let _g = setup();
     let n = name("thr");
+    let _sd = Cleanup(state_dir(&n));
     let tb = Testbed::up(spec(
         &n,
         vec![
@@ -665,6 +683,7 @@ fn emu_cpu_ticks() -> u64 {
 fn cli_up_status_forward_down() {
     let _g = setup();
     let n = name("tcl");
+    let _sd = Cleanup(state_dir(&n));
     let sd = state_dir(&n);
     let exe = env!("CARGO_BIN_EXE_linkpulse-testbed");
     // A free port on the host for the forwarder.
@@ -776,6 +795,7 @@ fn cli_up_status_forward_down() {
 fn an_idle_testbed_is_silent() {
     let _g = setup();
     let n = name("tsi");
+    let _sd = Cleanup(state_dir(&n));
     let mut tb = Testbed::up(spec(
         &n,
         vec![
@@ -812,6 +832,7 @@ fn an_idle_testbed_is_silent() {
 fn impairments_apply_to_real_packets() {
     let _g = setup();
     let n = name("tim");
+    let _sd = Cleanup(state_dir(&n));
     let outage = Outage {
         start_ms: 500,
         duration_ms: 300,
@@ -907,6 +928,7 @@ fn impairments_apply_to_real_packets() {
 fn tcp_flows_both_ways_and_families() {
     let _g = setup();
     let n = name("ttc");
+    let _sd = Cleanup(state_dir(&n));
     let tb = Testbed::up(spec(
         &n,
         vec![
