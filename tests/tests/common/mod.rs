@@ -1,0 +1,262 @@
+//! Shared by the daemon's end-to-end tests: a testbed with a daemon running in its router
+//! namespace, and a collector that checks every frame and sums them per link, direction and
+//! UTC second. Everything is torn down on drop, also when a test fails.
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use linkpulse::{shared::LinkState, Config, Daemon, Frame};
+use linkpulse_testbed::{
+    emulator::LinkProfile, netns, ModemKind, ModemSpec, Testbed, TestbedOptions, TestbedSpec,
+};
+
+/// Counts of one (link, direction, second) or total.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What the collector saw.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub frames: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: u64,
+    pub seq_gaps: u64,
+    pub misaligned: u64,
+    pub width_ns: u64,
+    /// (link, dir) → UTC second → counts.
+    pub per_second: BTreeMap<(usize, usize), BTreeMap<i64, Counts>>,
+    pub totals: BTreeMap<(usize, usize), Counts>,
+    /// Frames in which link i was not valid (missing data).
+    pub invalid: BTreeMap<usize, u64>,
+    /// (link, UTC second) with at least one bin in which the link was not valid.
+    pub incomplete_seconds: std::collections::BTreeSet<(usize, i64)>,
+    /// Counts that arrived while a link was not valid (they still count in totals).
+    pub flags_or: u32,
+    pub last_bin_utc: i64,
+}
+
+pub struct Run {
+    pub bed: Testbed,
+    pub daemon: Option<Daemon>,
+    pub seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+    collector: Option<JoinHandle<()>>,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("lp-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn modem(ifname: &str, kind: ModemKind, up: LinkProfile, down: LinkProfile) -> ModemSpec {
+    ModemSpec {
+        ifname: ifname.into(),
+        kind,
+        up,
+        down,
+    }
+}
+
+/// Config text for links named like the testbed's modems (plus `extra` interface names).
+pub fn config_text(bed: &Testbed, extra: &[&str]) -> String {
+    let mut s =
+        String::from("[router]\nid = \"e2e\"\nsite = \"lab\"\n[http]\nlisten = \"127.0.0.1:0\"\n");
+    for m in &bed.spec().modems {
+        s += &format!(
+            "[[link]]\ninterface = \"{}\"\noperator = \"test\"\n",
+            m.ifname
+        );
+    }
+    for e in extra {
+        s += &format!("[[link]]\ninterface = \"{e}\"\n");
+    }
+    s
+}
+
+impl Run {
+    /// Brings up a testbed `name` with `modems` and a daemon for them (plus `extra` links that do
+    /// not exist), waits until the testbed's links are attached.
+    pub fn start(name: &str, modems: Vec<ModemSpec>, extra: &[&str]) -> Run {
+        Self::start_with(name, modems, extra, TestbedOptions::default())
+    }
+
+    pub fn start_with(
+        name: &str,
+        modems: Vec<ModemSpec>,
+        extra: &[&str],
+        options: TestbedOptions,
+    ) -> Run {
+        let dir = TempDir::new(name);
+        let bed = Testbed::up_with(
+            TestbedSpec {
+                name: name.into(),
+                modems,
+                state_dir: dir.0.join("testbed"),
+            },
+            options,
+        )
+        .expect("testbed up");
+        let cfg = Config::parse(&config_text(&bed, extra), std::path::Path::new("e2e.toml"))
+            .expect("config");
+        let (sub, mut rx) = linkpulse::subscription("e2e", 1 << 16);
+        let daemon = netns::run_in(bed.router_ns(), || Daemon::start(&cfg, vec![sub]))
+            .expect("enter router ns")
+            .expect("daemon start");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let collector = {
+            let (seen, stop) = (Arc::clone(&seen), Arc::clone(&stop));
+            std::thread::spawn(move || loop {
+                let mut any = false;
+                while let Ok(f) = rx.pop() {
+                    any = true;
+                    // A failing test may have poisoned the lock; the data is still fine.
+                    collect(&mut seen.lock().unwrap_or_else(|p| p.into_inner()), &f);
+                }
+                if !any {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let run = Run {
+            bed,
+            daemon: Some(daemon),
+            seen,
+            stop,
+            collector: Some(collector),
+            _dir: dir,
+        };
+        let n = run.bed.spec().modems.len();
+        run.wait_links(Duration::from_secs(20), |links| {
+            links.iter().take(n).all(|l| l.state == LinkState::Attached)
+        });
+        run
+    }
+
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("daemon running")
+    }
+
+    /// Waits (generous deadline) until `ok` holds for the link table.
+    pub fn wait_links(
+        &self,
+        deadline: Duration,
+        ok: impl Fn(&[linkpulse::shared::LinkInfo]) -> bool,
+    ) {
+        let t = Instant::now();
+        loop {
+            let links = self.daemon().shared().links();
+            if ok(&links) {
+                return;
+            }
+            assert!(
+                t.elapsed() < deadline,
+                "link table never reached the expected state: {links:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Interfaces that just got addresses send IPv6 multicast listener reports (real IP
+    /// packets, at random times within about a second, twice): wait them out before measuring
+    /// packet counts against a generator's.
+    pub const MLD_QUIET: Duration = Duration::from_millis(3000);
+
+    /// Waits until every bin up to now + `settle` has been collected.
+    pub fn settle(&self, settle: Duration) {
+        std::thread::sleep(settle);
+        let target = linkpulse::clock::realtime_ns() as i64;
+        let t = Instant::now();
+        while self.seen.lock().expect("seen").last_bin_utc < target {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "frames stopped coming"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops the daemon and the collector; the testbed stays up until drop.
+    pub fn stop_daemon(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.stop();
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(c) = self.collector.take() {
+            let _ = c.join();
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.stop_daemon();
+    }
+}
+
+fn collect(s: &mut Seen, f: &Frame) {
+    s.frames += 1;
+    match s.first_seq {
+        None => s.first_seq = Some(f.seq),
+        Some(_) if f.seq != s.last_seq + 1 => s.seq_gaps += 1,
+        _ => {}
+    }
+    s.last_seq = f.seq;
+    s.width_ns = f.width_ns;
+    if f.bin_start_tai_ns % f.width_ns != 0 || f.bin_start_utc_ns % f.width_ns as i64 != 0 {
+        s.misaligned += 1;
+    }
+    s.flags_or |= f.flags;
+    s.last_bin_utc = f.bin_start_utc_ns;
+    let sec = f.bin_start_utc_ns.div_euclid(1_000_000_000);
+    for l in 0..f.link_count as usize {
+        if !f.is_valid(l) {
+            *s.invalid.entry(l).or_default() += 1;
+            s.incomplete_seconds.insert((l, sec));
+        }
+        for d in 0..2 {
+            let (p, b) = (f.links[l].packets[d], f.links[l].bytes[d]);
+            if p == 0 && b == 0 {
+                continue;
+            }
+            let c = s
+                .per_second
+                .entry((l, d))
+                .or_default()
+                .entry(sec)
+                .or_default();
+            c.packets += p;
+            c.bytes += b;
+            let t = s.totals.entry((l, d)).or_default();
+            t.packets += p;
+            t.bytes += b;
+        }
+    }
+}
