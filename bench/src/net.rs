@@ -9,7 +9,6 @@ use linkpulse_testbed::netns;
 pub struct BenchNet {
     pub router: String,
     pub peer: String,
-    pub links: usize,
 }
 
 /// The router side address of link k; the peer side is .1, the neighbour the router sends to
@@ -40,7 +39,6 @@ impl BenchNet {
         let net = BenchNet {
             router: format!("{base}-r"),
             peer: format!("{base}-p"),
-            links,
         };
         for ns in [&net.router, &net.peer] {
             netns::delete(ns)?;

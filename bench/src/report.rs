@@ -56,8 +56,8 @@ fn fmt(v: f64) -> String {
 
 pub fn print_table(metrics: &[Metric]) {
     println!(
-        "\n{:<34} {:>12} {:<6} {:>12}  {:<52} {}",
-        "metric", "linkpulse", "unit", "peer", "peer is", "target / note"
+        "\n{:<34} {:>12} {:<6} {:>12}  {:<52} target / note",
+        "metric", "linkpulse", "unit", "peer", "peer is"
     );
     println!("{}", "-".repeat(150));
     for m in metrics {

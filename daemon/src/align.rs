@@ -588,10 +588,10 @@ mod tests {
                 }
             }
             tick(&mut a, &mut k, last_now + 40 * G, links, &mut out);
-            for l in 0..4 {
-                for d in 0..2 {
+            for (l, dirs) in truth.iter().enumerate() {
+                for (d, want) in dirs.iter().enumerate() {
                     let got: u64 = out.iter().map(|f| f.links[l].bytes[d]).sum();
-                    assert_eq!(got, truth[l][d], "seed {seed} link {l} dir {d}");
+                    assert_eq!(got, *want, "seed {seed} link {l} dir {d}");
                 }
             }
             for w in out.windows(2) {

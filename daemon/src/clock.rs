@@ -34,21 +34,15 @@ pub fn monotonic_ns() -> u64 {
     now_ns(libc::CLOCK_MONOTONIC)
 }
 
-/// Sleeps until `deadline` on CLOCK_TAI (absolute, so lateness does not accumulate).
-pub fn sleep_until_tai(deadline: u64) {
+/// Sleeps `ns` on CLOCK_MONOTONIC. Relative on purpose: an absolute sleep on CLOCK_TAI would
+/// stretch by the size of a backward clock step, and the daemon must see steps at once.
+pub fn sleep_ns(ns: u64) {
     let ts = libc::timespec {
-        tv_sec: (deadline / NS_PER_S) as libc::time_t,
-        tv_nsec: (deadline % NS_PER_S) as libc::c_long,
+        tv_sec: (ns / NS_PER_S) as libc::time_t,
+        tv_nsec: (ns % NS_PER_S) as libc::c_long,
     };
     // SAFETY: valid timespec; EINTR just wakes us early, the caller re-checks the time.
-    unsafe {
-        libc::clock_nanosleep(
-            libc::CLOCK_TAI,
-            libc::TIMER_ABSTIME,
-            &ts,
-            std::ptr::null_mut(),
-        )
-    };
+    unsafe { libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &ts, std::ptr::null_mut()) };
 }
 
 /// The kernel's view of time synchronisation, from adjtimex(2).

@@ -110,12 +110,14 @@ pub fn run(
         let now = clock::tai_ns();
         if deadline > now {
             // Bounded so a stop request is seen within 100 ms even with 1 s bins.
-            clock::sleep_until_tai(deadline.min(now + 100_000_000));
+            clock::sleep_ns((deadline - now).min(100_000_000));
         }
         let now = clock::tai_ns();
         last_wake = now;
-        if now >= next_clock_check {
-            next_clock_check = now + CLOCK_CHECK_NS;
+        // Scheduled on the monotonic clock: TAI itself steps with the real-time clock.
+        let mono = clock::monotonic_ns();
+        if mono >= next_clock_check {
+            next_clock_check = mono + CLOCK_CHECK_NS;
             if let Ok(c) = ClockState::read() {
                 if c.synced != clock_state.synced {
                     shared.event_clock_sync(c.synced);

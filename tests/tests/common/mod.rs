@@ -44,6 +44,10 @@ pub struct Seen {
     pub incomplete_seconds: std::collections::BTreeSet<(usize, i64)>,
     /// Counts that arrived while a link was not valid (they still count in totals).
     pub flags_or: u32,
+    /// Distinct TAI − UTC differences of the frames' bin starts (ns).
+    pub tai_minus_utc: std::collections::BTreeSet<i64>,
+    /// Frames per flag bit (index = bit).
+    pub flag_frames: [u64; 8],
     pub last_bin_utc: i64,
 }
 
@@ -234,6 +238,13 @@ fn collect(s: &mut Seen, f: &Frame) {
         s.misaligned += 1;
     }
     s.flags_or |= f.flags;
+    s.tai_minus_utc
+        .insert(f.bin_start_tai_ns as i64 - f.bin_start_utc_ns);
+    for (bit, n) in s.flag_frames.iter_mut().enumerate() {
+        if f.flags & (1 << bit) != 0 {
+            *n += 1;
+        }
+    }
     s.last_bin_utc = f.bin_start_utc_ns;
     let sec = f.bin_start_utc_ns.div_euclid(1_000_000_000);
     for l in 0..f.link_count as usize {
