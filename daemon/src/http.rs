@@ -27,6 +27,7 @@ pub enum HttpError {
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route("/", get(index))
         .route("/api/v1/links", get(links))
         .route("/api/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -49,6 +50,22 @@ async fn not_found(uri: Uri) -> Response {
         })),
     )
         .into_response()
+}
+
+/// What this server offers (the web page comes with its own issue).
+async fn index(State(s): State<Arc<Shared>>) -> Response {
+    Json(json!({
+        "service": "linkpulse",
+        "version": env!("CARGO_PKG_VERSION"),
+        "router_id": s.router_id,
+        "site": s.site,
+        "endpoints": {
+            "/api/v1/links": "each link's state and its last complete second per direction",
+            "/api/v1/events": "attachments, hot-plug, clock steps and sync changes",
+            "/metrics": "Prometheus text format",
+        },
+    }))
+    .into_response()
 }
 
 async fn links(State(s): State<Arc<Shared>>) -> Response {

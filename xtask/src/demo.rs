@@ -127,7 +127,7 @@ impl Demo {
 
         let addr: SocketAddr = API_ADDR.parse().context("API_ADDR is not an address")?;
         self.wait_for_api(addr)?;
-        say!("web page / API: http://{API_ADDR}/ (API {LINKS_PATH}, metrics /metrics)");
+        say!("HTTP API: http://{API_ADDR}/ (links {LINKS_PATH}, metrics /metrics)");
         self.show_table(addr, args)
     }
 
@@ -211,8 +211,8 @@ impl Demo {
                 };
                 write!(
                     out,
-                    "\x1b[H\x1b[2Jlinkpulse demo: {} modems, {elapsed} s, {until}\nweb page / API: \
-                     http://{API_ADDR}/ (API {LINKS_PATH}, metrics /metrics)\n\n{table}",
+                    "\x1b[H\x1b[2Jlinkpulse demo: {} modems, {elapsed} s, {until}\nHTTP API: \
+                     http://{API_ADDR}/ (links {LINKS_PATH}, metrics /metrics)\n\n{table}",
                     args.modems
                 )?;
             } else {
