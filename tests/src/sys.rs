@@ -49,6 +49,15 @@ pub fn set_timer_slack_ns(ns: u64) {
     }
 }
 
+/// Moves the calling thread to SCHED_FIFO at `prio`.
+pub fn set_fifo_priority(prio: i32) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: `param` is a valid sched_param; pid 0 = the calling thread.
+    cvt(unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) }).map(drop)
+}
+
 /// Sleeps until CLOCK_REALTIME reaches `t_ns` (absolute, so no drift accumulates).
 pub fn sleep_until_realtime(t_ns: u64) {
     let ts = ns_to_timespec(t_ns);

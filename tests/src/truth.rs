@@ -22,8 +22,10 @@
 //! departure), so a file is ordered by that moment, not by `t_in_ns`.
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
@@ -202,32 +204,79 @@ pub fn file_name(modem: u16, dir: Dir) -> String {
     format!("m{modem}-{}.bin", dir.as_str())
 }
 
-/// Buffered appender for one truth file. The owner calls [`TruthWriter::maybe_flush`] from its
-/// loop (the emulator does so at least every 100 ms) and [`TruthWriter::flush`] on stop.
+/// Appender for one truth file. Records are encoded into an in-memory buffer on the caller's
+/// thread; [`TruthWriter::maybe_flush`] hands the buffer to a writer thread, which does the
+/// file I/O, so a slow disk never stalls the emulator thread that stamps packets (a file write
+/// inline used to add multi-ms tails to the TUN read stamps). The owner calls `maybe_flush`
+/// from its loop (the emulator: at least every 100 ms) and [`TruthWriter::flush`] on stop,
+/// which waits until everything is written.
 pub struct TruthWriter {
     path: PathBuf,
-    out: BufWriter<File>,
-    unflushed: bool,
+    buf: Vec<u8>,
+    tx: Option<mpsc::SyncSender<ToWriter>>,
+    recycled: mpsc::Receiver<Vec<u8>>,
+    join: Option<JoinHandle<()>>,
     last_flush_ns: u64,
 }
+
+enum ToWriter {
+    Data(Vec<u8>),
+    /// Reply once everything before is written: the first write error so far, if any.
+    Sync(mpsc::Sender<Option<std::io::Error>>),
+}
+
+/// Buffers in flight between the caller and the writer thread before handoffs wait.
+const HANDOFF_QUEUE: usize = 64;
 
 impl TruthWriter {
     /// Opens `dir/m{modem}-{dir}.bin` for appending (created if missing).
     pub fn open(truth_dir: &Path, modem: u16, dir: Dir) -> Result<TruthWriter, TruthError> {
         let path = truth_dir.join(file_name(modem, dir));
-        let file = OpenOptions::new()
+        let io_err = |source| TruthError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|source| TruthError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(io_err)?;
+        let (tx, rx) = mpsc::sync_channel::<ToWriter>(HANDOFF_QUEUE);
+        let (back_tx, recycled) = mpsc::sync_channel::<Vec<u8>>(4);
+        let shown = path.display().to_string();
+        let join = std::thread::Builder::new()
+            .name("truth writer".into())
+            .spawn(move || {
+                let mut first_error: Option<std::io::Error> = None;
+                for msg in rx {
+                    match msg {
+                        ToWriter::Data(mut v) => {
+                            if first_error.is_none() {
+                                if let Err(e) = file.write_all(&v) {
+                                    tracing::error!(path = %shown, error = %e, "truth write failed");
+                                    first_error = Some(e);
+                                }
+                            }
+                            v.clear();
+                            // Give the buffer back for reuse; drop it if nobody wants it.
+                            let _ = back_tx.try_send(v);
+                        }
+                        ToWriter::Sync(reply) => {
+                            let e = first_error
+                                .as_ref()
+                                .map(|e| std::io::Error::new(e.kind(), e.to_string()));
+                            let _ = reply.send(e);
+                        }
+                    }
+                }
+            })
+            .map_err(io_err)?;
         Ok(TruthWriter {
             path,
-            // 64 KiB: ~2000 records, i.e. at 20k pps a flush every ~100 ms anyway.
-            out: BufWriter::with_capacity(64 * 1024, file),
-            unflushed: false,
+            buf: Vec::with_capacity(64 * 1024),
+            tx: Some(tx),
+            recycled,
+            join: Some(join),
             last_flush_ns: 0,
         })
     }
@@ -236,57 +285,96 @@ impl TruthWriter {
         &self.path
     }
 
+    /// Appends a record to the buffer (no I/O).
     pub fn write(&mut self, rec: &TruthRecord) -> Result<(), TruthError> {
-        self.out
-            .write_all(&rec.to_bytes())
-            .map_err(|source| TruthError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        self.unflushed = true;
+        self.buf.extend_from_slice(&rec.to_bytes());
         Ok(())
     }
 
-    /// True when records are buffered and not yet on disk.
+    /// True when records are buffered and not yet handed to the writer.
     pub fn has_unflushed(&self) -> bool {
-        self.unflushed
+        !self.buf.is_empty()
     }
 
-    /// When the next periodic flush is due (if anything is buffered).
+    /// When the next periodic handoff is due (if anything is buffered).
     pub fn flush_due_ns(&self, period_ns: u64) -> Option<u64> {
-        self.unflushed
+        self.has_unflushed()
             .then(|| self.last_flush_ns.saturating_add(period_ns))
     }
 
-    /// Flushes if something is buffered and the last flush is at least `period_ns` old.
+    /// Hands the buffer to the writer thread if the last handoff is at least `period_ns` old
+    /// (or the buffer passed 64 KiB). Never blocks: if the writer is backed up, the records
+    /// stay buffered for the next try.
     pub fn maybe_flush(&mut self, now_ns: u64, period_ns: u64) -> Result<(), TruthError> {
-        if self.unflushed && now_ns.saturating_sub(self.last_flush_ns) >= period_ns {
-            self.flush_at(now_ns)?;
+        let due =
+            now_ns.saturating_sub(self.last_flush_ns) >= period_ns || self.buf.len() >= 64 * 1024;
+        if !self.has_unflushed() || !due {
+            return Ok(());
         }
-        Ok(())
+        let Some(tx) = &self.tx else {
+            return Err(self.gone());
+        };
+        let next = self
+            .recycled
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(64 * 1024));
+        let data = std::mem::replace(&mut self.buf, next);
+        match tx.try_send(ToWriter::Data(data)) {
+            Ok(()) => {
+                self.last_flush_ns = now_ns;
+                Ok(())
+            }
+            Err(mpsc::TrySendError::Full(ToWriter::Data(mut data))) => {
+                // Keep order: put the records back in front of anything buffered since.
+                data.append(&mut self.buf);
+                self.buf = data;
+                Ok(())
+            }
+            Err(_) => Err(self.gone()),
+        }
     }
 
+    /// Hands everything over and waits until it is written; reports the first write error.
     pub fn flush(&mut self) -> Result<(), TruthError> {
-        self.flush_at(crate::sys::realtime_ns())
+        let Some(tx) = &self.tx else {
+            return Err(self.gone());
+        };
+        if !self.buf.is_empty() {
+            let data = std::mem::take(&mut self.buf);
+            tx.send(ToWriter::Data(data)).map_err(|_| self.gone())?;
+        }
+        let (reply_tx, reply_rx) = mpsc::channel();
+        tx.send(ToWriter::Sync(reply_tx)).map_err(|_| self.gone())?;
+        match reply_rx.recv() {
+            Ok(None) => {
+                self.last_flush_ns = crate::sys::realtime_ns();
+                Ok(())
+            }
+            Ok(Some(source)) => Err(TruthError::Io {
+                path: self.path.clone(),
+                source,
+            }),
+            Err(_) => Err(self.gone()),
+        }
     }
 
-    fn flush_at(&mut self, now_ns: u64) -> Result<(), TruthError> {
-        self.out.flush().map_err(|source| TruthError::Io {
+    fn gone(&self) -> TruthError {
+        TruthError::Io {
             path: self.path.clone(),
-            source,
-        })?;
-        self.unflushed = false;
-        self.last_flush_ns = now_ns;
-        Ok(())
+            source: std::io::Error::other("the truth writer thread is gone"),
+        }
     }
 }
 
 impl Drop for TruthWriter {
     fn drop(&mut self) {
-        if self.unflushed {
-            if let Err(e) = self.out.flush() {
-                tracing::error!(path = %self.path.display(), error = %e, "truth flush on drop failed");
-            }
+        if let Err(e) = self.flush() {
+            tracing::error!(path = %self.path.display(), error = %e, "truth flush on drop failed");
+        }
+        // Closing the channel ends the writer thread once it has written everything.
+        self.tx = None;
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
         }
     }
 }

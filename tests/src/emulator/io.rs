@@ -1,9 +1,10 @@
 //! The emulator's I/O: one thread per modem per direction, reading packets from one side,
 //! running them through a [`LinkEngine`] and writing them to the other side at their departure.
 //!
-//! The thread sleeps in ppoll() on its input fd, a stop eventfd and a timerfd armed at the next
-//! departure (absolute CLOCK_REALTIME, no timer slack); it never spins. Reads are drained in
-//! batches so a burst costs one wakeup.
+//! The thread sleeps in ppoll() on its input fd, a stop eventfd and a timerfd armed shortly
+//! before the next departure (absolute CLOCK_REALTIME, no timer slack), then a short ppoll()
+//! timeout to the departure itself; it never spins. Reads are drained in batches so a burst
+//! costs one wakeup.
 //!
 //! **Boundary guard** (downlink, toward the router, `guard_ns` > 0): the engine already moves
 //! every departure that falls in the last `guard_ns` before a whole UTC second to that second's
@@ -22,10 +23,12 @@ use super::EmulatorError;
 use crate::sys::{self, EventFd, PacketMeta};
 use crate::truth::{Dir, TruthRecord, TruthWriter, Verdict, FLAG_GUARD_HELD, FLAG_KERNEL_RX_STAMP};
 
-/// Truth records reach the disk at least this often.
+/// Truth records go to the writer thread (and so to the file) at least this often.
 pub const TRUTH_FLUSH_NS: u64 = 100_000_000;
 /// A kernel rx stamp further than this from the clock is not trusted (a foreign clock base).
 const STAMP_SANITY_NS: u64 = 1_000_000_000;
+/// See the two-phase wait in the main loop.
+const EARLY_WAKE_NS: u64 = 200_000;
 /// Max packets read per wakeup before serving departures again.
 const READ_BATCH: usize = 256;
 /// Buffers kept for reuse (saves an allocation per packet at high rates).
@@ -123,6 +126,23 @@ pub struct DirectionStats {
     pub late_guard_holds: u64,
 }
 
+/// Environment variable: a SCHED_FIFO priority (1..=99) for the emulator threads. Off by
+/// default: real-time emulator threads cut the wakeup tail under CPU contention (the TUN
+/// uplink's arrival stamp is taken after the read), but they preempt whatever else runs,
+/// the daemon under test included.
+pub const RT_PRIORITY_ENV: &str = "LINKPULSE_TESTBED_RT_PRIORITY";
+
+fn rt_priority() -> Option<i32> {
+    let v = std::env::var(RT_PRIORITY_ENV).ok()?;
+    match v.trim().parse::<i32>() {
+        Ok(p) if (1..=99).contains(&p) => Some(p),
+        _ => {
+            tracing::warn!(value = %v, "{RT_PRIORITY_ENV} must be 1..=99; ignored");
+            None
+        }
+    }
+}
+
 /// A running direction thread.
 pub struct DirectionHandle {
     label: String,
@@ -213,6 +233,12 @@ fn run(
 ) -> Result<DirectionStats, EmulatorError> {
     sys::set_timer_slack_ns(1);
     let label = spec.label.clone();
+    if let Some(prio) = rt_priority() {
+        match sys::set_fifo_priority(prio) {
+            Ok(()) => tracing::debug!(%label, prio, "SCHED_FIFO"),
+            Err(e) => tracing::warn!(%label, prio, error = %e, "cannot switch to SCHED_FIFO"),
+        }
+    }
     tracing::debug!(%label, "emulator thread started");
     let mut st = State {
         spec,
@@ -258,11 +284,21 @@ impl State {
                 self.poll_socket_stats();
                 next_stats_ns = now + NS_PER_SEC;
             }
-            timer.set(wake).map_err(|e| {
+            // Two-phase wait: a long sleep ends EARLY_WAKE_NS before the deadline on the
+            // timerfd, the rest is a short ppoll() timeout. Waking a long-idle CPU (a VM's
+            // especially) takes tens of µs more than ending a short sleep, and a ppoll timeout
+            // this short gets almost no slack (0.1%).
+            let now = sys::realtime_ns();
+            let (timer_at, timeout) = match wake {
+                Some(w) if w > now + 2 * EARLY_WAKE_NS => (Some(w - EARLY_WAKE_NS), None),
+                Some(w) => (None, Some(w.saturating_sub(now))),
+                None => (None, None),
+            };
+            timer.set(timer_at).map_err(|e| {
                 EmulatorError::io(format!("{}: timerfd_settime", self.spec.label), e)
             })?;
             let [readable, stopped, fired] =
-                sys::poll_readable([rx_fd, stop.raw(), timer.raw()], None)
+                sys::poll_readable([rx_fd, stop.raw(), timer.raw()], timeout)
                     .map_err(|e| EmulatorError::io(format!("{}: ppoll", self.spec.label), e))?;
             if stopped {
                 return Ok(());
