@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod links;
 pub mod notify;
 pub mod shared;
+pub mod stamp;
 pub mod stats;
 
 pub use config::Config;
