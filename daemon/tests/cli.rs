@@ -13,7 +13,8 @@ fn check(text: &str) -> (bool, String) {
         .output()
         .expect("run linkpulse");
     let _ = std::fs::remove_dir_all(&dir);
-    let all = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let all =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), all)
 }
 
@@ -23,20 +24,38 @@ const GOOD: &str = "[router]\nid = \"r1\"\nsite = \"s\"\n\n[[link]]\ninterface =
 fn good_config_is_summarised() {
     let (ok, out) = check(GOOD);
     assert!(ok, "{out}");
-    assert!(out.contains("ok") && out.contains("1 link(s)") && out.contains("100 µs"), "{out}");
+    assert!(
+        out.contains("ok") && out.contains("1 link(s)") && out.contains("100 µs"),
+        "{out}"
+    );
 }
 
 #[test]
 fn errors_name_the_line_and_the_fix() {
     for (text, line, words) in [
         (GOOD.replace("interface", "iface"), 6, "unknown field"),
-        (format!("{GOOD}[sampling]\nbin_width_us = 300\n"), 8, "does not divide one second"),
-        (format!("{GOOD}[[link]]\ninterface = \"wwan0\"\n"), 8, "already used by the link on line 6"),
-        (GOOD.replace("id = \"r1\"", "id = \"\""), 2, "router.id is empty"),
+        (
+            format!("{GOOD}[sampling]\nbin_width_us = 300\n"),
+            8,
+            "does not divide one second",
+        ),
+        (
+            format!("{GOOD}[[link]]\ninterface = \"wwan0\"\n"),
+            8,
+            "already used by the link on line 6",
+        ),
+        (
+            GOOD.replace("id = \"r1\"", "id = \"\""),
+            2,
+            "router.id is empty",
+        ),
     ] {
         let (ok, out) = check(&text);
         assert!(!ok, "must fail: {text}");
-        assert!(out.contains(&format!("linkpulse.toml:{line}:")), "line {line} in: {out}");
+        assert!(
+            out.contains(&format!("linkpulse.toml:{line}:")),
+            "line {line} in: {out}"
+        );
         assert!(out.contains(words), "{words:?} in: {out}");
     }
 }
@@ -49,5 +68,8 @@ fn missing_file_says_how_to_fix() {
         .expect("run linkpulse");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/linkpulse.toml") && err.contains("--config"), "{err}");
+    assert!(
+        err.contains("/nonexistent/linkpulse.toml") && err.contains("--config"),
+        "{err}"
+    );
 }

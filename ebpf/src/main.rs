@@ -102,7 +102,6 @@ fn try_count(ctx: &TcContext, dir: u8) {
     if width == 0 {
         return;
     }
-    let bin = bin_start(now, width);
 
     let Some(slot) = SLOTS.get_ptr_mut(slot_index(cpu, link, dir)) else {
         return;
@@ -110,11 +109,16 @@ fn try_count(ctx: &TcContext, dir: u8) {
     // SAFETY: array values live as long as the map; only this CPU writes this slot (the
     // daemon only reads), and tc programs do not migrate between CPUs while they run.
     let slot = unsafe { &mut *slot };
-    // A full ring keeps the slot on its old bin (see `emit`).
-    if slot.bin_start != bin && (slot.packets == 0 || emit(slot, cpu, link, dir)) {
-        slot.packets = 0;
-        slot.bytes = 0;
-        slot.bin_start = bin;
+    // Still in the slot's bin? A subtraction, not a 64-bit division, on the common path (a clock
+    // that went backwards wraps to a huge difference and is treated as a new bin).
+    if now.wrapping_sub(slot.bin_start) >= width {
+        let bin = bin_start(now, width);
+        // A full ring keeps the slot on its old bin (see `emit`).
+        if slot.bin_start != bin && (slot.packets == 0 || emit(slot, cpu, link, dir)) {
+            slot.packets = 0;
+            slot.bytes = 0;
+            slot.bin_start = bin;
+        }
     }
     slot.packets += packets;
     slot.bytes += bytes;

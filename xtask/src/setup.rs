@@ -34,20 +34,6 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "iproute2",
         "`ip netns` / `ip link` for the testbed, the demo and the tests",
     ),
-    ("ethtool", "testbed: interface offload settings on veths"),
-    (
-        "tarantool",
-        "the local store of rollups, supervised by the daemon",
-    ),
-    (
-        "influxdb",
-        "a local stand-in for the central InfluxDB in tests and the bench",
-    ),
-    (
-        "influxdb-client",
-        "the `influx` CLI, to look into that InfluxDB",
-    ),
-    ("irtt", "the RTT-accuracy peer the bench compares against"),
     (
         "procps",
         "ps/pgrep/free: RSS and CPU figures in tests and the bench",

@@ -234,7 +234,8 @@ fn collect(s: &mut Seen, f: &Frame) {
     }
     s.last_seq = f.seq;
     s.width_ns = f.width_ns;
-    if f.bin_start_tai_ns % f.width_ns != 0 || f.bin_start_utc_ns % f.width_ns as i64 != 0 {
+    if !f.bin_start_tai_ns.is_multiple_of(f.width_ns) || f.bin_start_utc_ns % f.width_ns as i64 != 0
+    {
         s.misaligned += 1;
     }
     s.flags_or |= f.flags;
