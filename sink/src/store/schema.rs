@@ -1,0 +1,282 @@
+//! The store's schema: the rollup tuple, the migrations that create it, and the stored functions
+//! all data access goes through.
+//!
+//! Schema v1:
+//! - `_linkpulse_meta` (memtx): `{key string, value any}`: `schema_version`, `boots` (starts of the
+//!   supervised instance), `seq_hwm` (see `seq` below).
+//! - `rollups` (vinyl, so RAM does not grow with history): one tuple per link and window, fields in
+//!   [`FIELDS`]. Primary key = identity `(link_id, window_start_ns, boot_tag)`; a second unique
+//!   index on `seq` gives the forwarder an order that only grows (see [`Rollup::seq`]).
+//! - `cursors` (memtx): `{destination string, seq unsigned}`, the last `seq` a destination
+//!   acknowledged.
+
+use serde::{Deserialize, Serialize};
+
+/// One 500 ms (by default) window of one link, as stored. Field order is the tuple layout; it
+/// must match [`FIELDS`] (a unit test checks).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Rollup {
+    /// The daemon's stable numeric id of the link (interface); part of the identity.
+    pub link_id: u32,
+    /// Start of the window, UTC nanoseconds since the UNIX epoch, aligned to `window_ns`.
+    pub window_start_ns: u64,
+    /// Clock epoch the window was measured in: changes when the daemon starts or the clock steps,
+    /// so that windows measured before a backward step are never replaced by later ones with the
+    /// same timestamp. Part of the identity.
+    pub boot_tag: u64,
+    /// Insertion order, assigned by the store on put (the value passed in is ignored). Strictly
+    /// increasing across puts, with gaps; never reused, even after trims and restarts (the high
+    /// water mark is persisted before rows are deleted). The forwarder's cursor is a `seq`.
+    pub seq: u64,
+    /// Window width in nanoseconds (500 ms by default).
+    pub window_ns: u64,
+    /// False when the window spans a daemon restart, a hot-plug gap or a clock step.
+    pub complete: bool,
+    /// Link state code at the window's end (defined by the producer, e.g. 0 unknown, 1 up, 2 down).
+    pub link_state: u8,
+    /// Clock state code (e.g. 0 unsynchronised, 1 synchronised) over the window.
+    pub clock_state: u8,
+    /// Bound on the error of `window_start_ns` against true UTC, nanoseconds.
+    pub clock_error_ns: u64,
+    /// Bytes received on the link (from the modem) in the window.
+    pub rx_bytes: u64,
+    /// Bytes sent on the link in the window.
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Receive rate over the window's bins, bits per second: mean, peak (highest bin), and
+    /// percentiles of the per-bin rates.
+    pub rx_rate_mean_bps: f64,
+    pub rx_rate_peak_bps: f64,
+    pub rx_rate_p50_bps: f64,
+    pub rx_rate_p95_bps: f64,
+    pub rx_rate_p99_bps: f64,
+    /// Send rate, same definitions.
+    pub tx_rate_mean_bps: f64,
+    pub tx_rate_peak_bps: f64,
+    pub tx_rate_p50_bps: f64,
+    pub tx_rate_p95_bps: f64,
+    pub tx_rate_p99_bps: f64,
+    /// Round-trip times in nanoseconds; `None` when no probe or TCP sample came back in the window.
+    pub rtt_min_ns: Option<u64>,
+    pub rtt_mean_ns: Option<u64>,
+    pub rtt_max_ns: Option<u64>,
+    pub rtt_p50_ns: Option<u64>,
+    pub rtt_p99_ns: Option<u64>,
+    /// Probes sent towards the reflector, and lost on that way.
+    pub probes_sent_fwd: u32,
+    pub probes_lost_fwd: u32,
+    /// Probes the reflector sent back (known from its STAMP sequence numbers), and lost on the way
+    /// back.
+    pub probes_sent_bwd: u32,
+    pub probes_lost_bwd: u32,
+}
+
+/// Tuple layout of `rollups`: name, Tarantool field type, nullable.
+pub const FIELDS: &[(&str, &str, bool)] = &[
+    ("link_id", "unsigned", false),
+    ("window_start_ns", "unsigned", false),
+    ("boot_tag", "unsigned", false),
+    ("seq", "unsigned", false),
+    ("window_ns", "unsigned", false),
+    ("complete", "boolean", false),
+    ("link_state", "unsigned", false),
+    ("clock_state", "unsigned", false),
+    ("clock_error_ns", "unsigned", false),
+    ("rx_bytes", "unsigned", false),
+    ("tx_bytes", "unsigned", false),
+    ("rx_packets", "unsigned", false),
+    ("tx_packets", "unsigned", false),
+    ("rx_rate_mean_bps", "number", false),
+    ("rx_rate_peak_bps", "number", false),
+    ("rx_rate_p50_bps", "number", false),
+    ("rx_rate_p95_bps", "number", false),
+    ("rx_rate_p99_bps", "number", false),
+    ("tx_rate_mean_bps", "number", false),
+    ("tx_rate_peak_bps", "number", false),
+    ("tx_rate_p50_bps", "number", false),
+    ("tx_rate_p95_bps", "number", false),
+    ("tx_rate_p99_bps", "number", false),
+    ("rtt_min_ns", "unsigned", true),
+    ("rtt_mean_ns", "unsigned", true),
+    ("rtt_max_ns", "unsigned", true),
+    ("rtt_p50_ns", "unsigned", true),
+    ("rtt_p99_ns", "unsigned", true),
+    ("probes_sent_fwd", "unsigned", false),
+    ("probes_lost_fwd", "unsigned", false),
+    ("probes_sent_bwd", "unsigned", false),
+    ("probes_lost_bwd", "unsigned", false),
+];
+
+/// 1-based position of `seq` in the tuple (Lua indexes).
+const SEQ_FIELD: usize = 4;
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Creates `_linkpulse_meta` if needed and returns the schema version (0 on a fresh instance).
+/// Idempotent; run before the migrations.
+pub(crate) const BOOTSTRAP_LUA: &str = r#"
+box.schema.space.create('_linkpulse_meta', {engine = 'memtx', if_not_exists = true,
+    format = {{'key', 'string'}, {'value', 'any'}}})
+box.space._linkpulse_meta:create_index('primary', {parts = {{1, 'string'}}, if_not_exists = true})
+local v = box.space._linkpulse_meta:get('schema_version')
+return v and v[2] or 0
+"#;
+
+/// Records that migration `...` is applied.
+pub(crate) const SET_VERSION_LUA: &str =
+    "box.space._linkpulse_meta:replace{'schema_version', (...)} return true";
+
+/// Migration `i` brings the schema from version `i` to `i + 1`. Each is idempotent Lua: a run cut
+/// short by a crash is simply run again.
+pub(crate) fn migrations() -> Vec<String> {
+    vec![migration_v1()]
+}
+
+fn migration_v1() -> String {
+    let format: Vec<String> = FIELDS
+        .iter()
+        .map(|(name, ty, nullable)| {
+            format!("{{name = '{name}', type = '{ty}', is_nullable = {nullable}}}")
+        })
+        .collect();
+    let format = format.join(",\n    ");
+    let seq = SEQ_FIELD;
+    format!(
+        r#"
+local function define(name, body)
+    -- drop + create: a re-run installs the body of this build
+    if box.schema.func.exists(name) then box.schema.func.drop(name) end
+    box.schema.func.create(name, {{language = 'LUA', body = body}})
+end
+
+local r = box.schema.space.create('rollups', {{engine = 'vinyl', if_not_exists = true, format = {{
+    {format}
+}}}})
+r:create_index('primary', {{parts = {{{{1, 'unsigned'}}, {{2, 'unsigned'}}, {{3, 'unsigned'}}}},
+    if_not_exists = true}})
+r:create_index('seq', {{parts = {{{{{seq}, 'unsigned'}}}}, unique = true, if_not_exists = true}})
+
+local c = box.schema.space.create('cursors', {{engine = 'memtx', if_not_exists = true,
+    format = {{{{'destination', 'string'}}, {{'seq', 'unsigned'}}}}}})
+c:create_index('primary', {{parts = {{{{1, 'string'}}}}, if_not_exists = true}})
+
+define('lp_schema_version', [[function()
+    local v = box.space._linkpulse_meta:get('schema_version')
+    return v and v[2] or 0
+end]])
+
+-- The next seq to hand out lives in Lua memory (a vinyl transaction cannot also write a memtx
+-- counter); after a restart it is rebuilt from the highest stored seq and the persisted mark.
+define('lp_seq_base', [[function()
+    local cur = rawget(_G, '__lp_seq')
+    if cur ~= nil then return cur end
+    local top = box.space.rollups.index.seq:max()
+    local hwm = box.space._linkpulse_meta:get('seq_hwm')
+    cur = rawget(_G, '__lp_seq') -- the reads above yield: another fiber may have set it
+    if cur ~= nil then return cur end
+    cur = math.max(top and top[{seq}] or 0, hwm and hwm[2] or 0)
+    rawset(_G, '__lp_seq', cur)
+    return cur
+end]])
+
+define('lp_put_rollups', [[function(batch)
+    local s = box.space.rollups
+    local n = #batch
+    local base = box.func.lp_seq_base:call()
+    -- reserve the range before the first yield, so concurrent puts never share a seq
+    rawset(_G, '__lp_seq', base + n)
+    box.begin()
+    local ok, err = pcall(function()
+        for i = 1, n do
+            local row = batch[i]
+            row[{seq}] = base + i
+            s:replace(row)
+        end
+    end)
+    if not ok then
+        box.rollback()
+        error(err)
+    end
+    box.commit()
+    return n, base + n
+end]])
+
+define('lp_read_after', [[function(after, limit)
+    return box.space.rollups.index.seq:select({{after}}, {{iterator = 'GT', limit = limit}})
+end]])
+
+define('lp_set_cursor', [[function(dest, seq)
+    box.space.cursors:replace{{dest, seq}}
+    return true
+end]])
+
+define('lp_get_cursor', [[function(dest)
+    local t = box.space.cursors:get(dest)
+    if t == nil then return nil end
+    return t[2]
+end]])
+
+-- Deletes up to `limit` rows older than `before_ns`, walking the primary key link by link, in
+-- transactions of at most 1000 rows. Returns the count; the caller loops until it is below limit.
+define('lp_trim', [[function(before_ns, limit)
+    local s = box.space.rollups
+    box.space._linkpulse_meta:replace{{'seq_hwm', box.func.lp_seq_base:call()}}
+    local deleted, link = 0, 0
+    while deleted < limit do
+        local rows = s.index.primary:select({{link}}, {{iterator = 'GE',
+            limit = math.min(1000, limit - deleted)}})
+        if #rows == 0 then break end
+        link = rows[1][1]
+        local n, next_link = 0, nil
+        box.begin()
+        for _, t in ipairs(rows) do
+            if t[1] ~= link then next_link = t[1] break end
+            if t[2] >= before_ns then next_link = link + 1 break end
+            s:delete{{t[1], t[2], t[3]}}
+            n = n + 1
+        end
+        box.commit()
+        deleted = deleted + n
+        if next_link ~= nil then link = next_link end
+    end
+    return deleted
+end]])
+return true
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_field_order_matches_tuple_format() {
+        // Serialize with names to read back the serde field order.
+        let named = rmp_serde::to_vec_named(&Rollup::default()).expect("encode");
+        let mut rd = named.as_slice();
+        let n = rmp::decode::read_map_len(&mut rd).expect("map") as usize;
+        let mut names = Vec::new();
+        for _ in 0..n {
+            let len = rmp::decode::read_str_len(&mut rd).expect("key") as usize;
+            names.push(String::from_utf8(rd[..len].to_vec()).expect("utf8"));
+            rd = &rd[len..];
+            rd = crate::tarantool::skip_value(rd).expect("value");
+        }
+        let expected: Vec<&str> = FIELDS.iter().map(|f| f.0).collect();
+        assert_eq!(names, expected);
+        assert_eq!(FIELDS[SEQ_FIELD - 1].0, "seq");
+    }
+
+    #[test]
+    fn compact_encoding_is_a_flat_array() {
+        let v = rmp_serde::to_vec(&Rollup::default()).expect("encode");
+        let mut rd = v.as_slice();
+        assert_eq!(
+            rmp::decode::read_array_len(&mut rd).expect("array") as usize,
+            FIELDS.len()
+        );
+    }
+}

@@ -1,0 +1,370 @@
+//! The supervised store against a real Tarantool 2.6, started in a temp dir. `Store`'s drop stops
+//! the instance, also when a test panics.
+
+mod common;
+
+use linkpulse_sink::store::{LocalConfig, Rollup, Store, StoreError, SCHEMA_VERSION};
+use std::path::Path;
+use std::time::Instant;
+
+const T0: u64 = 1_790_000_000_000_000_000; // 2026-09, epoch ns, a multiple of 500 ms
+const W: u64 = 500_000_000;
+
+fn rollup(link: u32, window: u64, boot: u64) -> Rollup {
+    let x = window as f64;
+    Rollup {
+        link_id: link,
+        window_start_ns: T0 + window * W,
+        boot_tag: boot,
+        seq: 0,
+        window_ns: W,
+        complete: window % 7 != 0,
+        link_state: 1,
+        clock_state: 1,
+        clock_error_ns: 1500 + window % 100,
+        rx_bytes: window * 1000 + u64::from(link),
+        tx_bytes: window * 10,
+        rx_packets: window,
+        tx_packets: window / 2,
+        rx_rate_mean_bps: x * 1.5,
+        rx_rate_peak_bps: x * 3.25,
+        rx_rate_p50_bps: x,
+        rx_rate_p95_bps: x * 2.0,
+        rx_rate_p99_bps: x * 2.5,
+        tx_rate_mean_bps: 0.0,
+        tx_rate_peak_bps: 1e9,
+        tx_rate_p50_bps: 0.125,
+        tx_rate_p95_bps: 7.0,
+        tx_rate_p99_bps: 8.5,
+        rtt_min_ns: (window % 3 != 0).then_some(20_000_000),
+        rtt_mean_ns: (window % 3 != 0).then_some(25_000_000 + window),
+        rtt_max_ns: None,
+        rtt_p50_ns: Some(u64::MAX),
+        rtt_p99_ns: (window % 2 == 0).then_some(window),
+        probes_sent_fwd: 10,
+        probes_lost_fwd: (window % 4) as u32,
+        probes_sent_bwd: 9,
+        probes_lost_bwd: 0,
+    }
+}
+
+fn start(dir: &Path) -> Store {
+    common::init_tracing();
+    Store::start_local(LocalConfig::new(dir)).expect("start local store")
+}
+
+/// Every row after `after`, paging like the forwarder.
+fn read_all(store: &Store, mut after: u64) -> Vec<Rollup> {
+    let mut out = Vec::new();
+    loop {
+        let page = store.read_after(after, 5000).expect("read_after");
+        let Some(last) = page.last() else { return out };
+        after = last.seq;
+        out.extend(page);
+    }
+}
+
+#[test]
+fn put_100k_rollups_in_batches_and_read_them_back_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start(dir.path());
+    assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+    let links = 16u32;
+    let windows = 100_000 / u64::from(links);
+    let mut all = Vec::with_capacity(100_000);
+    for w in 0..windows {
+        for l in 0..links {
+            all.push(rollup(l, w, 1));
+        }
+    }
+    let t = Instant::now();
+    let mut last = 0;
+    for batch in all.chunks(500) {
+        let r = store.put_rollups(batch).expect("put");
+        assert_eq!(r.rows, batch.len() as u64);
+        assert!(r.last_seq > last, "seq grows across batches");
+        last = r.last_seq;
+    }
+    let dt = t.elapsed();
+    println!(
+        "put: {} rows in batches of 500, one call at a time: {:.2} s = {:.0} rows/s",
+        all.len(),
+        dt.as_secs_f64(),
+        all.len() as f64 / dt.as_secs_f64()
+    );
+
+    let t = Instant::now();
+    let back = read_all(&store, 0);
+    let dt = t.elapsed();
+    println!(
+        "read_after: {} rows in pages of 5000: {:.2} s = {:.0} rows/s",
+        back.len(),
+        dt.as_secs_f64(),
+        back.len() as f64 / dt.as_secs_f64()
+    );
+    assert_eq!(back.len(), all.len());
+    for (i, (got, want)) in back.iter().zip(&all).enumerate() {
+        assert_eq!(got.seq, i as u64 + 1, "seq is the insertion order");
+        let mut want = want.clone();
+        want.seq = got.seq;
+        assert_eq!(got, &want, "row {i}");
+    }
+    // Paging from the middle starts right after the given seq.
+    let page = store.read_after(50_000, 3).expect("page");
+    assert_eq!(
+        page.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [50_001, 50_002, 50_003]
+    );
+}
+
+#[test]
+fn pipelined_puts_from_several_threads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start(dir.path());
+    let threads = 4u32;
+    let per_thread = 25_000u64;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for th in 0..threads {
+            let store = &store;
+            s.spawn(move || {
+                let rows: Vec<Rollup> = (0..per_thread).map(|w| rollup(th, w, 1)).collect();
+                for b in rows.chunks(500) {
+                    store.put_rollups(b).expect("put");
+                }
+            });
+        }
+    });
+    let dt = t.elapsed();
+    let total = u64::from(threads) * per_thread;
+    println!(
+        "put: {total} rows in batches of 500 from {threads} threads on one connection: {:.2} s = {:.0} rows/s",
+        dt.as_secs_f64(),
+        total as f64 / dt.as_secs_f64()
+    );
+    let back = read_all(&store, 0);
+    assert_eq!(back.len() as u64, total);
+    // Concurrent puts never share a seq.
+    assert!(back.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+#[test]
+fn replace_is_idempotent_and_boot_tag_keeps_identities_apart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start(dir.path());
+    let a = rollup(3, 10, 1);
+    store.put_rollups(std::slice::from_ref(&a)).expect("put");
+    let mut a2 = a.clone();
+    a2.rx_bytes += 1;
+    store
+        .put_rollups(std::slice::from_ref(&a2))
+        .expect("put again");
+    let rows = read_all(&store, 0);
+    assert_eq!(rows.len(), 1, "same identity twice -> one row");
+    assert_eq!(rows[0].rx_bytes, a2.rx_bytes, "the later put wins");
+
+    // Same link and timestamp after a clock step back, new boot tag: a second row.
+    let b = rollup(3, 10, 2);
+    store.put_rollups(&[b]).expect("put other boot");
+    let rows = read_all(&store, 0);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.iter().map(|r| r.boot_tag).collect::<Vec<_>>(), [1, 2]);
+
+    // A bad row fails the whole batch (one transaction): nothing of it is stored.
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Row<'a> {
+        Good(&'a Rollup),
+        Bad((u32, &'a str)),
+    }
+    let good = rollup(4, 2, 1);
+    let batch = vec![Row::Good(&good), Row::Bad((4, "not a rollup"))];
+    let err = store
+        .client()
+        .call::<_, (u64, u64)>("lp_put_rollups", &(batch,))
+        .unwrap_err();
+    assert!(err.server_code().is_some(), "{err}");
+    assert_eq!(
+        read_all(&store, 0).len(),
+        2,
+        "failed batch left nothing behind"
+    );
+}
+
+#[test]
+fn cursor_and_rows_survive_kill_9_and_the_client_reconnects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start(dir.path());
+    assert_eq!(store.get_cursor("central").expect("get"), None);
+    let r = store
+        .put_rollups(&(0..100).map(|w| rollup(0, w, 1)).collect::<Vec<_>>())
+        .expect("put");
+    store.set_cursor("central", 77).expect("set");
+    store.set_cursor("backup", 12).expect("set");
+    assert_eq!(store.get_cursor("central").expect("get"), Some(77));
+
+    let pid = store.supervised_pid().expect("running");
+    // SAFETY: plain syscall on the pid of the instance this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    // The next calls reconnect (and retry) once the supervisor has restarted the instance.
+    let t = Instant::now();
+    assert_eq!(
+        store.get_cursor("central").expect("get after kill"),
+        Some(77)
+    );
+    println!(
+        "kill -9 -> answered again after {:.3} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(store.get_cursor("backup").expect("get"), Some(12));
+    let new_pid = store.supervised_pid().expect("restarted");
+    assert_ne!(new_pid, pid);
+    assert_eq!(store.restarts(), 1);
+    assert_eq!(read_all(&store, 0).len(), 100);
+    // seq continues after the restart (rebuilt from the stored rows).
+    let r2 = store
+        .put_rollups(&[rollup(0, 1000, 1)])
+        .expect("put after restart");
+    assert_eq!(r2.last_seq, r.last_seq + 1);
+
+    // A clean stop and a new start on the same data dir keep everything; no migration re-runs.
+    store.stop();
+    let store = start(dir.path());
+    assert_eq!(store.get_cursor("central").expect("get"), Some(77));
+    assert_eq!(read_all(&store, 0).len(), 101);
+    assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+}
+
+#[test]
+fn trim_deletes_old_windows_and_seq_is_never_reused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start(dir.path());
+    let rows: Vec<Rollup> = (0..3u32)
+        .flat_map(|l| (0..1000u64).map(move |w| rollup(l * 5, w, 1)))
+        .collect();
+    let mut last = 0;
+    for b in rows.chunks(500) {
+        last = store.put_rollups(b).expect("put").last_seq;
+    }
+    let cut = T0 + 400 * W;
+    assert_eq!(store.trim(cut).expect("trim"), 3 * 400);
+    let left = read_all(&store, 0);
+    assert_eq!(left.len(), 3 * 600);
+    assert!(left.iter().all(|r| r.window_start_ns >= cut));
+    assert_eq!(store.trim(cut).expect("trim again"), 0, "idempotent");
+
+    // Trim everything, restart: new rows must still get seqs above every seq ever handed out,
+    // or a destination whose cursor is there would skip them.
+    assert_eq!(store.trim(u64::MAX).expect("trim all"), 3 * 600);
+    assert!(read_all(&store, 0).is_empty());
+    store.stop();
+    let store = start(dir.path());
+    let r = store.put_rollups(&[rollup(1, 1, 1)]).expect("put");
+    assert_eq!(r.last_seq, last + 1);
+}
+
+#[test]
+fn an_external_instance_gets_the_same_migration() {
+    let server = common::TestServer::tcp();
+    let store = Store::connect_external(server.config()).expect("external");
+    assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+    assert_eq!(store.supervised_pid(), None);
+    store.put_rollups(&[rollup(1, 1, 1)]).expect("put");
+    drop(store);
+    // Migrating again is a no-op and keeps the data.
+    let store = Store::connect_external(server.config()).expect("external again");
+    assert_eq!(read_all(&store, 0).len(), 1);
+}
+
+#[test]
+fn one_store_per_data_dir() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _store = start(dir.path());
+    let err = Store::start_local(LocalConfig::new(dir.path()))
+        .err()
+        .expect("second must fail");
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+}
+
+#[test]
+fn missing_tarantool_binary_names_the_package() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = LocalConfig::new(dir.path());
+    cfg.tarantool_bin = "/nonexistent/bin/tarantool".into();
+    let err = Store::start_local(cfg).err().expect("must fail");
+    assert!(matches!(err, StoreError::TarantoolMissing { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("apt-get install -y --no-install-recommends tarantool"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_failing_start_reports_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = LocalConfig::new(dir.path());
+    // Below the arena 2.6 can boot with: box.cfg fails, the process exits.
+    cfg.memtx_memory_mib = 1;
+    let err = Store::start_local(cfg).err().expect("must fail");
+    match &err {
+        StoreError::StartFailed { tail, .. } => {
+            assert!(
+                tail.contains("memtx") || tail.contains("allocate"),
+                "{tail}"
+            )
+        }
+        other => panic!("expected StartFailed, got {other}"),
+    }
+}
+
+/// Makes a directory unwritable even for root (immutable attribute), and undoes it on drop.
+struct Immutable<'a>(&'a Path);
+impl Drop for Immutable<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(self.0)
+            .status();
+    }
+}
+
+#[test]
+fn an_unwritable_data_dir_gives_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    let _guard = if root {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&data)
+            .status()
+            .expect("chattr (e2fsprogs)")
+            .success();
+        assert!(ok, "chattr +i failed on {}", data.display());
+        Some(Immutable(&data))
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o500)).expect("chmod");
+        None
+    };
+    let err = Store::start_local(LocalConfig::new(&data))
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, StoreError::DataDir { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&data.display().to_string()) && msg.contains("writable"),
+        "{msg}"
+    );
+
+    // A path below a regular file is not usable either.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").expect("write");
+    let err = Store::start_local(LocalConfig::new(file.join("sub")))
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, StoreError::DataDir { .. }), "{err}");
+}
