@@ -1,8 +1,9 @@
-//! The `linkpulse` binary: `run`, `check-config`, `testbed`.
+//! The `linkpulse` binary: `run`, `check-config`, `reflect`, `testbed`.
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
+use linkpulse::stamp::{FormatChoice, Reflector, ReflectorConfig};
 use linkpulse::{config::DEFAULT_CONFIG_PATH, notify::Notifier, Config, Daemon};
 
 #[derive(Parser)]
@@ -44,6 +45,28 @@ enum Cmd {
         #[arg(env = "LINKPULSE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         file: PathBuf,
     },
+    /// Answer STAMP probes (RFC 8762, unauthenticated): the reflector for the aggregation
+    /// server. Port 862 needs CAP_NET_BIND_SERVICE.
+    Reflect {
+        /// ADDR or ADDR:PORT; `[::]` listens on IPv6 and IPv4. Without a port: 862.
+        #[arg(long, default_value = "[::]:862", value_parser = linkpulse::stamp::parse_listen)]
+        listen: std::net::SocketAddr,
+        /// Sessions (sender address, port, SSID) kept; the least recent one is recycled.
+        #[arg(long, default_value_t = ReflectorConfig::default().max_sessions)]
+        max_sessions: usize,
+        /// Replies per second per source address (token bucket).
+        #[arg(long, default_value_t = ReflectorConfig::default().rate_per_source)]
+        rate: f64,
+        /// Replies a source may send in a burst above its rate.
+        #[arg(long, default_value_t = ReflectorConfig::default().burst)]
+        burst: u32,
+        /// Timestamp format of replies: auto (each request's Z flag), ntp or ptp.
+        #[arg(long, default_value = "auto")]
+        timestamp_format: FormatChoice,
+        /// Largest request reflected, in bytes of UDP payload; larger ones are dropped.
+        #[arg(long, default_value_t = ReflectorConfig::default().max_len)]
+        max_len: usize,
+    },
     /// The emulated router used by the demo and the tests (network namespaces, LTE traces).
     #[cfg(feature = "testbed")]
     #[command(subcommand)]
@@ -83,9 +106,69 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Reflect {
+            listen,
+            max_sessions,
+            rate,
+            burst,
+            timestamp_format,
+            max_len,
+        } => reflect(ReflectorConfig {
+            listen,
+            max_sessions,
+            rate_per_source: rate,
+            burst,
+            format: timestamp_format,
+            max_len,
+        }),
         #[cfg(feature = "testbed")]
         Cmd::Testbed(cmd) => linkpulse_testbed::cli::run(cmd),
     }
+}
+
+/// `linkpulse reflect`: serves until SIGINT or SIGTERM.
+fn reflect(cfg: ReflectorConfig) -> anyhow::Result<()> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGHUP,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        set.add(s);
+    }
+    // Before the reflector thread starts, so it inherits the mask.
+    set.thread_block().context("blocking signals")?;
+    let handle = Reflector::bind(cfg.clone())?.spawn()?;
+    tracing::info!(
+        listen = %handle.local_addr(),
+        max_sessions = cfg.max_sessions,
+        rate_per_source = cfg.rate_per_source,
+        burst = cfg.burst,
+        format = ?cfg.format,
+        "STAMP reflector running"
+    );
+    let notifier = Notifier::from_env();
+    notifier.notify("READY=1");
+    while handle.is_running() {
+        match wait_signal(&set, Duration::from_secs(1)) {
+            Some(libc::SIGHUP) => {
+                tracing::info!(
+                    "SIGHUP: the reflector has no file to reload; restart it to change flags"
+                )
+            }
+            Some(sig) => {
+                tracing::info!(signal = sig, "stopping");
+                notifier.notify("STOPPING=1");
+                break;
+            }
+            None => {}
+        }
+    }
+    // Read after the thread has ended, so the last reply is counted.
+    let counters = handle.counters();
+    handle.stop()?;
+    println!("{}", serde_json::to_string(&counters.snapshot())?);
+    Ok(())
 }
 
 fn run(path: PathBuf) -> anyhow::Result<()> {

@@ -38,6 +38,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "procps",
         "ps/pgrep/free: RSS and CPU figures in tests and the bench",
     ),
+    (
+        "tshark",
+        "decodes captured STAMP probes and replies (TWAMP-Test dissector) in the wire-format tests",
+    ),
 ];
 
 /// bpf-linker's version; the recipe in shared notes/ebpf-toolchain.md was verified with it.

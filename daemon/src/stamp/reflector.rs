@@ -468,7 +468,7 @@ const CMSG_SPACE: usize = 256;
 struct CmsgBuf([u8; CMSG_SPACE]);
 
 fn setsockopt_int(
-    sock: &Socket,
+    sock: &impl AsRawFd,
     level: libc::c_int,
     name: libc::c_int,
     val: libc::c_int,
@@ -556,6 +556,7 @@ impl Reflector {
             flags,
             "SO_TIMESTAMPING (software RX)",
         )?;
+        wait_rx_timestamps_live(Duration::from_secs(2));
         // Wakes the loop to look at the stop flag; costs nothing while traffic flows.
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .map_err(opt("SO_RCVTIMEO"))?;
@@ -756,6 +757,66 @@ impl Reflector {
     }
 }
 
+/// Waits until the kernel stamps received packets, at most `limit`.
+///
+/// Enabling RX timestamps flips a global static key from a workqueue, later: on a busy host
+/// we saw hundreds of milliseconds in which packets came without stamps (T2 then falls back
+/// to user space, counted). The reflector's socket already holds its reference on the key, so
+/// a private loopback pair probes until stamps show up; the reflector then starts exact.
+fn wait_rx_timestamps_live(limit: Duration) {
+    let t0 = std::time::Instant::now();
+    let pair = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|rx| {
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        tx.connect(rx.local_addr()?)?;
+        rx.set_read_timeout(Some(Duration::from_millis(50)))?;
+        Ok((rx, tx))
+    });
+    let (rx, tx) = match pair {
+        Ok(p) => p,
+        Err(e) => {
+            // No loopback (e.g. a fresh namespace with lo down): nothing to probe with.
+            tracing::debug!(error = %e, "cannot probe RX timestamping on loopback; not waiting");
+            return;
+        }
+    };
+    let flags = (libc::SOF_TIMESTAMPING_RX_SOFTWARE | libc::SOF_TIMESTAMPING_SOFTWARE) as i32;
+    if setsockopt_int(&rx, libc::SOL_SOCKET, libc::SO_TIMESTAMPING, flags, "probe").is_err() {
+        return;
+    }
+    let mut cmsg = CmsgBuf([0; CMSG_SPACE]);
+    let mut byte = [0u8; 1];
+    while t0.elapsed() < limit {
+        if tx.send(&[0]).is_err() {
+            return;
+        }
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: msghdr is plain data; zero is a valid start.
+        let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.0.as_mut_ptr().cast();
+        msg.msg_controllen = CMSG_SPACE as _;
+        // SAFETY: pointers refer to live buffers of the stated sizes.
+        let n = unsafe { libc::recvmsg(rx.as_raw_fd(), &mut msg, 0) };
+        if n >= 0 && read_cmsgs(&msg).0.is_some() {
+            tracing::debug!(
+                waited_us = t0.elapsed().as_micros() as u64,
+                "kernel RX timestamps live"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tracing::warn!(
+        waited_ms = limit.as_millis() as u64,
+        "the kernel does not stamp received packets yet; T2 falls back to user space until it \
+         does (counted as rx_timestamp_fallback)"
+    );
+}
+
 /// Writes one cmsg at the start of `buf`; returns the control length.
 ///
 /// # Safety
@@ -857,6 +918,11 @@ impl ReflectorHandle {
 
     pub fn counters(&self) -> Arc<ReflectorCounters> {
         Arc::clone(&self.counters)
+    }
+
+    /// False once the loop has ended (stopped, or failed: [`ReflectorHandle::stop`] says why).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// Stops the loop (within ~100 ms) and returns how it ended.
