@@ -3,7 +3,7 @@
 
 mod common;
 
-use linkpulse_sink::store::{LocalConfig, Rollup, Store, StoreError, SCHEMA_VERSION};
+use linkpulse_sink::store::{LocalConfig, Rollup, Store, StoreError, Trimmed, SCHEMA_VERSION};
 use std::path::Path;
 use std::time::Instant;
 
@@ -192,6 +192,42 @@ fn replace_is_idempotent_and_boot_tag_keeps_identities_apart() {
 }
 
 #[test]
+fn concurrent_puts_of_the_same_identities_leave_one_row_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start(dir.path());
+    // Two writers race over the same 4000 identities (each batch reads, then writes). The identity
+    // must stay unique whether the instance serialises the batches or vinyl aborts one of two
+    // conflicting transactions (the store retries it).
+    std::thread::scope(|s| {
+        for writer in 0..2u64 {
+            let store = &store;
+            s.spawn(move || {
+                let rows: Vec<Rollup> = (0..1000u64)
+                    .flat_map(|w| {
+                        (0..4u32).map(move |l| Rollup {
+                            tx_bytes: writer,
+                            ..rollup(l, w, 1)
+                        })
+                    })
+                    .collect();
+                for b in rows.chunks(100) {
+                    store.put_rollups(b).expect("put");
+                }
+            });
+        }
+    });
+    let rows = read_all(&store, 0);
+    let mut ids: Vec<_> = rows
+        .iter()
+        .map(|r| (r.link_id, r.window_start_ns, r.boot_tag))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 4000);
+    assert_eq!(rows.len(), 4000, "one row per identity");
+}
+
+#[test]
 fn cursor_and_rows_survive_kill_9_and_the_client_reconnects() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = start(dir.path());
@@ -236,31 +272,55 @@ fn cursor_and_rows_survive_kill_9_and_the_client_reconnects() {
 }
 
 #[test]
-fn trim_deletes_old_windows_and_seq_is_never_reused() {
+fn trim_deletes_the_oldest_prefix_and_seq_is_never_reused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = start(dir.path());
-    let rows: Vec<Rollup> = (0..3u32)
-        .flat_map(|l| (0..1000u64).map(move |w| rollup(l * 5, w, 1)))
+    // Written as the daemon writes them: window after window, all links of a window together.
+    let rows: Vec<Rollup> = (0..1000u64)
+        .flat_map(|w| (0..3u32).map(move |l| rollup(l * 5, w, 1)))
         .collect();
     let mut last = 0;
     for b in rows.chunks(500) {
         last = store.put_rollups(b).expect("put").last_seq;
     }
     let cut = T0 + 400 * W;
-    assert_eq!(store.trim(cut).expect("trim"), 3 * 400);
+    let t = store.trim(cut).expect("trim");
+    assert_eq!(
+        t,
+        Trimmed {
+            rows: 3 * 400,
+            upto: 3 * 400
+        }
+    );
     let left = read_all(&store, 0);
     assert_eq!(left.len(), 3 * 600);
     assert!(left.iter().all(|r| r.window_start_ns >= cut));
-    assert_eq!(store.trim(cut).expect("trim again"), 0, "idempotent");
+    assert_eq!(left[0].seq, t.upto + 1);
+    let again = store.trim(cut).expect("trim again");
+    assert_eq!(
+        again,
+        Trimmed {
+            rows: 0,
+            upto: t.upto
+        },
+        "idempotent"
+    );
+
+    // A row newer than the cut stops the trim even if older ones follow it (a prefix only).
+    let late = store.put_rollups(&[rollup(9, 0, 2)]).expect("late put");
+    assert_eq!(store.trim(T0 + 999 * W).expect("trim").upto, last - 3);
+    assert_eq!(read_all(&store, 0).len(), 3 + 1);
 
     // Trim everything, restart: new rows must still get seqs above every seq ever handed out,
     // or a destination whose cursor is there would skip them.
-    assert_eq!(store.trim(u64::MAX).expect("trim all"), 3 * 600);
+    let all = store.trim(u64::MAX).expect("trim all");
+    assert_eq!(all.upto, late.last_seq);
     assert!(read_all(&store, 0).is_empty());
     store.stop();
     let store = start(dir.path());
     let r = store.put_rollups(&[rollup(1, 1, 1)]).expect("put");
-    assert_eq!(r.last_seq, last + 1);
+    assert_eq!(r.last_seq, late.last_seq + 1);
+    assert_eq!(store.trim(0).expect("trim nothing").upto, late.last_seq);
 }
 
 #[test]

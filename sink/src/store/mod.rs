@@ -173,6 +173,15 @@ pub struct PutResult {
     pub last_seq: u64,
 }
 
+/// Result of a trim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Rows deleted by this trim.
+    pub rows: u64,
+    /// Every `seq` up to this one has been deleted by retention (over all trims so far).
+    pub upto: u64,
+}
+
 /// The rollup store.
 pub struct Store {
     client: Client,
@@ -294,16 +303,21 @@ impl Store {
         Ok(seq)
     }
 
-    /// Deletes every rollup whose window starts before `before_ns`; returns how many.
-    /// Works in calls of at most 10,000 rows so no single call holds the instance for long.
-    pub fn trim(&self, before_ns: u64) -> Result<u64, StoreError> {
+    /// Retention: deletes the oldest rows (in `seq` order) while their window starts before
+    /// `before_ns`. It stops at the first row that is newer, so what is gone is always every
+    /// `seq` up to [`Trimmed::upto`]: a destination whose cursor is below that lost the rows in
+    /// between. (After a backward clock step, rows written before it keep newer rows behind them
+    /// until they age out themselves.) Works in calls of at most 10,000 rows so that no single call
+    /// holds the instance for long.
+    pub fn trim(&self, before_ns: u64) -> Result<Trimmed, StoreError> {
         const CHUNK: u32 = 10_000;
-        let mut total = 0;
+        let mut rows = 0;
         loop {
-            let (n,): (u64,) = self.retry("lp_trim", |c| c.call("lp_trim", &(before_ns, CHUNK)))?;
-            total += n;
+            let (n, upto): (u64, u64) =
+                self.retry("lp_trim", |c| c.call("lp_trim", &(before_ns, CHUNK)))?;
+            rows += n;
             if n < u64::from(CHUNK) {
-                return Ok(total);
+                return Ok(Trimmed { rows, upto });
             }
         }
     }
