@@ -50,6 +50,8 @@ pub struct AlignStats {
     /// Times the kernel found the ring full at a bin's end (the slot kept counting into its
     /// old bin; those counts arrive late, nothing is lost).
     pub ring_full: u64,
+    /// The same, per link.
+    pub ring_full_by_link: [u64; MAX_LINKS],
     /// Records naming a CPU or link out of range (should never happen).
     pub bad_records: u64,
     /// A final count lower than what was taken earlier from the slot (a torn read).
@@ -199,7 +201,9 @@ impl Aligner {
                     malformed: snap.malformed,
                 };
                 self.stats.malformed += snap.malformed.wrapping_sub(seen.malformed);
-                self.stats.ring_full += snap.ring_full.wrapping_sub(seen.ring_full);
+                let full = snap.ring_full.wrapping_sub(seen.ring_full);
+                self.stats.ring_full += full;
+                self.stats.ring_full_by_link[s / DIRS] += full;
                 let t = self.taken[i];
                 if t.bin != 0 && t.bin != snap.bin_start {
                     // The kernel moved on from a bin we took from: it submitted that bin's
@@ -528,6 +532,7 @@ mod tests {
         let got: u64 = out.iter().map(|f| f.links[0].bytes[0]).sum();
         assert_eq!(got, sent);
         assert!(a.stats.ring_full > 0);
+        assert_eq!(a.stats.ring_full_by_link[0], a.stats.ring_full);
     }
 
     /// Conservation under random interleavings of packets, CPUs, links and ticks.

@@ -225,6 +225,11 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             }
         }
     }
+    let _ = writeln!(o, "# HELP linkpulse_link_ring_full_total Bin ends at which the kernel found the ring buffer full on this link (the data arrives late, nothing is lost).\n# TYPE linkpulse_link_ring_full_total counter");
+    for l in &links {
+        let v = s.link_counters[l.index].ring_full.load(Ordering::Relaxed);
+        let _ = writeln!(o, "linkpulse_link_ring_full_total{{{}}} {v}", labels(l));
+    }
     let _ = writeln!(o, "# HELP linkpulse_link_bins_missing_total Bins in which the link was not attached (missing data, not zeros).\n# TYPE linkpulse_link_bins_missing_total counter");
     for l in &links {
         let v = s.link_counters[l.index]

@@ -96,6 +96,8 @@ const EVENTS_KEPT: usize = 1024;
 /// Cumulative counters of one link, direction-indexed (0 = down/ingress, 1 = up/egress).
 #[derive(Default)]
 pub struct LinkCounters {
+    /// Bin ends at which the kernel found the ring buffer full on this link.
+    pub ring_full: AtomicU64,
     pub packets: [AtomicU64; DIRS],
     pub bytes: [AtomicU64; DIRS],
     pub bins_valid: AtomicU64,
@@ -258,6 +260,9 @@ impl Shared {
         c.bins_late.store(s.late_events, Ordering::Relaxed);
         c.late_packets.store(s.late_packets, Ordering::Relaxed);
         c.ring_full.store(s.ring_full, Ordering::Relaxed);
+        for (lc, v) in self.link_counters.iter().zip(s.ring_full_by_link.iter()) {
+            lc.ring_full.store(*v, Ordering::Relaxed);
+        }
         c.bad_records.store(s.bad_records, Ordering::Relaxed);
         c.torn_reads.store(s.torn_reads, Ordering::Relaxed);
         c.skipped_bins.store(s.skipped_bins, Ordering::Relaxed);

@@ -131,6 +131,45 @@ fn packets_sent_through_a_modem_are_counted_exactly_there() {
     assert_eq!(seen.seq_gaps, 0, "one frame per bin, none lost");
     assert_eq!(seen.width_ns, 100_000);
     drop(seen);
+    // The first consumers: the API and the metrics show the same counts.
+    let (code, body) = common::http_get(&run, "/api/v1/links");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("links JSON");
+    let links = v["links"].as_array().expect("links array");
+    assert_eq!(links.len(), 3);
+    assert!(links.iter().all(|l| l["state"] == "attached"), "{body}");
+    assert_eq!(links[0]["interface"], "wwan0");
+    assert!(links[0]["last_second"]["up"]["bytes"].is_u64(), "{body}");
+    let (code, metrics) = common::http_get(&run, "/metrics");
+    assert_eq!(code, 200);
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("linkpulse_link_packets_total{")
+                && l.contains("interface=\"wwan0\"")
+                && l.contains("direction=\"up\"")
+        })
+        .expect("wwan0 up packets in /metrics");
+    let n: u64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("value");
+    assert!(n >= 5000, "{line}");
+    for name in [
+        "linkpulse_ring_full_total",
+        "linkpulse_bins_late_total",
+        "linkpulse_attach_errors_total",
+        "linkpulse_link_up{",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    let (code, body) = common::http_get(&run, "/api/v1/nope");
+    assert_eq!(code, 404);
+    assert!(
+        body.contains("no such endpoint") && body.contains("/api/v1/links"),
+        "{body}"
+    );
     let got0 = s0.stop().expect("sink 0").received_packets;
     let got1 = s1.stop().expect("sink 1").received_packets;
     assert_eq!((got0, got1), (5000, 3000), "the server received everything");

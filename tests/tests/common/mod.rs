@@ -272,3 +272,30 @@ fn collect(s: &mut Seen, f: &Frame) {
         }
     }
 }
+
+/// GET `path` from the daemon's HTTP API, from inside the router namespace (where it listens).
+/// Returns (status code, body).
+pub fn http_get(run: &Run, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = run.daemon().http_addr();
+    let path = path.to_string();
+    netns::run_in(run.bed.router_ns(), move || {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect to the API");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(s, "GET {path} HTTP/1.0\r\nHost: linkpulse\r\n\r\n").expect("request");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("response");
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status line");
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    })
+    .expect("enter router ns")
+}
