@@ -4,6 +4,8 @@
 //! byte for byte. Sizes are asserted at compile time.
 #![no_std]
 
+pub mod stream;
+
 /// Most modem links one daemon follows (the design's ceiling is 16 modems; headroom for
 /// hot-plug churn, where a returning modem keeps its index).
 pub const MAX_LINKS: usize = 32;

@@ -42,6 +42,8 @@ pub struct Config {
     pub grace_ns: u64,
     pub publish_interval_ns: u64,
     pub http_listen: SocketAddr,
+    /// None when `[stream] enabled = false`.
+    pub stream: Option<StreamConfig>,
     pub links: Vec<LinkConfig>,
     /// The file it came from (for SIGHUP reloads and messages).
     pub source: Option<PathBuf>,
@@ -65,8 +67,65 @@ struct RawConfig {
     sampling: RawSampling,
     #[serde(default)]
     http: RawHttp,
+    #[serde(default)]
+    stream: RawStream,
     #[serde(default, rename = "link")]
     links: Vec<RawLink>,
+}
+
+/// `[stream]`: the controller's real-time stream (Unix SOCK_SEQPACKET socket).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStream {
+    /// Default true.
+    #[serde(default = "default_true")]
+    enabled: bool,
+    /// Default `/run/linkpulse/stream.sock`.
+    #[serde(default = "default_stream_path")]
+    path: PathBuf,
+    /// File mode of the socket, octal. Default "0660" (owner and group).
+    #[serde(default = "default_stream_mode")]
+    mode: Spanned<String>,
+    /// Group that may connect (the controller's). Default: the daemon's group.
+    #[serde(default)]
+    group: Option<String>,
+    /// Clients at once. Default 16.
+    #[serde(default = "default_max_clients")]
+    max_clients: Spanned<usize>,
+}
+
+impl Default for RawStream {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: default_stream_path(),
+            mode: default_stream_mode(),
+            group: None,
+            max_clients: default_max_clients(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_stream_path() -> PathBuf {
+    PathBuf::from("/run/linkpulse/stream.sock")
+}
+fn default_stream_mode() -> Spanned<String> {
+    Spanned::new(0..0, "0660".to_string())
+}
+fn default_max_clients() -> Spanned<usize> {
+    Spanned::new(0..0, 16)
+}
+
+/// The validated `[stream]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamConfig {
+    pub path: PathBuf,
+    pub mode: u32,
+    pub group: Option<String>,
+    pub max_clients: usize,
 }
 
 /// `[router]`: the identity that tags everything leaving the box.
@@ -216,6 +275,36 @@ impl Config {
             )
         })?;
 
+        let stream = if raw.stream.enabled {
+            let mode_text = raw.stream.mode.get_ref();
+            let mode = u32::from_str_radix(mode_text.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    err(
+                        Some(raw.stream.mode.span()),
+                        format!(
+                            "stream.mode = {mode_text:?} is not an octal file mode: e.g. \"0660\""
+                        ),
+                    )
+                })?;
+            let max = *raw.stream.max_clients.get_ref();
+            if !(1..=256).contains(&max) {
+                return Err(err(
+                    Some(raw.stream.max_clients.span()),
+                    format!("stream.max_clients = {max}: use 1 to 256 (default 16)"),
+                ));
+            }
+            Some(StreamConfig {
+                path: raw.stream.path.clone(),
+                mode,
+                group: raw.stream.group.clone(),
+                max_clients: max,
+            })
+        } else {
+            None
+        };
+
         if raw.links.len() > MAX_LINKS {
             return Err(err(
                 Some(raw.links[MAX_LINKS].interface.span()),
@@ -255,6 +344,7 @@ impl Config {
             grace_ns: grace_us * 1000,
             publish_interval_ns: publish_us * 1000,
             http_listen,
+            stream,
             links,
             source: None,
         })
@@ -344,6 +434,9 @@ interface = "wwan1"
     fn good_config_parses_with_defaults() {
         let c = parse(GOOD).expect("valid");
         assert_eq!(c.bin_width_ns, 100_000);
+        let st = c.stream.as_ref().expect("stream on by default");
+        assert_eq!(st.path, PathBuf::from("/run/linkpulse/stream.sock"));
+        assert_eq!(st.mode, 0o660);
         assert_eq!(c.grace_ns, 1_000_000);
         assert_eq!(c.http_listen, "127.0.0.1:8480".parse().unwrap());
         assert_eq!(c.links.len(), 2);

@@ -16,11 +16,12 @@ use crate::{
     config::Config,
     frame::Frame,
     http,
-    ingest::{self, Fanout},
+    ingest::{self, Fanout, Output},
     kernel::{Kernel, KernelError},
     links::{self, Control, LinkManager},
     shared::Shared,
     stats,
+    stream::{StreamError, StreamServer},
 };
 
 /// Frames the live-statistics queue holds (~100 ms at 10 kHz bins; it is read every 5 ms).
@@ -32,6 +33,8 @@ pub enum DaemonError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Http(#[from] http::HttpError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
     #[error("cannot start thread {name}: {source}")]
     Thread {
         name: &'static str,
@@ -48,6 +51,14 @@ pub struct Subscription {
     pub producer: rtrb::Producer<Frame>,
     /// Wants each bin at its deadline (the daemon then wakes once per bin).
     pub realtime: bool,
+}
+
+impl Subscription {
+    fn into_output(self) -> (String, Output) {
+        let mut o = Output::new(self.producer);
+        o.realtime = self.realtime;
+        (self.name, o)
+    }
 }
 
 /// A queue pair for [`Daemon::start`]: give the producer to the daemon, read the consumer.
@@ -93,14 +104,24 @@ impl Daemon {
 
         let (stats_tx, stats_rx) = rtrb::RingBuffer::new(STATS_QUEUE_FRAMES);
         let mut names = vec!["stats".to_string()];
-        let mut producers = vec![stats_tx];
-        let realtime = subscriptions.iter().any(|s| s.realtime);
+        let mut outputs = vec![Output::new(stats_tx)];
         for s in subscriptions {
-            names.push(s.name);
-            producers.push(s.producer);
+            let (name, o) = s.into_output();
+            names.push(name);
+            outputs.push(o);
         }
-        let mut fanout = Fanout::new(producers);
-        fanout.realtime = realtime;
+        // The controller's stream: frames flow to it only while it has clients.
+        let stream = match &cfg.stream {
+            Some(sc) => {
+                let (server, output) =
+                    StreamServer::bind(sc, Arc::clone(&shared), cfg.bin_width_ns)?;
+                names.push("stream".to_string());
+                outputs.push(output);
+                Some(server)
+            }
+            None => None,
+        };
+        let fanout = Fanout::from_outputs(outputs);
         *shared
             .fanout_dropped
             .write()
@@ -140,6 +161,10 @@ impl Daemon {
             threads.push(spawn("lp-stats", move || {
                 stats::run(stats_rx, shared, width, stop)
             })?);
+        }
+        if let Some(server) = stream {
+            let stop = Arc::clone(&stop);
+            threads.push(spawn("lp-stream", move || server.run(stop))?);
         }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();

@@ -33,30 +33,76 @@ impl RecordSource for RingBuf<MapData> {
     }
 }
 
+/// One consumer's queue, as the ingest thread sees it.
+pub struct Output {
+    pub producer: rtrb::Producer<Frame>,
+    /// Frames are pushed only while this is set (e.g. the stream has clients); None = always.
+    pub live: Option<Arc<AtomicBool>>,
+    /// Woken once per tick in which frames were pushed (a consumer that sleeps on it).
+    pub wake: Option<Arc<crate::stream::Waker>>,
+    /// While live, wants each bin at its deadline (the ingest thread then wakes per bin).
+    pub realtime: bool,
+    pushed: bool,
+}
+
+impl Output {
+    pub fn new(producer: rtrb::Producer<Frame>) -> Self {
+        Self {
+            producer,
+            live: None,
+            wake: None,
+            realtime: false,
+            pushed: false,
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        self.live.as_ref().is_none_or(|l| l.load(Ordering::Relaxed))
+    }
+}
+
 /// The consumers' queues. A full queue loses that frame for that consumer only (counted); the
 /// pipeline never waits for anyone.
 pub struct Fanout {
-    pub producers: Vec<rtrb::Producer<Frame>>,
+    pub outputs: Vec<Output>,
     pub dropped: Arc<[AtomicU64]>,
-    /// Some consumer wants every bin at its deadline (else bins are published in batches).
-    pub realtime: bool,
 }
 
 impl Fanout {
     pub fn new(producers: Vec<rtrb::Producer<Frame>>) -> Self {
-        let dropped: Arc<[AtomicU64]> = producers.iter().map(|_| AtomicU64::new(0)).collect();
-        Self {
-            producers,
-            dropped,
-            realtime: false,
-        }
+        Self::from_outputs(producers.into_iter().map(Output::new).collect())
+    }
+
+    pub fn from_outputs(outputs: Vec<Output>) -> Self {
+        let dropped: Arc<[AtomicU64]> = outputs.iter().map(|_| AtomicU64::new(0)).collect();
+        Self { outputs, dropped }
+    }
+
+    /// Some live consumer wants every bin at its deadline.
+    pub fn realtime(&self) -> bool {
+        self.outputs.iter().any(|o| o.realtime && o.is_live())
     }
 
     #[inline]
     pub fn publish(&mut self, f: &Frame) {
-        for (p, d) in self.producers.iter_mut().zip(self.dropped.iter()) {
-            if p.push(*f).is_err() {
+        for (o, d) in self.outputs.iter_mut().zip(self.dropped.iter()) {
+            if !o.is_live() {
+                continue;
+            }
+            if o.producer.push(*f).is_err() {
                 d.fetch_add(1, Ordering::Relaxed);
+            }
+            o.pushed = true;
+        }
+    }
+
+    /// Wakes the consumers that got frames since the last call.
+    pub fn flush(&mut self) {
+        for o in &mut self.outputs {
+            if std::mem::take(&mut o.pushed) {
+                if let Some(w) = &o.wake {
+                    w.notify();
+                }
             }
         }
     }
@@ -76,6 +122,7 @@ pub fn tick_once(
     aligner.read_slots(slots, ctx.now_tai, ctx.link_count);
     ring.drain(|r| aligner.on_record(r));
     aligner.close_due(ctx, |f| fanout.publish(f));
+    fanout.flush();
 }
 
 /// How often the clock state (adjtimex) and steps are checked.
@@ -104,7 +151,7 @@ pub fn run(
     let mut last_wake = clock::tai_ns();
     while !stop.load(Ordering::Relaxed) {
         let mut deadline = aligner.next_deadline();
-        if !fanout.realtime {
+        if !fanout.realtime() {
             deadline = deadline.max(last_wake + publish_interval_ns);
         }
         let now = clock::tai_ns();

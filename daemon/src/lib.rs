@@ -16,6 +16,7 @@ pub mod notify;
 pub mod shared;
 pub mod stamp;
 pub mod stats;
+pub mod stream;
 
 pub use config::Config;
 pub use daemon::{subscription, Daemon, Subscription};

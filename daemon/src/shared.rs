@@ -134,6 +134,8 @@ pub struct Shared {
     clock: Mutex<ClockState>,
     clock_synced: AtomicBool,
     events: Mutex<VecDeque<Event>>,
+    /// The controller stream's counters.
+    pub stream: crate::stream::StreamCounters,
     /// Frames lost per consumer queue (set once the fan-out exists).
     pub fanout_dropped: RwLock<Vec<(String, std::sync::Arc<[AtomicU64]>)>>,
 }
@@ -157,6 +159,7 @@ impl Shared {
             clock: Mutex::new(ClockState::default()),
             clock_synced: AtomicBool::new(true),
             events: Mutex::new(VecDeque::with_capacity(EVENTS_KEPT)),
+            stream: Default::default(),
             fanout_dropped: RwLock::new(Vec::new()),
         }
     }

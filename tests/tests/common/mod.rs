@@ -86,9 +86,14 @@ pub fn modem(ifname: &str, kind: ModemKind, up: LinkProfile, down: LinkProfile) 
 }
 
 /// Config text for links named like the testbed's modems (plus `extra` interface names).
-pub fn config_text(bed: &Testbed, extra: &[&str]) -> String {
+/// The controller stream is off unless `stream` names a socket path (tests run in parallel).
+pub fn config_text(bed: &Testbed, extra: &[&str], stream: Option<&std::path::Path>) -> String {
     let mut s =
         String::from("[router]\nid = \"e2e\"\nsite = \"lab\"\n[http]\nlisten = \"127.0.0.1:0\"\n");
+    match stream {
+        Some(p) => s += &format!("[stream]\npath = \"{}\"\n", p.display()),
+        None => s += "[stream]\nenabled = false\n",
+    }
     for m in &bed.spec().modems {
         s += &format!(
             "[[link]]\ninterface = \"{}\"\noperator = \"test\"\n",
@@ -114,6 +119,17 @@ impl Run {
         extra: &[&str],
         options: TestbedOptions,
     ) -> Run {
+        Self::start_full(name, modems, extra, options, None)
+    }
+
+    /// With the controller stream served at `stream`.
+    pub fn start_full(
+        name: &str,
+        modems: Vec<ModemSpec>,
+        extra: &[&str],
+        options: TestbedOptions,
+        stream: Option<PathBuf>,
+    ) -> Run {
         let dir = TempDir::new(name);
         let bed = Testbed::up_with(
             TestbedSpec {
@@ -124,8 +140,11 @@ impl Run {
             options,
         )
         .expect("testbed up");
-        let cfg = Config::parse(&config_text(&bed, extra), std::path::Path::new("e2e.toml"))
-            .expect("config");
+        let cfg = Config::parse(
+            &config_text(&bed, extra, stream.as_deref()),
+            std::path::Path::new("e2e.toml"),
+        )
+        .expect("config");
         let (sub, mut rx) = linkpulse::subscription("e2e", 1 << 16);
         let daemon = netns::run_in(bed.router_ns(), || Daemon::start(&cfg, vec![sub]))
             .expect("enter router ns")

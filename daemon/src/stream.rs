@@ -1,0 +1,634 @@
+//! The controller's real-time stream: a Unix SOCK_SEQPACKET socket serving fixed-layout
+//! records (`linkpulse_common::stream`). One thread owns the listener and every client; the
+//! ingest thread hands it frames through an SPSC queue and wakes it with an eventfd. Sends are
+//! non-blocking: a client whose socket buffer is full loses that frame (counted, and told in
+//! the next frame's `dropped_before`); nobody else waits for it.
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use linkpulse_common::{
+    stream::{
+        as_bytes, fixed_str, read, ErrorMsg, FrameHeader, Hello, LinkDesc, LinkRecord, Subscribe,
+        ERR_BAD_REQUEST, ERR_NO_LINKS, ERR_TOO_MANY_CLIENTS, ERR_VERSION, MAGIC_FRAME, MAGIC_HELLO,
+        MAGIC_SUBSCRIBE, STREAM_VERSION, VALID_LATE, VALID_TRAFFIC,
+    },
+    DIRS, MAX_LINKS,
+};
+
+use crate::{clock, config::StreamConfig, frame::Frame, ingest::Output, shared::Shared};
+
+/// Frames the queue from the ingest thread holds (~100 ms at 10 kHz).
+const QUEUE_FRAMES: usize = 1024;
+/// A client must subscribe within this time after connecting.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("stream socket {path}: {what}: {source} (set [stream] path to a writable place, or enabled = false)")]
+    Socket {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("stream socket {0} is in use by a running process (another linkpulse?): stop it or set [stream] path")]
+    InUse(PathBuf),
+    #[error("stream.group {0:?} does not exist: create it or fix [stream] group")]
+    NoGroup(String),
+    #[error("eventfd: {0}")]
+    EventFd(#[source] io::Error),
+}
+
+/// An eventfd: the ingest thread's doorbell for the stream thread.
+pub struct Waker(OwnedFd);
+
+impl Waker {
+    pub fn new() -> io::Result<Waker> {
+        // SAFETY: plain eventfd creation.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd we own.
+        Ok(Waker(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Rings the bell (one syscall, no allocation).
+    #[inline]
+    pub fn notify(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reading 8 bytes into a valid u64.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+/// Per-client state.
+struct Client {
+    fd: OwnedFd,
+    since: Instant,
+    sub: Option<Sub>,
+}
+
+/// An active subscription: which links, the decimation and its aggregate in progress.
+struct Sub {
+    mask: u64,
+    decimation: u64,
+    /// Daemon seq the aggregate in progress expects next (None = waiting for an aligned start).
+    expect: Option<u64>,
+    count: u64,
+    header: FrameHeader,
+    valid: u64,
+    late: u64,
+    links: [LinkRecord; MAX_LINKS],
+    dropped: u64,
+    buf: Vec<u8>,
+}
+
+pub struct StreamServer {
+    listener: OwnedFd,
+    path: PathBuf,
+    rx: rtrb::Consumer<Frame>,
+    waker: Arc<Waker>,
+    live: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    max_clients: usize,
+    width: u64,
+}
+
+/// Counters of the stream (in Shared for /metrics).
+#[derive(Default)]
+pub struct StreamCounters {
+    pub clients: AtomicU64,
+    pub connections: AtomicU64,
+    pub frames_sent: AtomicU64,
+    /// Frames a client lost because its socket buffer was full (it sees the gap).
+    pub frames_dropped: AtomicU64,
+    pub bad_requests: AtomicU64,
+}
+
+fn sock_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> StreamError + 'a {
+    move |source| StreamError::Socket {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+fn seqpacket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket creation.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// sockaddr_un for `path`.
+pub fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: zeroed sockaddr_un is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::other(format!(
+            "path is {} bytes, at most {} fit in a Unix socket address",
+            bytes.len(),
+            addr.sun_path.len() - 1
+        )));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((addr, len as libc::socklen_t))
+}
+
+impl StreamServer {
+    /// Binds the socket (removing a stale one), sets its mode and group, and returns the server
+    /// and the output the ingest thread feeds.
+    pub fn bind(
+        cfg: &StreamConfig,
+        shared: Arc<Shared>,
+        width: u64,
+    ) -> Result<(StreamServer, Output), StreamError> {
+        let path = cfg.path.clone();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(sock_err(&path, "creating its directory"))?;
+        }
+        let (addr, len) = unix_addr(&path).map_err(sock_err(&path, "address"))?;
+        if path.exists() {
+            // A socket file left by a crash: remove it, unless someone still listens there.
+            let probe = seqpacket().map_err(sock_err(&path, "socket"))?;
+            // SAFETY: valid address of `len` bytes.
+            let rc = unsafe {
+                libc::connect(
+                    probe.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_un).cast(),
+                    len,
+                )
+            };
+            if rc == 0 {
+                return Err(StreamError::InUse(path));
+            }
+            std::fs::remove_file(&path).map_err(sock_err(&path, "removing the stale socket"))?;
+        }
+        let listener = seqpacket().map_err(sock_err(&path, "socket"))?;
+        // SAFETY: valid address of `len` bytes.
+        if unsafe {
+            libc::bind(
+                listener.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        } < 0
+        {
+            return Err(sock_err(&path, "bind")(io::Error::last_os_error()));
+        }
+        // SAFETY: a bound socket.
+        if unsafe { libc::listen(listener.as_raw_fd(), 64) } < 0 {
+            return Err(sock_err(&path, "listen")(io::Error::last_os_error()));
+        }
+        let cpath = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| sock_err(&path, "path")(io::Error::other("NUL in path")))?;
+        let gid = match &cfg.group {
+            Some(g) => Some(
+                nix::unistd::Group::from_name(g)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| StreamError::NoGroup(g.clone()))?
+                    .gid
+                    .as_raw(),
+            ),
+            None => None,
+        };
+        // SAFETY: valid C path; mode and ids are plain integers.
+        unsafe {
+            if let Some(gid) = gid {
+                if libc::chown(cpath.as_ptr(), u32::MAX, gid) < 0 {
+                    return Err(sock_err(&path, "chown to the group")(
+                        io::Error::last_os_error(),
+                    ));
+                }
+            }
+            if libc::chmod(cpath.as_ptr(), cfg.mode) < 0 {
+                return Err(sock_err(&path, "chmod")(io::Error::last_os_error()));
+            }
+        }
+        let (tx, rx) = rtrb::RingBuffer::new(QUEUE_FRAMES);
+        let waker = Arc::new(Waker::new().map_err(StreamError::EventFd)?);
+        let live = Arc::new(AtomicBool::new(false));
+        let mut output = Output::new(tx);
+        output.live = Some(Arc::clone(&live));
+        output.wake = Some(Arc::clone(&waker));
+        output.realtime = true;
+        tracing::info!(path = %path.display(), mode = format!("{:o}", cfg.mode), "stream socket ready");
+        Ok((
+            StreamServer {
+                listener,
+                path,
+                rx,
+                waker,
+                live,
+                shared,
+                max_clients: cfg.max_clients,
+                width,
+            },
+            output,
+        ))
+    }
+
+    /// Serves until `stop`; removes the socket file on the way out.
+    pub fn run(mut self, stop: Arc<AtomicBool>) {
+        let mut clients: HashMap<RawFd, Client> = HashMap::new();
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(self.max_clients + 2);
+        let mut msg = [0u8; 256];
+        while !stop.load(Ordering::Relaxed) {
+            pfds.clear();
+            for fd in [self.listener.as_raw_fd(), self.waker.0.as_raw_fd()] {
+                pfds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            for fd in clients.keys() {
+                pfds.push(libc::pollfd {
+                    fd: *fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            // SAFETY: valid array of pollfd.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 100) };
+            if n < 0 {
+                continue; // EINTR
+            }
+            if pfds[1].revents != 0 {
+                self.waker.drain();
+            }
+            self.forward_frames(&mut clients);
+            if pfds[0].revents & libc::POLLIN != 0 {
+                self.accept(&mut clients);
+            }
+            for p in pfds.iter().skip(2) {
+                if p.revents == 0 {
+                    continue;
+                }
+                let keep = match clients.get_mut(&p.fd) {
+                    Some(c) => self.on_readable(c, &mut msg, p.revents),
+                    None => true,
+                };
+                if !keep {
+                    clients.remove(&p.fd);
+                }
+            }
+            // Clients that never subscribed.
+            clients.retain(|_, c| c.sub.is_some() || c.since.elapsed() < SUBSCRIBE_TIMEOUT);
+            let active = clients.values().filter(|c| c.sub.is_some()).count();
+            self.live.store(active > 0, Ordering::Relaxed);
+            self.shared
+                .stream
+                .clients
+                .store(active as u64, Ordering::Relaxed);
+        }
+        self.live.store(false, Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    fn accept(&self, clients: &mut HashMap<RawFd, Client>) {
+        loop {
+            // SAFETY: accept on our listener; no address wanted.
+            let fd = unsafe {
+                libc::accept4(
+                    self.listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return;
+            }
+            // SAFETY: a fresh fd we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            self.shared
+                .stream
+                .connections
+                .fetch_add(1, Ordering::Relaxed);
+            if clients.len() >= self.max_clients {
+                send_error(
+                    &fd,
+                    ERR_TOO_MANY_CLIENTS,
+                    &format!(
+                        "{} clients already: raise [stream] max_clients",
+                        clients.len()
+                    ),
+                );
+                continue;
+            }
+            clients.insert(
+                fd.as_raw_fd(),
+                Client {
+                    fd,
+                    since: Instant::now(),
+                    sub: None,
+                },
+            );
+        }
+    }
+
+    /// Returns false when the client must be dropped.
+    fn on_readable(&self, c: &mut Client, msg: &mut [u8], revents: libc::c_short) -> bool {
+        // SAFETY: receiving into a valid buffer.
+        let n = unsafe {
+            libc::recv(
+                c.fd.as_raw_fd(),
+                msg.as_mut_ptr().cast(),
+                msg.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n == 0 || (n < 0 && revents & (libc::POLLHUP | libc::POLLERR) != 0) {
+            return false; // closed
+        }
+        if n < 0 {
+            return true;
+        }
+        if c.sub.is_some() {
+            self.shared
+                .stream
+                .bad_requests
+                .fetch_add(1, Ordering::Relaxed);
+            send_error(
+                &c.fd,
+                ERR_BAD_REQUEST,
+                "already subscribed: connect again to change the subscription",
+            );
+            return false;
+        }
+        match self.subscribe(&msg[..n as usize]) {
+            Ok((sub, hello)) => {
+                if send(&c.fd, &hello).is_err() {
+                    return false;
+                }
+                c.sub = Some(sub);
+                true
+            }
+            Err((code, text)) => {
+                self.shared
+                    .stream
+                    .bad_requests
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(code, reason = %text, "stream client refused");
+                send_error(&c.fd, code, &text);
+                false
+            }
+        }
+    }
+
+    fn subscribe(&self, b: &[u8]) -> Result<(Sub, Vec<u8>), (u32, String)> {
+        let req: Subscribe = read(b)
+            .filter(|_| b.len() == std::mem::size_of::<Subscribe>())
+            .ok_or_else(|| {
+                (
+                    ERR_BAD_REQUEST,
+                    format!(
+                        "expected a {}-byte Subscribe record, got {} bytes",
+                        std::mem::size_of::<Subscribe>(),
+                        b.len()
+                    ),
+                )
+            })?;
+        if req.magic != MAGIC_SUBSCRIBE {
+            return Err((
+                ERR_BAD_REQUEST,
+                format!("bad magic {:#010x}: expected \"LPS1\"", req.magic),
+            ));
+        }
+        if req.version != STREAM_VERSION {
+            return Err((
+                ERR_VERSION,
+                format!(
+                    "layout version {} is not served: this daemon speaks {STREAM_VERSION}",
+                    req.version
+                ),
+            ));
+        }
+        if req.decimation == 0 || req.decimation > 1_000_000 {
+            return Err((
+                ERR_BAD_REQUEST,
+                format!("decimation {} out of range 1..=1000000", req.decimation),
+            ));
+        }
+        let links = self.shared.links();
+        let configured: u64 = links.iter().fold(0, |m, l| m | (1 << l.index));
+        let mask = if req.link_mask == 0 {
+            configured
+        } else {
+            req.link_mask & configured
+        };
+        if mask == 0 {
+            return Err((
+                ERR_NO_LINKS,
+                format!(
+                    "none of the links in mask {:#x} is configured (configured: {configured:#x})",
+                    req.link_mask
+                ),
+            ));
+        }
+        let n = mask.count_ones() as usize;
+        let hello = Hello {
+            magic: MAGIC_HELLO,
+            version: STREAM_VERSION,
+            _pad0: 0,
+            bin_width_ns: self.width,
+            decimation: req.decimation,
+            link_count: n as u32,
+            link_mask: mask,
+            header_size: std::mem::size_of::<FrameHeader>() as u32,
+            record_size: std::mem::size_of::<LinkRecord>() as u32,
+        };
+        let mut out = as_bytes(&hello).to_vec();
+        for l in links.iter().filter(|l| mask & (1 << l.index) != 0) {
+            let d = LinkDesc {
+                index: l.index as u32,
+                _pad0: 0,
+                interface: fixed_str(&l.config.interface),
+                label: fixed_str(&l.config.label),
+            };
+            out.extend_from_slice(as_bytes(&d));
+        }
+        let sub = Sub {
+            mask,
+            decimation: req.decimation as u64,
+            expect: None,
+            count: 0,
+            header: FrameHeader::default(),
+            valid: 0,
+            late: 0,
+            links: [LinkRecord::default(); MAX_LINKS],
+            dropped: 0,
+            buf: Vec::with_capacity(
+                std::mem::size_of::<FrameHeader>() + n * std::mem::size_of::<LinkRecord>(),
+            ),
+        };
+        Ok((sub, out))
+    }
+
+    fn forward_frames(&mut self, clients: &mut HashMap<RawFd, Client>) {
+        let mut dead = Vec::new();
+        while let Ok(f) = self.rx.pop() {
+            for (fd, c) in clients.iter_mut() {
+                let Some(sub) = c.sub.as_mut() else { continue };
+                if !sub.push(&f) {
+                    continue;
+                }
+                sub.encode();
+                match send_bytes(&c.fd, &sub.buf) {
+                    Ok(()) => {
+                        sub.dropped = 0;
+                        self.shared
+                            .stream
+                            .frames_sent
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        sub.dropped += 1;
+                        self.shared
+                            .stream
+                            .frames_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => dead.push(*fd),
+                }
+            }
+        }
+        for fd in dead.drain(..) {
+            clients.remove(&fd);
+        }
+    }
+}
+
+impl Sub {
+    /// Adds a frame to the aggregate; true when an aggregate is complete.
+    fn push(&mut self, f: &Frame) -> bool {
+        let idx = f.bin_start_tai_ns / f.width_ns.max(1);
+        if self.expect != Some(f.seq) {
+            // Start (or restart after a gap in the daemon's sequence) on an aligned bin.
+            if !idx.is_multiple_of(self.decimation) {
+                self.expect = None;
+                return false;
+            }
+            self.count = 0;
+        }
+        if self.count == 0 {
+            self.header = FrameHeader {
+                magic: MAGIC_FRAME,
+                version: STREAM_VERSION,
+                seq: f.seq,
+                bin_start_utc_ns: f.bin_start_utc_ns,
+                bin_start_tai_ns: f.bin_start_tai_ns,
+                width_ns: f.width_ns * self.decimation,
+                ..FrameHeader::default()
+            };
+            self.valid = u64::MAX;
+            self.late = 0;
+            for l in self.links.iter_mut() {
+                *l = LinkRecord::default();
+            }
+        }
+        self.header.flags |= f.flags;
+        self.valid &= f.valid_mask;
+        self.late |= f.late_mask;
+        for (i, rec) in self.links.iter_mut().enumerate() {
+            if self.mask & (1 << i) == 0 {
+                continue;
+            }
+            for d in 0..DIRS {
+                rec.packets[d] += f.links[i].packets[d];
+                rec.bytes[d] += f.links[i].bytes[d];
+            }
+        }
+        self.count += 1;
+        self.expect = Some(f.seq + 1);
+        if self.count == self.decimation {
+            self.count = 0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Writes header and records of the completed aggregate into `buf` (no allocation: the
+    /// capacity was reserved at subscribe time).
+    fn encode(&mut self) {
+        self.buf.clear();
+        self.header.dropped_before = self.dropped;
+        self.header.link_count = self.mask.count_ones();
+        self.header.sent_tai_ns = clock::tai_ns();
+        self.buf.extend_from_slice(as_bytes(&self.header));
+        for (i, rec) in self.links.iter_mut().enumerate() {
+            if self.mask & (1 << i) == 0 {
+                continue;
+            }
+            rec.index = i as u32;
+            rec.valid = 0;
+            if self.valid & (1 << i) != 0 {
+                rec.valid |= VALID_TRAFFIC;
+            }
+            if self.late & (1 << i) != 0 {
+                rec.valid |= VALID_LATE;
+            }
+            self.buf.extend_from_slice(as_bytes(rec));
+        }
+    }
+}
+
+fn send_bytes(fd: &OwnedFd, b: &[u8]) -> io::Result<()> {
+    // SAFETY: sending a valid buffer; MSG_NOSIGNAL: a vanished client must not kill us.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            b.as_ptr().cast(),
+            b.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn send(fd: &OwnedFd, b: &[u8]) -> io::Result<()> {
+    send_bytes(fd, b)
+}
+
+fn send_error(fd: &OwnedFd, code: u32, text: &str) {
+    let _ = send_bytes(fd, as_bytes(&ErrorMsg::new(code, text)));
+}
