@@ -395,6 +395,38 @@ fn an_external_instance_gets_the_same_migration() {
     // Migrating again is a no-op and keeps the data.
     let store = Store::connect_external(server.config()).expect("external again");
     assert_eq!(read_all(&store, 0).len(), 1);
+
+    // A migration cut short (here: version not recorded, one function missing) is run again
+    // over what exists: it is idempotent and completes the schema.
+    let _: (bool,) = store
+        .client()
+        .eval(
+            "box.schema.func.drop('lp_trim') \
+             box.space._linkpulse_meta:replace{'schema_version', 0} return true",
+            &[(); 0],
+        )
+        .expect("undo part of v1");
+    drop(store);
+    let store = Store::connect_external(server.config()).expect("re-migrate");
+    assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+    assert_eq!(store.trim(0).expect("lp_trim is back").rows, 0);
+    assert_eq!(read_all(&store, 0).len(), 1, "data kept");
+
+    // A schema from a newer build is refused, not downgraded.
+    let _: (bool,) = store
+        .client()
+        .eval(
+            "box.space._linkpulse_meta:replace{'schema_version', 99} return true",
+            &[(); 0],
+        )
+        .expect("pretend a newer schema");
+    let err = Store::connect_external(server.config())
+        .err()
+        .expect("must refuse");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+        "{err}"
+    );
 }
 
 #[test]
