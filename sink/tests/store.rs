@@ -78,6 +78,19 @@ fn xlog_flags(pid: u32) -> Option<u32> {
     None
 }
 
+/// True while `pid` runs; a zombie (an orphan its new parent has not reaped yet) is dead.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            !matches!(state, Some('Z' | 'X'))
+        }
+        Err(_) => false,
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     status
@@ -311,9 +324,7 @@ fn cursor_and_rows_survive_kill_9_and_the_client_reconnects() {
 
     // A clean stop and a new start on the same data dir keep everything; no migration re-runs.
     store.stop();
-    // SAFETY: signal 0 only checks that the pid exists.
-    let gone = unsafe { libc::kill(new_pid as i32, 0) } != 0;
-    assert!(gone, "stop() leaves no instance behind");
+    assert!(!alive(new_pid), "stop() leaves no instance behind");
     let store = start(dir.path());
     assert_eq!(store.get_cursor("central").expect("get"), Some(77));
     assert_eq!(read_all(&store, 0).len(), 101);
@@ -427,6 +438,61 @@ fn an_external_instance_gets_the_same_migration() {
         matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
         "{err}"
     );
+}
+
+/// The body of the child process of `a_killed_owner_takes_its_instance_along`: does nothing unless
+/// that test runs it with LP_SINK_OWNER_DIR set.
+#[test]
+fn helper_owner_process() {
+    let Ok(dir) = std::env::var("LP_SINK_OWNER_DIR") else {
+        return;
+    };
+    let store = start(Path::new(&dir));
+    store
+        .put_rollups(&(0..10).map(|w| rollup(2, w, 1)).collect::<Vec<_>>())
+        .expect("put");
+    println!("TARANTOOL_PID {}", store.supervised_pid().expect("running"));
+    std::thread::sleep(std::time::Duration::from_secs(120));
+}
+
+#[test]
+fn a_killed_owner_takes_its_instance_along() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut owner = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "helper_owner_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("LP_SINK_OWNER_DIR", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn owner");
+    let out = std::io::BufReader::new(owner.stdout.take().expect("stdout"));
+    let pid: i32 = out
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.split_once("TARANTOOL_PID ")
+                .map(|(_, p)| p.trim().to_owned())
+        })
+        .expect("owner reports its instance")
+        .parse()
+        .expect("pid");
+    owner.kill().expect("kill -9 the owner");
+    owner.wait().expect("reap owner");
+    // A new owner starts at once (it waits for the old instance to release its pid file).
+    let t = Instant::now();
+    let store = start(dir.path());
+    println!(
+        "new owner ready {:.3} s after kill -9 of the old one",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(!alive(pid as u32), "the old instance died with its owner");
+    assert_ne!(store.supervised_pid(), Some(pid as u32));
+    assert_eq!(read_all(&store, 0).len(), 10);
 }
 
 #[test]

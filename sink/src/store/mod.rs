@@ -111,7 +111,7 @@ pub enum StoreError {
         log: PathBuf,
         tail: String,
     },
-    #[error("another Tarantool (pid {pid}) answers on {}; stop it, it uses this data dir", socket.display())]
+    #[error("another Tarantool (pid {pid}) uses this data dir (socket {}); stop it", socket.display())]
     Foreign { socket: PathBuf, pid: u32 },
     #[error("the store was stopped while starting")]
     Stopped,

@@ -39,6 +39,7 @@ pub(crate) struct Paths {
     pub log: PathBuf,
     pub secret: PathBuf,
     pub lock: PathBuf,
+    pub pid_file: PathBuf,
 }
 
 impl Paths {
@@ -50,6 +51,7 @@ impl Paths {
             log: dir.join("tarantool.log"),
             secret: dir.join("client.secret"),
             lock: dir.join("linkpulse.lock"),
+            pid_file: dir.join("tarantool.pid"),
         }
     }
 }
@@ -359,7 +361,46 @@ fn describe(st: ExitStatus) -> String {
     }
 }
 
+/// Waits until no process holds Tarantool's pid file. After a daemon is killed -9, its instance
+/// gets SIGTERM (PR_SET_PDEATHSIG) and needs a moment to exit; a new daemon started at once would
+/// otherwise see its instance fail on the locked pid file.
+fn wait_pid_file_free(paths: &Paths, timeout: Duration) -> Result<(), StoreError> {
+    let f = match File::open(&paths.pid_file) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(dir_err(&paths.dir, "open tarantool.pid")(e)),
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    let deadline = Instant::now() + timeout;
+    let mut logged = false;
+    loop {
+        // SAFETY: flock on a descriptor we own; dropping `f` releases it.
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let pid = fs::read_to_string(&paths.pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if Instant::now() >= deadline {
+            return Err(StoreError::Foreign {
+                socket: paths.socket.clone(),
+                pid,
+            });
+        }
+        if !logged {
+            tracing::info!(
+                pid,
+                "waiting for a previous Tarantool on this data dir to exit"
+            );
+            logged = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn spawn(cfg: &LocalConfig, paths: &Paths) -> Result<Child, StoreError> {
+    wait_pid_file_free(paths, cfg.stop_timeout)?;
     let log = open_log(&paths.log).map_err(dir_err(&paths.dir, "open tarantool.log"))?;
     let log2 = log
         .try_clone()
