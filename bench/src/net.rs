@@ -140,11 +140,16 @@ impl BenchNet {
         Ok(())
     }
 
-    /// A daemon config for the first `n` links.
-    pub fn config(&self, n: usize) -> String {
+    /// A daemon config for the first `n` links, with the controller stream at `stream` (off
+    /// when None).
+    pub fn config(&self, n: usize, stream: Option<&std::path::Path>) -> String {
         let mut s = String::from(
             "[router]\nid = \"bench\"\nsite = \"lab\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
         );
+        match stream {
+            Some(p) => s += &format!("[stream]\npath = \"{}\"\n", p.display()),
+            None => s += "[stream]\nenabled = false\n",
+        }
         for k in 0..n {
             s += &format!("[[link]]\ninterface = \"wwan{k}\"\noperator = \"op{k}\"\n");
         }
