@@ -344,6 +344,114 @@ fn cursor_and_rows_survive_kill_9_and_the_client_reconnects() {
 }
 
 #[test]
+fn kill_9_during_puts_loses_no_acknowledged_row_and_doubles_none() {
+    use linkpulse_sink::tarantool::Error as ClientError;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::init_tracing();
+    let mut cfg = LocalConfig::new(dir.path());
+    // Kills come faster than a healthy run: keep the backoff from growing to seconds.
+    cfg.restart_backoff_max = std::time::Duration::from_millis(400);
+    let mut store = Store::start_local(cfg).expect("start local store");
+    // Surface every failure to this test, which retries like a producer would.
+    store.set_retry_for(std::time::Duration::ZERO);
+    let done = AtomicBool::new(false);
+    let acked = Mutex::new(Vec::new());
+    let (mut in_flight, mut refused) = (0u32, 0u32);
+    let kills = 6;
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let (mut in_flight, mut refused) = (0, 0);
+            let mut batch = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                // 112 rows = 7 windows x 16 links, a fresh identity range per batch.
+                let rows: Vec<Rollup> = (0..112u64)
+                    .map(|i| rollup((i % 16) as u32, batch * 7 + i / 16, 1))
+                    .collect();
+                loop {
+                    match store.put_rollups(&rows) {
+                        Ok(_) => break,
+                        Err(StoreError::Request { source, .. }) if source.is_retryable() => {
+                            // Lost with the request on the wire vs. instance not back yet.
+                            match source {
+                                ClientError::Disconnected { .. } => in_flight += 1,
+                                _ => refused += 1,
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                        Err(e) => panic!("put: {e}"),
+                    }
+                }
+                acked.lock().expect("lock").push(batch);
+                batch += 1;
+            }
+            (in_flight, refused)
+        });
+        let mut last = 0;
+        for _ in 0..kills {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let t = Instant::now();
+            let pid = loop {
+                match store.supervised_pid() {
+                    Some(p) if p != last => break p,
+                    _ => {
+                        assert!(t.elapsed().as_secs() < 20, "instance not restarted");
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                }
+            };
+            // Kill only an instance that took writes again (a ready one, not one still starting).
+            let before = acked.lock().expect("lock").len();
+            while acked.lock().expect("lock").len() < before + 2 {
+                assert!(
+                    t.elapsed().as_secs() < 30,
+                    "no write acknowledged after the restart"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            // SAFETY: plain syscall on the pid of the instance this test started.
+            assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+            last = pid;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        done.store(true, Ordering::Relaxed);
+        (in_flight, refused) = writer.join().expect("writer");
+    });
+    store.set_retry_for(std::time::Duration::from_secs(15));
+    let acked = acked.into_inner().expect("lock");
+    let rows = read_all(&store, 0);
+    let mut ids: Vec<_> = rows
+        .iter()
+        .map(|r| (r.window_start_ns, r.link_id, r.boot_tag))
+        .collect();
+    ids.sort_unstable();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an identity stored twice");
+    for b in &acked {
+        for i in 0..112u64 {
+            let want = (T0 + (b * 7 + i / 16) * W, (i % 16) as u32, 1);
+            assert!(
+                ids.binary_search(&want).is_ok(),
+                "acknowledged row {want:?} lost"
+            );
+        }
+    }
+    println!(
+        "kill -9 x {kills} during puts: {} batches acknowledged, {} rows stored, {in_flight} puts cut \
+         in flight, {refused} refused while restarting; 0 lost, 0 doubled",
+        acked.len(),
+        rows.len()
+    );
+    assert_eq!(store.restarts(), kills);
+    assert!(
+        in_flight > 0,
+        "no kill landed during a put: the test did not test"
+    );
+}
+
+#[test]
 fn trim_deletes_the_oldest_prefix_and_seq_is_never_reused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = start(dir.path());

@@ -133,6 +133,19 @@ pub enum StoreError {
     Client(#[from] tarantool::Error),
 }
 
+impl StoreError {
+    /// True when the same (idempotent) call may succeed later: the instance was unreachable or
+    /// restarting, or a transaction conflict.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Request { source, .. } | StoreError::Client(source) => {
+                source.is_retryable()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Applies the migrations the instance lacks; returns the version it is at afterwards.
 pub(crate) fn migrate(client: &Client) -> Result<u32, StoreError> {
     let (mut version,): (u32,) = client
@@ -237,7 +250,8 @@ impl Store {
         (pid != 0).then_some(pid)
     }
 
-    /// How often the supervised instance had to be restarted.
+    /// How often a running supervised instance died and was restarted (failed restart attempts
+    /// are logged, not counted).
     pub fn restarts(&self) -> u64 {
         self.supervisor
             .as_ref()

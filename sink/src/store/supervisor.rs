@@ -23,8 +23,8 @@ pub const TARANTOOL_PACKAGE_HINT: &str =
 const USER: &str = "linkpulse";
 /// The log is truncated at start when larger than this, so it cannot fill the disk over months.
 const LOG_MAX_BYTES: u64 = 8 << 20;
-/// A run this long resets the restart backoff.
-const HEALTHY_RUN: Duration = Duration::from_secs(60);
+/// A run this long resets the restart backoff: only a crash loop backs off further.
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
 /// How often the supervisor looks whether the child is still there.
 const POLL: Duration = Duration::from_millis(100);
 /// `sun_path` is 108 bytes including the terminating NUL.
