@@ -244,7 +244,8 @@ impl Store {
         &self.client
     }
 
-    /// Pid of the supervised instance (`None` for an external one or while it is down).
+    /// Pid of the supervised instance once it is ready (`None` for an external one, or while it is
+    /// down or starting).
     pub fn supervised_pid(&self) -> Option<u32> {
         let pid = self.supervisor.as_ref()?.status.pid.load(Ordering::Relaxed);
         (pid != 0).then_some(pid)

@@ -285,12 +285,14 @@ fn supervise(
     loop {
         let started = Instant::now();
         let attempt = spawn(cfg, paths).and_then(|mut child| {
-            status.pid.store(child.id(), Ordering::Relaxed);
             match wait_ready(cfg, paths, client_cfg, &mut child, stop_rx) {
-                Ok(()) => Ok(child),
+                Ok(()) => {
+                    // Published once ready: a pid always names an instance that served.
+                    status.pid.store(child.id(), Ordering::Relaxed);
+                    Ok(child)
+                }
                 Err(e) => {
                     terminate(&mut child, cfg.stop_timeout);
-                    status.pid.store(0, Ordering::Relaxed);
                     Err(e)
                 }
             }
