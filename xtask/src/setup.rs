@@ -42,6 +42,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "tshark",
         "decodes captured STAMP probes and replies (TWAMP-Test dissector) in the wire-format tests",
     ),
+    (
+        "tarantool",
+        "the local store of 500 ms rollups (2.6), supervised by the daemon; sink tests run it",
+    ),
 ];
 
 /// bpf-linker's version; the recipe in shared notes/ebpf-toolchain.md was verified with it.
