@@ -33,6 +33,10 @@ pub struct LocalConfig {
     /// ~60k rollups (about a minute of 16 links at 500 ms, plus headroom) between dumps.
     pub vinyl_memory_mib: u32,
     /// vinyl's page cache for reads (forwarder scans, exports).
+    ///
+    /// Measured on the dev machine with the defaults (32/16/8): the instance's RSS is 29 MiB idle
+    /// and levels off at ~65 MiB after ~350k rollups (~50 MiB with vinyl 4 MiB / cache 2 MiB);
+    /// it does not grow further with history, which is on disk.
     pub vinyl_cache_mib: u32,
     /// Bound on a start: recovery of a large xlog after kill -9 takes seconds.
     pub start_timeout: Duration,
