@@ -212,6 +212,16 @@ fn replace_is_idempotent_and_boot_tag_keeps_identities_apart() {
     assert_eq!(rows.len(), 1, "same identity twice -> one row");
     assert_eq!(rows[0].rx_bytes, a2.rx_bytes, "the later put wins");
 
+    // The same identity twice within one batch: one row, the later one.
+    let mut a3 = a.clone();
+    a3.rx_bytes += 2;
+    store
+        .put_rollups(&[a2.clone(), a3.clone()])
+        .expect("put duplicate in batch");
+    let rows = read_all(&store, 0);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].rx_bytes, a3.rx_bytes);
+
     // Same link and timestamp after a clock step back, new boot tag: a second row.
     let b = rollup(3, 10, 2);
     store.put_rollups(&[b]).expect("put other boot");
