@@ -78,11 +78,16 @@ pub const ERR_VERSION: u32 = 2;
 pub const ERR_NO_LINKS: u32 = 3;
 pub const ERR_TOO_MANY_CLIENTS: u32 = 4;
 
-/// Frame flags, as the daemon's frames carry them.
+/// The frame carries counts of packets stamped in bins that were already published (carried
+/// forward so that totals over any interval stay exact).
 pub const FLAG_LATE: u32 = 1 << 0;
+/// The kernel said the clock was not synchronised when the bin was published.
 pub const FLAG_CLOCK_UNSYNC: u32 = 1 << 1;
+/// A clock step was detected just before: window times around it are not comparable.
 pub const FLAG_CLOCK_STEP: u32 = 1 << 2;
+/// Some link was not attached for the whole window: its numbers are missing data, not zeros.
 pub const FLAG_GAP: u32 = 1 << 3;
+/// The daemon fell behind (or the clock jumped) and skipped bins before this one.
 pub const FLAG_SKIPPED: u32 = 1 << 4;
 
 /// One frame's header, followed by `link_count` [`LinkRecord`]s.
@@ -181,7 +186,6 @@ pub fn field_str(b: &[u8]) -> &str {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     core::str::from_utf8(&b[..end]).unwrap_or("")
 }
-
 
 impl ErrorMsg {
     pub fn new(code: u32, message: &str) -> Self {

@@ -2,18 +2,11 @@
 //! copied through lock-free queues to every consumer.
 use linkpulse_common::{DIRS, MAX_LINKS};
 
-/// This frame carries counts of packets stamped in bins that were already published (carried
-/// forward so that totals over any interval stay exact); see `late_mask` for which links.
-pub const FLAG_LATE: u32 = 1 << 0;
-/// The kernel said the clock was not synchronised when this bin was published.
-pub const FLAG_CLOCK_UNSYNC: u32 = 1 << 1;
-/// A clock step was detected since the previous frame: bin times around it are not comparable.
-pub const FLAG_CLOCK_STEP: u32 = 1 << 2;
-/// Some configured link was not attached for the whole bin (see `valid_mask`): its numbers are
-/// missing data, not zeros.
-pub const FLAG_GAP: u32 = 1 << 3;
-/// The daemon fell behind (or the clock jumped) and skipped bins before this one.
-pub const FLAG_SKIPPED: u32 = 1 << 4;
+/// Frame flags: one definition, shared with the stream's wire layout (see
+/// `linkpulse_common::stream` for what each means).
+pub use linkpulse_common::stream::{
+    FLAG_CLOCK_STEP, FLAG_CLOCK_UNSYNC, FLAG_GAP, FLAG_LATE, FLAG_SKIPPED,
+};
 
 /// Counts of one link in one bin; index 0 = ingress (download), 1 = egress (upload).
 #[repr(C)]
