@@ -22,5 +22,6 @@
 //! # }
 //! ```
 
+pub mod forward;
 pub mod store;
 pub mod tarantool;

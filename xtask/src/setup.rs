@@ -46,6 +46,14 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "tarantool",
         "the local store of 500 ms rollups (2.6), supervised by the daemon; sink tests run it",
     ),
+    (
+        "influxdb",
+        "InfluxDB 1.6.7, the central side: forwarder tests and the backfill bench start their own influxd",
+    ),
+    (
+        "influxdb-client",
+        "the `influx` CLI, to inspect and create databases on a central InfluxDB by hand",
+    ),
 ];
 
 /// bpf-linker's version; the recipe in shared notes/ebpf-toolchain.md was verified with it.

@@ -1,0 +1,966 @@
+//! The forwarder: pushes every rollup of the local store, oldest first, to a central InfluxDB, one
+//! [`Forwarder`] per destination.
+//!
+//! Each destination has a persisted cursor in the store (the last `seq` it acknowledged). One step
+//! reads the cursor, reads up to `batch_points` rows after it (`lp_read_after`), encodes them as
+//! line protocol ([`line`]), gzips the body and POSTs it:
+//! - 2xx: the cursor moves to the batch's last `seq` (and only then);
+//! - 400 (a malformed point or a field type conflict: "partial write", the other points are
+//!   stored): the batch is *parked* (its `seq` range recorded in the parked log, counted) and the
+//!   cursor moves on, so one bad point never blocks the backlog;
+//! - 404 unknown database / bucket, 401/403, other 4xx, 5xx, timeouts, refused connections: an
+//!   error that names the fix; the same batch is retried after an exponential backoff with
+//!   jitter, or at once on [`Kicker::kick`] (the daemon kicks when a link comes up).
+//!
+//! Replays are idempotent: a point's identity (measurement, tags, timestamp) comes from the row's
+//! identity, so re-sending a range overwrites the same points with the same values. The backlog
+//! is the store itself (on disk); the forwarder holds one batch.
+
+mod gzip;
+mod http;
+pub mod line;
+pub mod parked;
+
+pub use line::{EncodeStats, Encoder, MEASUREMENT};
+pub use parked::ParkedRange;
+
+use crate::store::{Store, StoreError};
+use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// InfluxDB's documented optimum, and the bound the design sets.
+pub const MAX_BATCH_POINTS: u32 = 5000;
+
+/// User and password of an InfluxDB 1.x destination.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BasicAuth {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for BasicAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password into logs.
+        f.debug_struct("BasicAuth")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The write API of a destination.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// InfluxDB 1.x (`/write?db=..`): what Debian ships (1.6.7). `auth` is `None` when the server
+    /// runs without `auth-enabled`.
+    V1 { db: String, auth: Option<BasicAuth> },
+    /// InfluxDB 1.8+ / 2.x / 3.x (`/api/v2/write?org=..&bucket=..`); the token is read from a file
+    /// (first line), again after each 401/403 so that a rotated token is picked up.
+    V2 {
+        org: String,
+        bucket: String,
+        token_file: PathBuf,
+    },
+}
+
+/// TLS settings of an `https://` destination.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// PEM file of the CA certificate(s) to trust instead of the bundled web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate. For lab set-ups only: the uplink is then open to interception.
+    pub insecure_skip_verify: bool,
+}
+
+/// Settings of one destination.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    /// Names the cursor in the store and the parked log; `[A-Za-z0-9_.-]`, at most 64 bytes.
+    pub name: String,
+    /// Base URL of the server, e.g. `http://influx.example:8086`.
+    pub url: String,
+    pub kind: Kind,
+    /// Tag `router` of every point (not empty).
+    pub router: String,
+    /// Tag `site` of every point (left out when empty).
+    pub site: String,
+    /// Points per request, 1..=5000.
+    pub batch_points: u32,
+    /// Bound on one request (connect, send, answer).
+    pub timeout: Duration,
+    pub tls: TlsOptions,
+    /// Pacing of the uplink use, in compressed bytes per second; `None` sends as fast as the
+    /// server acknowledges.
+    pub max_bytes_per_s: Option<u64>,
+    /// Backoff after a failure: starts at `backoff_min`, doubles per failure up to `backoff_max`;
+    /// each wait is drawn uniformly from [d/2, d] so that many routers do not retry in step.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Wait between looks at the store once everything is sent (a kick ends it early).
+    pub idle_poll: Duration,
+    /// Holds the parked log `parked-<name>.log`.
+    pub state_dir: PathBuf,
+}
+
+impl ForwardConfig {
+    pub fn new(
+        name: impl Into<String>,
+        url: impl Into<String>,
+        kind: Kind,
+        router: impl Into<String>,
+        state_dir: impl Into<PathBuf>,
+    ) -> ForwardConfig {
+        ForwardConfig {
+            name: name.into(),
+            url: url.into(),
+            kind,
+            router: router.into(),
+            site: String::new(),
+            batch_points: MAX_BATCH_POINTS,
+            timeout: Duration::from_secs(30),
+            tls: TlsOptions::default(),
+            max_bytes_per_s: None,
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            idle_poll: Duration::from_millis(500),
+            state_dir: state_dir.into(),
+        }
+    }
+
+    /// Path of the parked log.
+    pub fn parked_path(&self) -> PathBuf {
+        self.state_dir.join(format!("parked-{}.log", self.name))
+    }
+
+    fn validate(&self) -> Result<(), ForwardError> {
+        let bad = |reason: String| {
+            Err(ForwardError::Config {
+                name: self.name.clone(),
+                reason,
+            })
+        };
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return bad(
+                "the destination name must be 1 to 64 characters of A-Z a-z 0-9 _ . -".into(),
+            );
+        }
+        if self.router.is_empty() {
+            return bad("`router` (the router's id, tag of every point) must not be empty".into());
+        }
+        if self.batch_points == 0 || self.batch_points > MAX_BATCH_POINTS {
+            return bad(format!(
+                "batch_points = {} is outside 1..={MAX_BATCH_POINTS}",
+                self.batch_points
+            ));
+        }
+        if self.backoff_min.is_zero() || self.backoff_max < self.backoff_min {
+            return bad("backoff_min must be > 0 and ≤ backoff_max".into());
+        }
+        if self.max_bytes_per_s == Some(0) {
+            return bad(
+                "max_bytes_per_s = 0 would never send; leave it unset for no pacing".into(),
+            );
+        }
+        match &self.kind {
+            Kind::V1 { db, .. } if db.is_empty() => bad("`db` must not be empty".into()),
+            Kind::V2 { org, bucket, .. } if org.is_empty() || bucket.is_empty() => {
+                bad("`org` and `bucket` must not be empty".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a failed step was about; errors are counted per class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The local store failed (it is retried like the rest).
+    Store,
+    /// Refused, reset or unresolvable connection; TLS failure.
+    Connect,
+    Timeout,
+    /// 404: unknown database / bucket, or no write endpoint at that URL.
+    NotFound,
+    /// 401 / 403.
+    Auth,
+    /// 5xx.
+    Server,
+    /// Other 4xx (e.g. 413, 429).
+    Rejected,
+    /// The parked log could not be written; the cursor did not move.
+    ParkedLog,
+    /// Settings that cannot work (not retried by [`Forwarder::new`], counted when seen later).
+    Config,
+}
+
+/// Errors of the forwarder, each naming the cause and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("destination `{name}`: {reason}; fix its configuration")]
+    Config { name: String, reason: String },
+    #[error("destination `{name}`: cannot read the token file {}: {source}; put the InfluxDB API token (one line) into it, readable by the daemon", path.display())]
+    TokenFile {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("destination `{name}`: the token file {} is empty; put the InfluxDB API token (one line) into it", path.display())]
+    TokenEmpty { name: String, path: PathBuf },
+    #[error("destination `{name}`: TLS CA file {}: {reason}; give a PEM file with the CA certificate(s) of the server", path.display())]
+    CaFile {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("destination `{name}`: the local store failed: {source}")]
+    Store {
+        name: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("destination `{name}`: cannot record parked batch {first_seq}..={last_seq} in {}: {source}; free space or fix the permissions of the state dir (the batch is retried meanwhile)", path.display())]
+    ParkedLog {
+        name: String,
+        path: PathBuf,
+        first_seq: u64,
+        last_seq: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("destination `{name}`: cannot connect to {url}: {reason}; check the URL, the uplink and that InfluxDB runs there (retrying with backoff)")]
+    Connect {
+        name: String,
+        url: String,
+        reason: String,
+    },
+    #[error("destination `{name}`: no complete answer from {url} within {timeout:?}; the uplink or the server is slow (retrying with backoff; a longer `timeout` or smaller `batch_points` helps on a slow link)")]
+    Timeout {
+        name: String,
+        url: String,
+        timeout: Duration,
+    },
+    #[error("destination `{name}`: InfluxDB at {url} has no database `{db}` ({body}): create it (influx -execute 'CREATE DATABASE \"{db}\"') or fix `db` in the destination's config (retrying with backoff)")]
+    DatabaseNotFound {
+        name: String,
+        url: String,
+        db: String,
+        body: String,
+    },
+    #[error("destination `{name}`: InfluxDB at {url} has no bucket `{bucket}` in org `{org}` ({body}): create it (influx bucket create -n {bucket} -o {org}) or fix `bucket`/`org` in the destination's config (retrying with backoff)")]
+    BucketNotFound {
+        name: String,
+        url: String,
+        org: String,
+        bucket: String,
+        body: String,
+    },
+    #[error("destination `{name}`: {url} answered 404 ({body}): there is no write endpoint at that URL; check the URL and the kind (v1 `/write` for InfluxDB 1.x, v2 `/api/v2/write` for 1.8+, 2.x and 3.x)")]
+    EndpointNotFound {
+        name: String,
+        url: String,
+        body: String,
+    },
+    #[error("destination `{name}`: InfluxDB at {url} refused the credentials (HTTP {status}: {body}); {hint} (retrying with backoff)")]
+    Auth {
+        name: String,
+        url: String,
+        status: u16,
+        body: String,
+        hint: &'static str,
+    },
+    #[error("destination `{name}`: InfluxDB at {url} failed (HTTP {status}: {body}); retrying with backoff")]
+    Server {
+        name: String,
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("destination `{name}`: {url} refused the write (HTTP {status}: {body}); retrying with backoff")]
+    Rejected {
+        name: String,
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("destination `{name}`: cannot start the forwarder thread: {source}")]
+    Thread {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ForwardError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ForwardError::Config { .. }
+            | ForwardError::TokenFile { .. }
+            | ForwardError::TokenEmpty { .. }
+            | ForwardError::CaFile { .. }
+            | ForwardError::Thread { .. } => ErrorClass::Config,
+            ForwardError::Store { .. } => ErrorClass::Store,
+            ForwardError::ParkedLog { .. } => ErrorClass::ParkedLog,
+            ForwardError::Connect { .. } => ErrorClass::Connect,
+            ForwardError::Timeout { .. } => ErrorClass::Timeout,
+            ForwardError::DatabaseNotFound { .. }
+            | ForwardError::BucketNotFound { .. }
+            | ForwardError::EndpointNotFound { .. } => ErrorClass::NotFound,
+            ForwardError::Auth { .. } => ErrorClass::Auth,
+            ForwardError::Server { .. } => ErrorClass::Server,
+            ForwardError::Rejected { .. } => ErrorClass::Rejected,
+        }
+    }
+}
+
+/// Counters and gauges of one destination, for `/metrics`. Updated by the forwarder thread, read
+/// from anywhere.
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    /// Points acknowledged with 2xx.
+    pub points_sent: AtomicU64,
+    pub batches_sent: AtomicU64,
+    /// Line-protocol bytes of acknowledged batches, before and after gzip.
+    pub bytes_raw: AtomicU64,
+    pub bytes_gzip: AtomicU64,
+    /// Batches refused with 400 and parked (and their points); counted from the parked log at
+    /// start, so they survive restarts.
+    pub parked_batches: AtomicU64,
+    pub parked_points: AtomicU64,
+    /// Integers clamped to i64::MAX, NaN/inf floats left out, rows outside InfluxDB's time range.
+    pub values_clamped: AtomicU64,
+    pub values_non_finite: AtomicU64,
+    pub points_skipped: AtomicU64,
+    /// Failed steps by class.
+    pub errors_store: AtomicU64,
+    pub errors_connect: AtomicU64,
+    pub errors_timeout: AtomicU64,
+    pub errors_not_found: AtomicU64,
+    pub errors_auth: AtomicU64,
+    pub errors_server: AtomicU64,
+    pub errors_rejected: AtomicU64,
+    pub errors_parked_log: AtomicU64,
+    pub errors_config: AtomicU64,
+    /// The destination's cursor (last acknowledged `seq`).
+    pub cursor: AtomicU64,
+    /// Rows not yet acknowledged, as a `seq` distance from the cursor to the newest row (an upper
+    /// bound: `seq` has gaps where a row was put again).
+    pub backlog: AtomicU64,
+    /// Window start of the newest acknowledged point (ns); now minus this is the lag.
+    pub last_window_ns: AtomicU64,
+}
+
+impl ForwardStats {
+    fn error(&self, class: ErrorClass) -> &AtomicU64 {
+        match class {
+            ErrorClass::Store => &self.errors_store,
+            ErrorClass::Connect => &self.errors_connect,
+            ErrorClass::Timeout => &self.errors_timeout,
+            ErrorClass::NotFound => &self.errors_not_found,
+            ErrorClass::Auth => &self.errors_auth,
+            ErrorClass::Server => &self.errors_server,
+            ErrorClass::Rejected => &self.errors_rejected,
+            ErrorClass::ParkedLog => &self.errors_parked_log,
+            ErrorClass::Config => &self.errors_config,
+        }
+    }
+
+    /// Failed steps of one class so far.
+    pub fn errors(&self, class: ErrorClass) -> u64 {
+        self.error(class).load(Ordering::Relaxed)
+    }
+
+    /// All failed steps so far.
+    pub fn errors_total(&self) -> u64 {
+        [
+            ErrorClass::Store,
+            ErrorClass::Connect,
+            ErrorClass::Timeout,
+            ErrorClass::NotFound,
+            ErrorClass::Auth,
+            ErrorClass::Server,
+            ErrorClass::Rejected,
+            ErrorClass::ParkedLog,
+            ErrorClass::Config,
+        ]
+        .iter()
+        .map(|c| self.errors(*c))
+        .sum()
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing after the cursor.
+    Idle,
+    /// A batch was acknowledged; the cursor is now `last_seq`.
+    Sent {
+        points: u64,
+        first_seq: u64,
+        last_seq: u64,
+    },
+    /// A batch was refused with 400 and parked; the cursor is now `last_seq`.
+    Parked {
+        points: u64,
+        first_seq: u64,
+        last_seq: u64,
+    },
+}
+
+#[derive(Default)]
+struct SignalState {
+    kicked: bool,
+    stopped: bool,
+}
+
+#[derive(Default)]
+struct Signal {
+    state: Mutex<SignalState>,
+    cv: Condvar,
+}
+
+impl Signal {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SignalState> {
+        // The state is two flags: a panic elsewhere cannot leave them inconsistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sleeps up to `d`; returns early on a kick (if `kickable`) or a stop. True when kicked.
+    fn wait(&self, d: Duration, kickable: bool) -> bool {
+        let deadline = Instant::now() + d;
+        let mut st = self.lock();
+        loop {
+            if st.stopped {
+                return false;
+            }
+            if kickable && st.kicked {
+                st.kicked = false;
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Wakes a forwarder (a link came up, new rows were stored) or stops it; cheap to clone.
+#[derive(Clone)]
+pub struct Kicker {
+    signal: Arc<Signal>,
+}
+
+impl Kicker {
+    /// Ends the current backoff or idle wait at once, and resets the backoff.
+    pub fn kick(&self) {
+        self.signal.lock().kicked = true;
+        self.signal.cv.notify_all();
+    }
+
+    /// Asks the loop to end after the current request.
+    pub fn stop(&self) {
+        self.signal.lock().stopped = true;
+        self.signal.cv.notify_all();
+    }
+
+    fn stopped(&self) -> bool {
+        self.signal.lock().stopped
+    }
+}
+
+/// The forwarder of one destination. Drive it with [`Forwarder::step`] or [`Forwarder::spawn`].
+pub struct Forwarder {
+    cfg: ForwardConfig,
+    store: Arc<Store>,
+    transport: http::Transport,
+    encoder: Encoder,
+    gzip: gzip::Gzip,
+    // Reused across batches: the batch loop allocates nothing per point.
+    lines: Vec<u8>,
+    body: Vec<u8>,
+    parked: parked::ParkedLog,
+    stats: Arc<ForwardStats>,
+    kicker: Kicker,
+    rng: rand::rngs::SmallRng,
+    backoff: Duration,
+    /// Pacing: the next request may start at this instant.
+    next_send: Instant,
+}
+
+/// Lua for the newest `seq` in the store (the primary key of `rollups`), for the backlog gauge.
+const TOP_SEQ_LUA: &str =
+    "local t = box.space.rollups.index.primary:max() if t == nil then return 0 end return t[1]";
+
+impl Forwarder {
+    /// Checks the settings, reads the token file (v2) and the parked log; does not contact the
+    /// server (it may well be unreachable now).
+    pub fn new(cfg: ForwardConfig, store: Arc<Store>) -> Result<Forwarder, ForwardError> {
+        cfg.validate()?;
+        let token = match &cfg.kind {
+            Kind::V2 { token_file, .. } => Some(read_token(&cfg.name, token_file)?),
+            Kind::V1 { .. } => None,
+        };
+        let transport = http::Transport::new(
+            &cfg.name,
+            &cfg.url,
+            &cfg.kind,
+            token.as_deref(),
+            cfg.timeout,
+            &cfg.tls,
+        )?;
+        let parked_path = cfg.parked_path();
+        let stats = Arc::new(ForwardStats::default());
+        let known = parked::read(&parked_path).map_err(|source| ForwardError::ParkedLog {
+            name: cfg.name.clone(),
+            path: parked_path.clone(),
+            first_seq: 0,
+            last_seq: 0,
+            source,
+        })?;
+        stats
+            .parked_batches
+            .store(known.len() as u64, Ordering::Relaxed);
+        stats
+            .parked_points
+            .store(known.iter().map(|r| r.points).sum(), Ordering::Relaxed);
+        Ok(Forwarder {
+            encoder: Encoder::new(&cfg.router, &cfg.site),
+            gzip: gzip::Gzip::new(),
+            lines: Vec::new(),
+            body: Vec::new(),
+            parked: parked::ParkedLog::new(parked_path),
+            stats,
+            kicker: Kicker {
+                signal: Arc::new(Signal::default()),
+            },
+            rng: rand::rngs::SmallRng::from_entropy(),
+            backoff: cfg.backoff_min,
+            next_send: Instant::now(),
+            transport,
+            store,
+            cfg,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    pub fn stats(&self) -> Arc<ForwardStats> {
+        self.stats.clone()
+    }
+
+    pub fn kicker(&self) -> Kicker {
+        self.kicker.clone()
+    }
+
+    /// The batches parked so far (from the parked log).
+    pub fn parked(&self) -> Result<Vec<ParkedRange>, ForwardError> {
+        parked::read(self.parked.path()).map_err(|source| ForwardError::ParkedLog {
+            name: self.cfg.name.clone(),
+            path: self.parked.path().to_owned(),
+            first_seq: 0,
+            last_seq: 0,
+            source,
+        })
+    }
+
+    fn store_err(&self, source: StoreError) -> ForwardError {
+        ForwardError::Store {
+            name: self.cfg.name.clone(),
+            source,
+        }
+    }
+
+    /// One batch: read after the cursor, send, and on 2xx or 400 move the cursor. No waiting
+    /// (pacing and backoff belong to [`Forwarder::run`]); errors are returned, not counted.
+    pub fn step(&mut self) -> Result<Step, ForwardError> {
+        let cursor = self
+            .store
+            .get_cursor(&self.cfg.name)
+            .map_err(|e| self.store_err(e))?
+            .unwrap_or(0);
+        self.stats.cursor.store(cursor, Ordering::Relaxed);
+        let rows = self
+            .store
+            .read_after(cursor, self.cfg.batch_points)
+            .map_err(|e| self.store_err(e))?;
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            self.stats.backlog.store(0, Ordering::Relaxed);
+            return Ok(Step::Idle);
+        };
+        let (first_seq, last_seq) = (first.seq, last.seq);
+        let backlog = if rows.len() < self.cfg.batch_points as usize {
+            last_seq - cursor
+        } else {
+            self.top_seq()?.max(last_seq) - cursor
+        };
+        self.stats.backlog.store(backlog, Ordering::Relaxed);
+
+        self.lines.clear();
+        let mut enc = EncodeStats::default();
+        for r in &rows {
+            self.encoder.encode(r, &mut self.lines, &mut enc);
+        }
+        self.stats
+            .values_clamped
+            .fetch_add(enc.clamped, Ordering::Relaxed);
+        self.stats
+            .values_non_finite
+            .fetch_add(enc.non_finite, Ordering::Relaxed);
+        self.stats
+            .points_skipped
+            .fetch_add(enc.skipped_points, Ordering::Relaxed);
+        let points = enc.points;
+        let newest_window = rows.iter().map(|r| r.window_start_ns).max().unwrap_or(0);
+        drop(rows);
+
+        if points > 0 {
+            // In-memory compression: an error here would be a bug in flate2, not an input issue.
+            if let Err(e) = self.gzip.compress(&self.lines, &mut self.body) {
+                return Err(ForwardError::Config {
+                    name: self.cfg.name.clone(),
+                    reason: format!("gzip of the batch failed: {e}"),
+                });
+            }
+            self.next_send = Instant::now() + self.pace(self.body.len());
+            let reply = match self.transport.post_gzip(&self.body) {
+                Ok(r) => r,
+                Err(e) => return Err(self.transport_err(e)),
+            };
+            match reply.status {
+                200..=299 => {}
+                400 => {
+                    let after = backlog - (last_seq - cursor);
+                    return self.park(first_seq, last_seq, points, after, reply);
+                }
+                _ => return Err(self.status_err(reply)),
+            }
+        }
+        // A batch of rows that all had to be skipped moves the cursor as well: nothing of it
+        // can ever be written.
+        self.store
+            .set_cursor(&self.cfg.name, last_seq)
+            .map_err(|e| self.store_err(e))?;
+        let s = &self.stats;
+        s.cursor.store(last_seq, Ordering::Relaxed);
+        s.backlog
+            .store(backlog - (last_seq - cursor), Ordering::Relaxed);
+        s.points_sent.fetch_add(points, Ordering::Relaxed);
+        s.batches_sent.fetch_add(1, Ordering::Relaxed);
+        s.bytes_raw
+            .fetch_add(self.lines.len() as u64, Ordering::Relaxed);
+        s.bytes_gzip
+            .fetch_add(self.body.len() as u64, Ordering::Relaxed);
+        s.last_window_ns.fetch_max(newest_window, Ordering::Relaxed);
+        tracing::debug!(destination = %self.cfg.name, points, first_seq, last_seq,
+            gzip_bytes = self.body.len(), "batch acknowledged");
+        Ok(Step::Sent {
+            points,
+            first_seq,
+            last_seq,
+        })
+    }
+
+    fn top_seq(&self) -> Result<u64, ForwardError> {
+        let (top,): (u64,) = self
+            .store
+            .client()
+            .eval(TOP_SEQ_LUA, &[(); 0])
+            .map_err(|source| {
+                self.store_err(StoreError::Request {
+                    request: "top seq",
+                    source,
+                })
+            })?;
+        Ok(top)
+    }
+
+    /// How long after this request's start the next may start.
+    fn pace(&self, bytes: usize) -> Duration {
+        match self.cfg.max_bytes_per_s {
+            Some(rate) => Duration::from_secs_f64(bytes as f64 / rate as f64),
+            None => Duration::ZERO,
+        }
+    }
+
+    fn park(
+        &mut self,
+        first_seq: u64,
+        last_seq: u64,
+        points: u64,
+        backlog_after: u64,
+        reply: http::Reply,
+    ) -> Result<Step, ForwardError> {
+        let record = ParkedRange {
+            first_seq,
+            last_seq,
+            points,
+            status: reply.status,
+            at_unix_s: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            message: reply.body,
+        };
+        // Recorded (fsync'ed) before the cursor moves: a crash in between parks it twice, which
+        // the log merges, but never loses the record.
+        self.parked
+            .append(&record)
+            .map_err(|source| ForwardError::ParkedLog {
+                name: self.cfg.name.clone(),
+                path: self.parked.path().to_owned(),
+                first_seq,
+                last_seq,
+                source,
+            })?;
+        self.store
+            .set_cursor(&self.cfg.name, last_seq)
+            .map_err(|e| self.store_err(e))?;
+        self.stats.cursor.store(last_seq, Ordering::Relaxed);
+        self.stats.backlog.store(backlog_after, Ordering::Relaxed);
+        self.stats.parked_batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .parked_points
+            .fetch_add(points, Ordering::Relaxed);
+        tracing::warn!(destination = %self.cfg.name, first_seq, last_seq, points,
+            status = record.status, message = %record.message,
+            "InfluxDB refused a batch; parked it (see the parked log) and moved on");
+        Ok(Step::Parked {
+            points,
+            first_seq,
+            last_seq,
+        })
+    }
+
+    fn transport_err(&self, e: ureq::Error) -> ForwardError {
+        let name = self.cfg.name.clone();
+        let url = self.transport.url.clone();
+        match e {
+            ureq::Error::Timeout(_) => ForwardError::Timeout {
+                name,
+                url,
+                timeout: self.cfg.timeout,
+            },
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+                ForwardError::Timeout {
+                    name,
+                    url,
+                    timeout: self.cfg.timeout,
+                }
+            }
+            other => ForwardError::Connect {
+                name,
+                url,
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    fn status_err(&self, reply: http::Reply) -> ForwardError {
+        let name = self.cfg.name.clone();
+        let url = self.transport.url.clone();
+        let http::Reply { status, body } = reply;
+        match status {
+            404 => match &self.cfg.kind {
+                Kind::V1 { db, .. } if body.contains("database not found") => {
+                    ForwardError::DatabaseNotFound {
+                        name,
+                        url,
+                        db: db.clone(),
+                        body,
+                    }
+                }
+                Kind::V2 { org, bucket, .. }
+                    if body.contains("bucket") || body.contains("organization") =>
+                {
+                    ForwardError::BucketNotFound {
+                        name,
+                        url,
+                        org: org.clone(),
+                        bucket: bucket.clone(),
+                        body,
+                    }
+                }
+                _ => ForwardError::EndpointNotFound { name, url, body },
+            },
+            401 | 403 => ForwardError::Auth {
+                name,
+                url,
+                status,
+                body,
+                hint: match self.cfg.kind {
+                    Kind::V1 { auth: None, .. } => {
+                        "the server has authentication enabled: set `user` and `password` of a user with WRITE on the database"
+                    }
+                    Kind::V1 { .. } => {
+                        "check `user` and `password`, and that the user has WRITE on the database (GRANT WRITE ON \"db\" TO \"user\")"
+                    }
+                    Kind::V2 { .. } => {
+                        "check the token in the token file: it must be valid and allowed to write to the bucket"
+                    }
+                },
+            },
+            500..=599 => ForwardError::Server {
+                name,
+                url,
+                status,
+                body,
+            },
+            _ => ForwardError::Rejected {
+                name,
+                url,
+                status,
+                body,
+            },
+        }
+    }
+
+    /// Re-reads a v2 token file (after 401/403: the token may have been rotated).
+    fn reload_token(&mut self) {
+        if let Kind::V2 { token_file, .. } = &self.cfg.kind {
+            match read_token(&self.cfg.name, token_file) {
+                Ok(t) => self.transport.set_token(&t),
+                Err(e) => tracing::warn!(destination = %self.cfg.name, error = %e,
+                    "cannot re-read the token file"),
+            }
+        }
+    }
+
+    /// Steps until stopped: paced while there is a backlog, polling when idle, backing off with
+    /// jitter on failure (a kick ends a backoff at once). Logs the first failure of a streak and
+    /// each change of its class as a warning, repeats at debug.
+    pub fn run(mut self) {
+        let name = self.cfg.name.clone();
+        tracing::info!(destination = %name, url = %self.transport.url, "forwarder started");
+        let mut failing: Option<ErrorClass> = None;
+        while !self.kicker.stopped() {
+            let wait = self.next_send.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                self.kicker.signal.wait(wait, false);
+                continue;
+            }
+            match self.step() {
+                Ok(step) => {
+                    if failing.take().is_some() {
+                        tracing::info!(destination = %name, "forwarder recovered");
+                    }
+                    self.backoff = self.cfg.backoff_min;
+                    if step == Step::Idle {
+                        self.kicker.signal.wait(self.cfg.idle_poll, true);
+                    }
+                }
+                Err(e) => {
+                    let class = e.class();
+                    self.stats.error(class).fetch_add(1, Ordering::Relaxed);
+                    let d = self.backoff;
+                    let pause = d / 2 + d.mul_f64(self.rng.gen::<f64>() / 2.0);
+                    if failing != Some(class) {
+                        tracing::warn!(destination = %name, error = %e, class = ?class,
+                            retry_in_ms = pause.as_millis() as u64, "forwarding failed");
+                    } else {
+                        tracing::debug!(destination = %name, error = %e,
+                            retry_in_ms = pause.as_millis() as u64, "forwarding still failing");
+                    }
+                    failing = Some(class);
+                    if class == ErrorClass::Auth {
+                        self.reload_token();
+                    }
+                    self.backoff = (d * 2).min(self.cfg.backoff_max);
+                    if self.kicker.signal.wait(pause, true) {
+                        tracing::debug!(destination = %name, "kicked: retrying now");
+                        self.backoff = self.cfg.backoff_min;
+                    }
+                }
+            }
+        }
+        tracing::info!(destination = %name, "forwarder stopped");
+    }
+
+    /// Runs [`Forwarder::run`] on a thread of its own.
+    pub fn spawn(self) -> Result<ForwarderHandle, ForwardError> {
+        let kicker = self.kicker();
+        let stats = self.stats();
+        let name = self.cfg.name.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("fwd-{name}"))
+            .spawn(move || self.run())
+            .map_err(|source| ForwardError::Thread { name, source })?;
+        Ok(ForwarderHandle {
+            kicker,
+            stats,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn read_token(name: &str, path: &std::path::Path) -> Result<String, ForwardError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ForwardError::TokenFile {
+        name: name.to_owned(),
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(ForwardError::TokenEmpty {
+            name: name.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(token.to_owned())
+}
+
+/// A forwarder running on its thread; dropping it stops it (after the request in flight).
+pub struct ForwarderHandle {
+    kicker: Kicker,
+    stats: Arc<ForwardStats>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ForwarderHandle {
+    pub fn kick(&self) {
+        self.kicker.kick();
+    }
+
+    pub fn kicker(&self) -> Kicker {
+        self.kicker.clone()
+    }
+
+    pub fn stats(&self) -> &Arc<ForwardStats> {
+        &self.stats
+    }
+
+    /// Stops the loop and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.kicker.stop();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("forwarder thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ForwarderHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
