@@ -136,7 +136,7 @@ impl RollupBuilder {
             let acc = &mut self.links[l];
             let complete = all_bins && acc.valid_bins == self.bins_per_window;
             let mut rates = [[0f64; 5]; DIRS];
-            for d in 0..DIRS {
+            for (d, rate) in rates.iter_mut().enumerate() {
                 // Bins with no packet are zero-rate bins, not absent ones.
                 self.scratch.clear();
                 self.scratch.extend_from_slice(&acc.bins[d]);
@@ -146,7 +146,7 @@ impl RollupBuilder {
                     let i = ((self.scratch.len() - 1) as f64 * p).round() as usize;
                     self.scratch[i] as f64 * 8.0 / bin_secs
                 };
-                rates[d] = [
+                *rate = [
                     acc.bytes[d] as f64 * 8.0 / secs,
                     pct(1.0),
                     pct(0.5),
