@@ -150,6 +150,7 @@ impl BenchNet {
             Some(p) => s += &format!("[stream]\npath = \"{}\"\n", p.display()),
             None => s += "[stream]\nenabled = false\n",
         }
+        s += "[store]\nenabled = false\n";
         for k in 0..n {
             s += &format!("[[link]]\ninterface = \"wwan{k}\"\noperator = \"op{k}\"\n");
         }

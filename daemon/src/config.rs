@@ -44,6 +44,8 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// None when `[stream] enabled = false`.
     pub stream: Option<StreamConfig>,
+    /// None when `[store] enabled = false`.
+    pub store: Option<StoreConfig>,
     pub links: Vec<LinkConfig>,
     /// The file it came from (for SIGHUP reloads and messages).
     pub source: Option<PathBuf>,
@@ -69,6 +71,8 @@ struct RawConfig {
     http: RawHttp,
     #[serde(default)]
     stream: RawStream,
+    #[serde(default)]
+    store: RawStore,
     #[serde(default, rename = "link")]
     links: Vec<RawLink>,
 }
@@ -117,6 +121,47 @@ fn default_stream_mode() -> Spanned<String> {
 }
 fn default_max_clients() -> Spanned<usize> {
     Spanned::new(0..0, 16)
+}
+
+/// `[store]`: 500 ms rollups in a local Tarantool the daemon runs itself.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    /// Default true.
+    #[serde(default = "default_true")]
+    enabled: bool,
+    /// The instance's directory (init file, socket, log, database). Default
+    /// `/var/lib/linkpulse/store`.
+    #[serde(default = "default_store_dir")]
+    data_dir: PathBuf,
+    /// Rollup window in ms: a multiple of the bin width that divides one second, or whole
+    /// seconds. Default 500.
+    #[serde(default = "default_window_ms")]
+    window_ms: Spanned<u64>,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            data_dir: default_store_dir(),
+            window_ms: default_window_ms(),
+        }
+    }
+}
+
+fn default_store_dir() -> PathBuf {
+    PathBuf::from("/var/lib/linkpulse/store")
+}
+fn default_window_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 500)
+}
+
+/// The validated `[store]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    pub window_ns: u64,
 }
 
 /// The validated `[stream]` section.
@@ -305,6 +350,30 @@ impl Config {
             None
         };
 
+        let store = if raw.store.enabled {
+            let ms = *raw.store.window_ms.get_ref();
+            let ns = ms.saturating_mul(1_000_000);
+            let ok = ms > 0
+                && ns.is_multiple_of(width_us * 1000)
+                && (1000 % ms == 0 || ms.is_multiple_of(1000))
+                && ms <= 3_600_000;
+            if !ok {
+                return Err(err(
+                    Some(raw.store.window_ms.span()),
+                    format!(
+                        "store.window_ms = {ms}: use a multiple of the bin width that divides one \
+                         second (e.g. 100, 250, 500) or whole seconds (1000, 5000, 60000)"
+                    ),
+                ));
+            }
+            Some(StoreConfig {
+                data_dir: raw.store.data_dir.clone(),
+                window_ns: ns,
+            })
+        } else {
+            None
+        };
+
         if raw.links.len() > MAX_LINKS {
             return Err(err(
                 Some(raw.links[MAX_LINKS].interface.span()),
@@ -345,6 +414,7 @@ impl Config {
             publish_interval_ns: publish_us * 1000,
             http_listen,
             stream,
+            store,
             links,
             source: None,
         })
@@ -482,6 +552,18 @@ interface = "wwan1"
     fn missing_router_section_is_named() {
         let (_, msg) = invalid_at("[[link]]\ninterface = \"wwan0\"\n");
         assert!(msg.contains("router"), "{msg}");
+    }
+
+    #[test]
+    fn rollup_window_must_fit_the_grid() {
+        let (_, msg) = invalid_at(&format!("{GOOD}\n[store]\nwindow_ms = 300\n"));
+        assert!(msg.contains("store.window_ms = 300"), "{msg}");
+        let c = parse(&format!("{GOOD}\n[store]\nwindow_ms = 5000\n")).expect("5 s");
+        assert_eq!(c.store.expect("store").window_ns, 5_000_000_000);
+        assert!(parse(&format!("{GOOD}\n[store]\nenabled = false\n"))
+            .expect("off")
+            .store
+            .is_none());
     }
 
     #[test]

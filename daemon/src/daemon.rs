@@ -19,6 +19,7 @@ use crate::{
     ingest::{self, Fanout, Output},
     kernel::{Kernel, KernelError},
     links::{self, Control, LinkManager},
+    persist,
     shared::Shared,
     stats,
     stream::{StreamError, StreamServer},
@@ -121,6 +122,13 @@ impl Daemon {
             }
             None => None,
         };
+        // The rollups and the local store.
+        let persist_rx = cfg.store.as_ref().map(|_| {
+            let (tx, rx) = rtrb::RingBuffer::new(STATS_QUEUE_FRAMES);
+            names.push("store".to_string());
+            outputs.push(Output::new(tx));
+            rx
+        });
         let fanout = Fanout::from_outputs(outputs);
         *shared
             .fanout_dropped
@@ -160,6 +168,12 @@ impl Daemon {
             let (shared, stop, width) = (Arc::clone(&shared), Arc::clone(&stop), cfg.bin_width_ns);
             threads.push(spawn("lp-stats", move || {
                 stats::run(stats_rx, shared, width, stop)
+            })?);
+        }
+        if let (Some(sc), Some(rx)) = (cfg.store.clone(), persist_rx) {
+            let (shared, stop, width) = (Arc::clone(&shared), Arc::clone(&stop), cfg.bin_width_ns);
+            threads.push(spawn("lp-persist", move || {
+                persist::run(sc, rx, shared, width, stop)
             })?);
         }
         if let Some(server) = stream {

@@ -172,6 +172,42 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             esc(name)
         );
     }
+    let st = &s.store;
+    counter(
+        &mut o,
+        "linkpulse_rollups_written_total",
+        "Rollups written to the local store.",
+        st.written.load(Ordering::Relaxed),
+    );
+    counter(&mut o, "linkpulse_rollups_dropped_total", "Rollups dropped because the store was unavailable longer than the in-memory queue holds (ranges in /api/v1/events).", st.dropped.load(Ordering::Relaxed));
+    counter(
+        &mut o,
+        "linkpulse_store_errors_total",
+        "Failed writes to the local store.",
+        st.errors.load(Ordering::Relaxed),
+    );
+    let _ = writeln!(o, "# HELP linkpulse_store_up 1 while the local store accepts rollups.\n# TYPE linkpulse_store_up gauge\nlinkpulse_store_up {}", u8::from(st.up.load(Ordering::Relaxed)));
+    let _ = writeln!(o, "# HELP linkpulse_rollups_pending Rollups waiting in memory for the store.\n# TYPE linkpulse_rollups_pending gauge\nlinkpulse_rollups_pending {}", st.pending.load(Ordering::Relaxed));
+    let sm = &s.stream;
+    let _ = writeln!(o, "# HELP linkpulse_stream_clients Controllers subscribed to the stream.\n# TYPE linkpulse_stream_clients gauge\nlinkpulse_stream_clients {}", sm.clients.load(Ordering::Relaxed));
+    counter(
+        &mut o,
+        "linkpulse_stream_frames_sent_total",
+        "Frames sent to stream clients.",
+        sm.frames_sent.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_stream_frames_dropped_total",
+        "Frames a stream client lost because it did not keep up (it sees the gap).",
+        sm.frames_dropped.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_stream_bad_requests_total",
+        "Stream clients refused for a malformed request.",
+        sm.bad_requests.load(Ordering::Relaxed),
+    );
     let clock = s.clock();
     let _ = writeln!(o, "# HELP linkpulse_clock_synced 1 if the kernel reports the clock synchronised.\n# TYPE linkpulse_clock_synced gauge\nlinkpulse_clock_synced {}", u8::from(clock.synced));
     let _ = writeln!(o, "# HELP linkpulse_clock_max_error_seconds The kernel's maximum clock error bound.\n# TYPE linkpulse_clock_max_error_seconds gauge\nlinkpulse_clock_max_error_seconds {}", clock.max_error_us as f64 / 1e6);

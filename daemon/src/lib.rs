@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod kernel;
 pub mod links;
 pub mod notify;
+pub mod persist;
 pub mod rollup;
 pub mod shared;
 pub mod stamp;

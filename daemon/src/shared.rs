@@ -134,6 +134,8 @@ pub struct Shared {
     clock: Mutex<ClockState>,
     clock_synced: AtomicBool,
     events: Mutex<VecDeque<Event>>,
+    /// The rollup store's counters.
+    pub store: crate::persist::StoreCounters,
     /// The controller stream's counters.
     pub stream: crate::stream::StreamCounters,
     /// Frames lost per consumer queue (set once the fan-out exists).
@@ -160,6 +162,7 @@ impl Shared {
             clock_synced: AtomicBool::new(true),
             events: Mutex::new(VecDeque::with_capacity(EVENTS_KEPT)),
             stream: Default::default(),
+            store: Default::default(),
             fanout_dropped: RwLock::new(Vec::new()),
         }
     }

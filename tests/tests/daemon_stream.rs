@@ -41,6 +41,7 @@ fn start(name: &str) -> (Run, PathBuf) {
         &[],
         TestbedOptions::default(),
         Some(sock.clone()),
+        None,
     );
     (run, sock)
 }

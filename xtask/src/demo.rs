@@ -96,7 +96,7 @@ impl Demo {
         }
 
         let config = self.dir.join("linkpulse.toml");
-        std::fs::write(&config, demo_config(args.modems))
+        std::fs::write(&config, demo_config(args.modems, &self.dir.join("store")))
             .with_context(|| format!("writing {}", config.display()))?;
         let log_path = self.log_path();
         let log =
@@ -313,12 +313,15 @@ fn stop_daemon(mut child: Child) -> Result<()> {
 }
 
 /// The daemon's TOML for `modems` emulated links wwan0.. (the format is `deny_unknown_fields`).
-fn demo_config(modems: u8) -> String {
+/// The rollups go to a local store under `store_dir` (kept between runs, like a router's).
+fn demo_config(modems: u8, store_dir: &Path) -> String {
     let mut toml = format!(
         "# Written by `cargo xtask demo`; rewritten on every run.\n\n\
          [router]\nid = \"demo-router\"\nsite = \"lab\"\n\n\
          [sampling]\nbin_width_us = 100\ngrace_us = 1000\n\n\
-         [http]\nlisten = \"{API_ADDR}\"\n"
+         [http]\nlisten = \"{API_ADDR}\"\n\n\
+         [store]\ndata_dir = \"{}\"\n",
+        store_dir.display()
     );
     for k in 0..usize::from(modems) {
         toml.push_str(&format!(
@@ -355,7 +358,8 @@ mod tests {
 
     #[test]
     fn config_has_one_link_per_modem() {
-        let toml = demo_config(5);
+        let toml = demo_config(5, Path::new("/tmp/demo-store"));
+        assert!(toml.contains("[store]\ndata_dir = \"/tmp/demo-store\"\n"));
         assert_eq!(toml.matches("[[link]]").count(), 5);
         assert!(toml.contains("interface = \"wwan0\"\nlabel = \"modem 1\"\noperator = \"Verizon\"\nmodem_id = \"demo-0\""));
         assert!(

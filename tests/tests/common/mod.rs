@@ -38,6 +38,8 @@ pub struct Seen {
     /// (link, dir) → UTC second → counts.
     pub per_second: BTreeMap<(usize, usize), BTreeMap<i64, Counts>>,
     pub totals: BTreeMap<(usize, usize), Counts>,
+    /// (link, dir, 500 ms window start UTC ns) → counts, as the daemon's rollups define windows.
+    pub per_window: BTreeMap<(usize, usize, i64), Counts>,
     /// Frames in which link i was not valid (missing data).
     pub invalid: BTreeMap<usize, u64>,
     /// (link, UTC second) with at least one bin in which the link was not valid.
@@ -87,12 +89,22 @@ pub fn modem(ifname: &str, kind: ModemKind, up: LinkProfile, down: LinkProfile) 
 
 /// Config text for links named like the testbed's modems (plus `extra` interface names).
 /// The controller stream is off unless `stream` names a socket path (tests run in parallel).
-pub fn config_text(bed: &Testbed, extra: &[&str], stream: Option<&std::path::Path>) -> String {
+pub fn config_text(
+    bed: &Testbed,
+    extra: &[&str],
+    stream: Option<&std::path::Path>,
+    store: Option<&std::path::Path>,
+) -> String {
     let mut s =
         String::from("[router]\nid = \"e2e\"\nsite = \"lab\"\n[http]\nlisten = \"127.0.0.1:0\"\n");
     match stream {
         Some(p) => s += &format!("[stream]\npath = \"{}\"\n", p.display()),
         None => s += "[stream]\nenabled = false\n",
+    }
+    // The local store (a Tarantool per daemon) only where a test asks for it.
+    match store {
+        Some(p) => s += &format!("[store]\ndata_dir = \"{}\"\n", p.display()),
+        None => s += "[store]\nenabled = false\n",
     }
     for m in &bed.spec().modems {
         s += &format!(
@@ -119,7 +131,7 @@ impl Run {
         extra: &[&str],
         options: TestbedOptions,
     ) -> Run {
-        Self::start_full(name, modems, extra, options, None)
+        Self::start_full(name, modems, extra, options, None, None)
     }
 
     /// With the controller stream served at `stream`.
@@ -129,6 +141,7 @@ impl Run {
         extra: &[&str],
         options: TestbedOptions,
         stream: Option<PathBuf>,
+        store: Option<PathBuf>,
     ) -> Run {
         let dir = TempDir::new(name);
         let bed = Testbed::up_with(
@@ -141,7 +154,7 @@ impl Run {
         )
         .expect("testbed up");
         let cfg = Config::parse(
-            &config_text(&bed, extra, stream.as_deref()),
+            &config_text(&bed, extra, stream.as_deref(), store.as_deref()),
             std::path::Path::new("e2e.toml"),
         )
         .expect("config");
@@ -283,6 +296,10 @@ fn collect(s: &mut Seen, f: &Frame) {
                 .or_default()
                 .entry(sec)
                 .or_default();
+            c.packets += p;
+            c.bytes += b;
+            let w = f.bin_start_utc_ns - f.bin_start_utc_ns.rem_euclid(500_000_000);
+            let c = s.per_window.entry((l, d, w)).or_default();
             c.packets += p;
             c.bytes += b;
             let t = s.totals.entry((l, d)).or_default();
