@@ -21,6 +21,7 @@ macro_rules! esay {
 }
 
 mod cmd;
+mod cross;
 mod demo;
 mod http;
 mod links_table;
@@ -45,7 +46,12 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Check the machine and install what is missing (Debian packages, bpf-linker); idempotent.
-    Setup,
+    Setup {
+        /// Also install the aarch64 cross tools (arm64 std, cross gcc, qemu-user), which let
+        /// `cargo xtask test` build and test the pure-logic crates for aarch64.
+        #[arg(long)]
+        cross: bool,
+    },
     /// setup, then `cargo build --release --workspace`.
     Build,
     /// setup, fmt check, clippy, then `cargo test --workspace --release`.
@@ -63,7 +69,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Cmd::Setup => setup::run(),
+        Cmd::Setup { cross } => setup::run_with(*cross),
         Cmd::Build => setup::run().and_then(|()| cmd::build_release()),
         Cmd::Test(args) => test::run(args),
         Cmd::Demo(args) => demo::run(args),

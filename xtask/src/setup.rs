@@ -65,17 +65,28 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const TCX_KERNEL: (u32, u32) = (6, 6);
 
 /// One line per check, aligned so that a failing line stands out.
-fn report(status: &str, what: &str) {
+pub fn report(status: &str, what: &str) {
     say!("setup  {status:<9}  {what}");
 }
 
 pub fn run() -> Result<()> {
+    run_with(false)
+}
+
+/// `cross`: also install the aarch64 cross tools (`cargo xtask setup --cross`); without it only
+/// say whether they are there.
+pub fn run_with(cross: bool) -> Result<()> {
     check_root()?;
     check_btf()?;
     check_kernel_version();
     ensure_packages()?;
     check_rustup()?;
     ensure_bpf_linker()?;
+    if cross {
+        crate::cross::ensure()?;
+    } else {
+        crate::cross::report_state();
+    }
     Ok(())
 }
 
@@ -143,12 +154,16 @@ fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
 
 fn ensure_packages() -> Result<()> {
     let names: Vec<&str> = PACKAGES.iter().map(|(name, _)| *name).collect();
-    let missing = missing_packages(&names)?;
+    install_missing("Debian packages", &names)
+}
+
+/// Installs those of `names` that dpkg does not list as installed (`apt-get update` first, and
+/// only then); `what` names the group in the report. A name may carry an architecture
+/// (`pkg:arm64`).
+pub fn install_missing(what: &str, names: &[&str]) -> Result<()> {
+    let missing = missing_packages(names)?;
     if missing.is_empty() {
-        report(
-            "ok",
-            &format!("Debian packages: all {} installed", names.len()),
-        );
+        report("ok", &format!("{what}: all {} installed", names.len()));
         return Ok(());
     }
     for name in &missing {
@@ -185,7 +200,8 @@ fn ensure_packages() -> Result<()> {
 fn missing_packages<S: AsRef<str>>(names: &[S]) -> Result<Vec<String>> {
     let out = Command::new("dpkg-query")
         .arg("-W")
-        .arg("-f=${Package} ${Status}\n")
+        // The architecture too, to tell `libstd-rust-web-dev:arm64` from the amd64 one.
+        .arg("-f=${Package}:${Architecture} ${Status}\n")
         .args(names.iter().map(AsRef::as_ref))
         .output()
         .context(
@@ -200,12 +216,20 @@ fn missing_packages<S: AsRef<str>>(names: &[S]) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Whether dpkg-query's `${Package} ${Status}` output has `name` fully installed (a multi-arch
-/// package may have several lines; any installed one is enough).
+/// Whether dpkg-query's `${Package}:${Architecture} ${Status}` output has `name` fully installed.
+/// A plain name matches any architecture (a multi-arch package may have several lines; any
+/// installed one is enough); `pkg:arch` matches only that architecture.
 fn is_installed(dpkg_output: &str, name: &str) -> bool {
     dpkg_output.lines().any(|line| {
-        line.split_once(' ')
-            .is_some_and(|(pkg, status)| pkg == name && status.trim() == "install ok installed")
+        let Some((pkg_arch, status)) = line.split_once(' ') else {
+            return false;
+        };
+        let (pkg, arch) = pkg_arch.split_once(':').unwrap_or((pkg_arch, ""));
+        let same = match name.split_once(':') {
+            Some((want_pkg, want_arch)) => pkg == want_pkg && arch == want_arch,
+            None => pkg == name,
+        };
+        same && status.trim() == "install ok installed"
     })
 }
 
@@ -311,8 +335,9 @@ mod tests {
 
     #[test]
     fn dpkg_status_lines() {
-        let out = "procps install ok installed\nirtt deinstall ok config-files\n\
-                   libc6 install ok installed\nlibc6 not-installed\n";
+        let out = "procps:amd64 install ok installed\nirtt:amd64 deinstall ok config-files\n\
+                   libc6:amd64 install ok installed\nlibc6:arm64 not-installed\n\
+                   libstd-rust-web-dev-bpf:all install ok installed\n";
         assert!(is_installed(out, "procps"));
         assert!(
             !is_installed(out, "irtt"),
@@ -321,6 +346,9 @@ mod tests {
         assert!(is_installed(out, "libc6"), "one installed arch is enough");
         assert!(!is_installed(out, "ethtool"), "absent from the output");
         assert!(!is_installed(out, "proc"), "no prefix matches");
+        assert!(is_installed(out, "libc6:amd64"));
+        assert!(!is_installed(out, "libc6:arm64"), "only that architecture");
+        assert!(is_installed(out, "libstd-rust-web-dev-bpf"), "arch all");
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! `cargo xtask test`: format check, clippy, then the whole test suite, with one summary at the end.
 
-use crate::{cmd, setup};
+use crate::{cmd, cross, setup};
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -20,6 +20,8 @@ pub struct TestArgs {
 struct Step {
     name: &'static str,
     outcome: Result<()>,
+    /// Did not run, and says why itself; counts as neither passed nor failed.
+    skipped: bool,
 }
 
 pub fn run(args: &TestArgs) -> Result<()> {
@@ -33,6 +35,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
             outcome: cmd::cargo(&["fmt", "--all", "--check"])
                 .and_then(|mut c| cmd::run(&mut c))
                 .context("formatting differs. Fix: run `cargo fmt --all` and commit"),
+            skipped: false,
         });
         steps.push(Step {
             name: "clippy",
@@ -47,13 +50,18 @@ pub fn run(args: &TestArgs) -> Result<()> {
             ])
             .and_then(|mut c| cmd::run(&mut c))
             .context("clippy found problems (listed above). Fix them, or see why the build failed"),
+            skipped: false,
         });
     }
-    let (outcome, counts) = cargo_test(&args.cargo_test_args);
+    let (outcome, mut counts) = cargo_test(&args.cargo_test_args);
     steps.push(Step {
         name: "tests",
         outcome,
+        skipped: false,
     });
+    let (step, cross_counts) = aarch64(&args.cargo_test_args);
+    steps.push(step);
+    add_counts(&mut counts, cross_counts);
 
     let failed: Vec<&Step> = steps.iter().filter(|s| s.outcome.is_err()).collect();
     for step in &failed {
@@ -67,7 +75,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
             format!(
                 "{} {}",
                 s.name,
-                if s.outcome.is_ok() { "ok" } else { "FAILED" }
+                match (&s.outcome, s.skipped) {
+                    (Err(_), _) => "FAILED",
+                    (Ok(()), true) => "skipped",
+                    (Ok(()), false) => "ok",
+                }
             )
         })
         .collect();
@@ -108,15 +120,81 @@ struct Counts {
 /// Runs `cargo test --workspace --release ARGS`, echoing its stdout while adding up the
 /// "test result:" lines of every test binary and doc-test run.
 fn cargo_test(extra: &[String]) -> (Result<()>, Option<Counts>) {
+    // `--workspace` would override a `-p` of the user's, so it is added only without one.
+    let test = if selects_packages(extra) {
+        cmd::cargo(&["test", "--release"])
+    } else {
+        cmd::cargo(&["test", "--workspace", "--release"])
+    };
+    match test {
+        Ok(mut test) => {
+            test.args(extra);
+            run_counting(test)
+        }
+        Err(err) => (Err(err), None),
+    }
+}
+
+/// The aarch64 step: the pure-logic crates' tests (and the daemon's lib tests) built for aarch64
+/// and run under qemu-user, or one line saying why it is skipped.
+fn aarch64(extra: &[String]) -> (Step, Option<Counts>) {
+    let name = "aarch64";
+    let commands = match cross::test_commands(extra) {
+        Ok(cross::Plan::Run(commands)) => commands,
+        Ok(cross::Plan::Skip(reason)) => {
+            say!("aarch64: skipped ({reason})");
+            let step = Step {
+                name,
+                outcome: Ok(()),
+                skipped: true,
+            };
+            return (step, None);
+        }
+        Err(err) => {
+            let step = Step {
+                name,
+                outcome: Err(err),
+                skipped: false,
+            };
+            return (step, None);
+        }
+    };
+    let mut counts = None;
+    let mut outcome = Ok(());
+    // Both runs even if the first fails, like the steps themselves.
+    for command in commands {
+        let (result, c) = run_counting(command);
+        add_counts(&mut counts, c);
+        if outcome.is_ok() {
+            outcome = result.context(
+                "the aarch64 build or its tests under qemu-user failed (output above); the same \
+                 tests on the host are the \"tests\" step",
+            );
+        }
+    }
+    let step = Step {
+        name,
+        outcome,
+        skipped: false,
+    };
+    (step, counts)
+}
+
+fn add_counts(total: &mut Option<Counts>, more: Option<Counts>) {
+    if let Some(c) = more {
+        let total = total.get_or_insert_with(Counts::default);
+        total.passed += c.passed;
+        total.failed += c.failed;
+        total.ignored += c.ignored;
+    }
+}
+
+/// Runs a `cargo test` command, echoing its stdout while adding up the "test result:" lines of
+/// every test binary and doc-test run.
+fn run_counting(mut test: Command) -> (Result<()>, Option<Counts>) {
     let mut counts: Option<Counts> = None;
     let outcome = (|| {
-        // `--workspace` would override a `-p` of the user's, so it is added only without one.
-        let mut test = if selects_packages(extra) {
-            cmd::cargo(&["test", "--release"])?
-        } else {
-            cmd::cargo(&["test", "--workspace", "--release"])?
-        };
-        test.args(extra).stdout(Stdio::piped());
+        test.stdout(Stdio::piped());
         esay!("$ {}", cmd::display(&test));
         let mut child = test
             .spawn()
@@ -131,12 +209,7 @@ fn cargo_test(extra: &[String]) -> (Result<()>, Option<Counts>) {
             let Ok(line) = line else { continue };
             // Echo failures do not stop the run: the exit status below is what counts.
             let _ = writeln!(out, "{line}");
-            if let Some(c) = parse_test_result(&line) {
-                let total = counts.get_or_insert_with(Counts::default);
-                total.passed += c.passed;
-                total.failed += c.failed;
-                total.ignored += c.ignored;
-            }
+            add_counts(&mut counts, parse_test_result(&line));
         }
         let status = child.wait()?;
         if !status.success() {
