@@ -73,3 +73,66 @@ fn missing_file_says_how_to_fix() {
         "{err}"
     );
 }
+
+/// `linkpulse run` takes SIGTERM synchronously (blocked in every thread); the Tarantool it
+/// starts must not inherit that mask, or it ignores the daemon's stop. Needs root (eBPF).
+#[test]
+fn run_starts_its_store_with_signals_unblocked_and_stops_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("lp-cli-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let cfg = dir.join("linkpulse.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[router]\nid = \"r1\"\nsite = \"s\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [stream]\nenabled = false\n[store]\ndata_dir = \"{}\"\n",
+            dir.join("store").display()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_linkpulse"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run linkpulse");
+    let store = dir.join("store").display().to_string();
+    let find = || {
+        std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .find(|e| {
+                let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+                let cwd = std::fs::read_link(e.path().join("cwd")).unwrap_or_default();
+                comm.starts_with("tarantool") && cwd.to_string_lossy().starts_with(&store)
+            })
+    };
+    let t = std::time::Instant::now();
+    let tarantool = loop {
+        if let Some(p) = find() {
+            break p;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "no tarantool started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let status = std::fs::read_to_string(tarantool.path().join("status")).expect("status");
+    let blocked = status
+        .lines()
+        .find(|l| l.starts_with("SigBlk:"))
+        .expect("SigBlk")
+        .to_string();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = child.wait().expect("wait");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        blocked.ends_with("0000000000000000"),
+        "tarantool inherited blocked signals: {blocked}"
+    );
+    assert!(code.success(), "clean exit on SIGTERM: {code:?}");
+    assert!(find().is_none(), "tarantool stopped with the daemon");
+}

@@ -416,11 +416,19 @@ fn spawn(cfg: &LocalConfig, paths: &Paths) -> Result<Child, StoreError> {
         // Its own process group: a Ctrl-C on the daemon's terminal must not kill the store
         // before the daemon has stopped writing to it.
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    // SAFETY: prctl, sigemptyset and sigprocmask are async-signal-safe and touch no memory of
+    // the parent.
     unsafe {
         cmd.pre_exec(|| {
             // The instance must not outlive a daemon killed with -9.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The daemon blocks SIGTERM/SIGINT/SIGHUP in every thread to take them synchronously;
+            // a blocked mask survives exec, and Tarantool would then ignore our SIGTERM.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
