@@ -6,13 +6,12 @@ mod common;
 
 use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
 
-use common::{modem, Run};
+use common::{plain, Run};
 use linkpulse::{
     clock::{self, ClockState},
     frame::{FLAG_CLOCK_STEP, FLAG_CLOCK_UNSYNC, FLAG_SKIPPED},
 };
 use linkpulse_testbed::{
-    emulator::LinkProfile,
     traffic::{UdpFlow, UdpSink},
     ModemKind,
 };
@@ -100,16 +99,7 @@ fn utc_sync_flags_and_clock_steps() {
         "the kernel applies the TAI offset"
     );
 
-    let mut run = Run::start(
-        "lpck",
-        vec![modem(
-            "wwan0",
-            ModemKind::Veth,
-            LinkProfile::unlimited(),
-            LinkProfile::unlimited(),
-        )],
-        &[],
-    );
+    let mut run = Run::start("lpck", vec![plain("wwan0", ModemKind::Veth)], &[]);
     let rtr = run.bed.router_ns().to_string();
     let (r, s) = run.bed.modem_addr_v4(0);
     let dst = SocketAddr::new(s.into(), 9500);

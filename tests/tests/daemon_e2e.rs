@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::{modem, Counts, Run};
+use common::{modem, plain, Counts, Run};
 use linkpulse::shared::LinkState;
 use linkpulse_testbed::{
     emulator::LinkProfile,
@@ -40,24 +40,9 @@ fn packets_sent_through_a_modem_are_counted_exactly_there() {
     let mut run = Run::start(
         "lpex",
         vec![
-            modem(
-                "wwan0",
-                ModemKind::Veth,
-                LinkProfile::unlimited(),
-                LinkProfile::unlimited(),
-            ),
-            modem(
-                "wwan1",
-                ModemKind::Tun,
-                LinkProfile::unlimited(),
-                LinkProfile::unlimited(),
-            ),
-            modem(
-                "wwan2",
-                ModemKind::Veth,
-                LinkProfile::unlimited(),
-                LinkProfile::unlimited(),
-            ),
+            plain("wwan0", ModemKind::Veth),
+            plain("wwan1", ModemKind::Tun),
+            plain("wwan2", ModemKind::Veth),
         ],
         &[],
     );
@@ -349,18 +334,8 @@ fn hot_plug_and_a_missing_interface() {
     let mut run = Run::start(
         "lphp",
         vec![
-            modem(
-                "wwan0",
-                ModemKind::Veth,
-                LinkProfile::unlimited(),
-                LinkProfile::unlimited(),
-            ),
-            modem(
-                "wwan1",
-                ModemKind::Tun,
-                LinkProfile::unlimited(),
-                LinkProfile::unlimited(),
-            ),
+            plain("wwan0", ModemKind::Veth),
+            plain("wwan1", ModemKind::Tun),
         ],
         &["wwan5"],
     );
@@ -465,16 +440,7 @@ fn hot_plug_and_a_missing_interface() {
 /// Links added to and removed from the configuration are applied without a restart.
 #[test]
 fn reload_adds_and_removes_links() {
-    let run = Run::start(
-        "lprl",
-        vec![modem(
-            "wwan0",
-            ModemKind::Veth,
-            LinkProfile::unlimited(),
-            LinkProfile::unlimited(),
-        )],
-        &[],
-    );
+    let run = Run::start("lprl", vec![plain("wwan0", ModemKind::Veth)], &[]);
     let rtr = run.bed.router_ns().to_string();
     linkpulse_testbed::netns::ip_in(
         &rtr,

@@ -9,10 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{modem, Run, TempDir};
+use common::{plain, Run, TempDir};
 use linkpulse_sink::store::{LocalConfig, Store};
 use linkpulse_testbed::{
-    emulator::LinkProfile,
     traffic::{UdpFlow, UdpSink},
     ModemKind, TestbedOptions,
 };
@@ -23,18 +22,8 @@ fn rollups_in_the_store_equal_the_frames() {
     let mut run = Run::start_full(
         "lpsto",
         vec![
-            modem(
-                "wwan0",
-                ModemKind::Veth,
-                LinkProfile::unlimited(),
-                LinkProfile::unlimited(),
-            ),
-            modem(
-                "wwan1",
-                ModemKind::Tun,
-                LinkProfile::unlimited(),
-                LinkProfile::unlimited(),
-            ),
+            plain("wwan0", ModemKind::Veth),
+            plain("wwan1", ModemKind::Tun),
         ],
         &[],
         TestbedOptions::default(),

@@ -11,11 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{modem, Run};
+use common::{plain, Run};
 use linkpulse_client::{request_raw, ClientError, StreamClient, Subscription, VALID_TRAFFIC};
 use linkpulse_common::stream::{as_bytes, ERR_BAD_REQUEST, ERR_VERSION};
 use linkpulse_testbed::{
-    emulator::LinkProfile,
     traffic::{UdpFlow, UdpSink},
     ModemKind, TestbedOptions,
 };
@@ -25,18 +24,8 @@ fn start(name: &str) -> (Run, PathBuf) {
     let run = Run::start_full(
         name,
         vec![
-            modem(
-                "wwan0",
-                ModemKind::Veth,
-                LinkProfile::unlimited(),
-                LinkProfile::unlimited(),
-            ),
-            modem(
-                "wwan1",
-                ModemKind::Tun,
-                LinkProfile::unlimited(),
-                LinkProfile::unlimited(),
-            ),
+            plain("wwan0", ModemKind::Veth),
+            plain("wwan1", ModemKind::Tun),
         ],
         &[],
         TestbedOptions::default(),

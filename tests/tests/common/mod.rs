@@ -87,6 +87,16 @@ pub fn modem(ifname: &str, kind: ModemKind, up: LinkProfile, down: LinkProfile) 
     }
 }
 
+/// A modem without impairments either way (for counting tests).
+pub fn plain(ifname: &str, kind: ModemKind) -> ModemSpec {
+    modem(
+        ifname,
+        kind,
+        LinkProfile::unlimited(),
+        LinkProfile::unlimited(),
+    )
+}
+
 /// Config text for links named like the testbed's modems (plus `extra` interface names).
 /// The controller stream is off unless `stream` names a socket path (tests run in parallel).
 pub fn config_text(
