@@ -233,6 +233,25 @@ pub(crate) fn parse_frame(msg: &[u8]) -> Result<FrameRef<'_>, ClientError> {
     Ok(FrameRef { header, records })
 }
 
+/// Sends one message on a blocking socket (MSG_NOSIGNAL: a closed daemon is an error, not a
+/// SIGPIPE).
+fn send_msg(fd: &OwnedFd, b: &[u8]) -> io::Result<()> {
+    // SAFETY: sending a valid buffer of its own length.
+    let n = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            b.as_ptr().cast(),
+            b.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 fn recv(fd: &OwnedFd, buf: &mut [u8]) -> Result<usize, ClientError> {
     loop {
         // SAFETY: receiving into a valid buffer.
@@ -254,19 +273,7 @@ impl StreamClient {
     /// Connects and subscribes; returns when the daemon has answered.
     pub fn connect(path: impl AsRef<Path>, sub: Subscription) -> Result<Self, ClientError> {
         let fd = connect_fd(path.as_ref(), false)?;
-        let req = sub.record();
-        // SAFETY: sending a valid buffer.
-        if unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                as_bytes(&req).as_ptr().cast(),
-                std::mem::size_of::<Subscribe>(),
-                libc::MSG_NOSIGNAL,
-            )
-        } < 0
-        {
-            return Err(io::Error::last_os_error().into());
-        }
+        send_msg(&fd, as_bytes(&sub.record()))?;
         let mut buf = vec![0u8; MAX_MSG];
         let n = recv(&fd, &mut buf)?;
         let (hello, links) = parse_hello(&buf[..n])?;
@@ -328,19 +335,7 @@ impl StreamClient {
 
     /// Sends raw bytes (for tests of the daemon's input checks).
     pub fn send_raw(&self, b: &[u8]) -> io::Result<()> {
-        // SAFETY: sending a valid buffer.
-        if unsafe {
-            libc::send(
-                self.fd.as_raw_fd(),
-                b.as_ptr().cast(),
-                b.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        } < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        send_msg(&self.fd, b)
     }
 }
 
@@ -351,18 +346,7 @@ pub fn request_raw(
     raw: &[u8],
 ) -> Result<(Hello, Vec<LinkInfo>), ClientError> {
     let fd = connect_fd(path.as_ref(), false)?;
-    // SAFETY: sending a valid buffer.
-    if unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            raw.as_ptr().cast(),
-            raw.len(),
-            libc::MSG_NOSIGNAL,
-        )
-    } < 0
-    {
-        return Err(io::Error::last_os_error().into());
-    }
+    send_msg(&fd, raw)?;
     let mut buf = vec![0u8; MAX_MSG];
     let n = recv(&fd, &mut buf)?;
     parse_hello(&buf[..n])

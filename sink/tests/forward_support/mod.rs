@@ -7,7 +7,6 @@ use linkpulse_sink::forward::{BasicAuth, ForwardConfig, Kind};
 use linkpulse_sink::store::{LocalConfig, Rollup, Store};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,20 +18,10 @@ pub const ADMIN_PASSWORD: &str = "adm1n pass";
 pub const ROUTER: &str = "rt-7";
 pub const SITE: &str = "depot north";
 
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "linkpulse_sink=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
-}
+// The same helpers as the store and client tests.
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::{free_port, init_tracing};
 
 /// A rollup with values that depend on (link, window, boot): floats with fractions, optional
 /// RTTs present and absent.
