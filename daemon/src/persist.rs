@@ -78,7 +78,7 @@ pub fn run(
     if let Err(e) = &starter {
         tracing::error!(error = %e, "cannot start the store thread");
     }
-    let mut store: Option<Store> = None;
+    let mut store: Option<Arc<Store>> = None;
     let mut retry_at = Instant::now();
     let c = &shared.store;
     while !stop.load(Ordering::Relaxed) {
@@ -105,6 +105,8 @@ pub fn run(
         }
         if store.is_none() {
             if let Ok(s) = ready_rx.try_recv() {
+                let s = Arc::new(s);
+                shared.set_store_handle(Some(Arc::clone(&s)));
                 store = Some(s);
             }
         }
@@ -145,7 +147,12 @@ pub fn run(
     if let Ok(h) = starter {
         let _ = h.join();
     }
+    shared.set_store_handle(None);
     if let Some(s) = store.take() {
-        s.stop();
+        // Readers (an HTTP request, a forwarder) may still hold it: the last one to let go
+        // stops Tarantool (Store's drop).
+        if let Ok(s) = Arc::try_unwrap(s) {
+            s.stop();
+        }
     }
 }

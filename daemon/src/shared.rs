@@ -140,6 +140,9 @@ pub struct Shared {
     pub stream: crate::stream::StreamCounters,
     /// Frames lost per consumer queue (set once the fan-out exists).
     pub fanout_dropped: RwLock<Vec<(String, std::sync::Arc<[AtomicU64]>)>>,
+    /// The local store once it is ready (set and cleared by `lp-persist`), for readers outside
+    /// the frame path: the HTTP API, the forwarders.
+    store_handle: RwLock<Option<std::sync::Arc<linkpulse_sink::store::Store>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -164,6 +167,7 @@ impl Shared {
             stream: Default::default(),
             store: Default::default(),
             fanout_dropped: RwLock::new(Vec::new()),
+            store_handle: RwLock::new(None),
         }
     }
 
@@ -212,6 +216,21 @@ impl Shared {
 
     pub fn clock(&self) -> ClockState {
         *lock(&self.clock)
+    }
+
+    /// The local store, if it is up (`None` while it starts, or when disabled).
+    pub fn store_handle(&self) -> Option<std::sync::Arc<linkpulse_sink::store::Store>> {
+        self.store_handle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_store_handle(
+        &self,
+        store: Option<std::sync::Arc<linkpulse_sink::store::Store>>,
+    ) {
+        *self.store_handle.write().unwrap_or_else(|p| p.into_inner()) = store;
     }
 
     pub fn event(&self, kind: &'static str, link: Option<&str>, message: String) {

@@ -306,6 +306,23 @@ impl Store {
         Ok(rows)
     }
 
+    /// About `limit` windows of one link with `from_ns <= window_start_ns < to_ns`, ordered by
+    /// window start then boot tag (two rows with one start: a clock step; both are kept). A page
+    /// never ends inside one window start, so the caller pages on with `from_ns` = the last
+    /// start + 1 and misses nothing. For the API's series and `export`.
+    pub fn read_range(
+        &self,
+        link_id: u32,
+        from_ns: u64,
+        to_ns: u64,
+        limit: u32,
+    ) -> Result<Vec<Rollup>, StoreError> {
+        let (rows,): (Vec<Rollup>,) = self.retry("lp_read_range", |c| {
+            c.call("lp_read_range", &(link_id, from_ns, to_ns, limit))
+        })?;
+        Ok(rows)
+    }
+
     /// Persists `seq` as the last one `destination` acknowledged (fsync'ed before this returns).
     pub fn set_cursor(&self, destination: &str, seq: u64) -> Result<(), StoreError> {
         let _: (bool,) = self.retry("lp_set_cursor", |c| {

@@ -222,6 +222,19 @@ define('lp_read_after', [[function(after, limit)
     return box.space.rollups.index.primary:select({{after}}, {{iterator = 'GT', limit = limit}})
 end]])
 
+-- One link's windows with from_ns <= window_start < to_ns, ordered by (window_start, boot_tag),
+-- about `limit` rows: a page never ends inside one window start (rows of several boot tags), so
+-- the caller pages on with the last window start + 1. Uses the identity index.
+define('lp_read_range', [[function(link, from_ns, to_ns, limit)
+    local out = {{}}
+    for _, t in box.space.rollups.index.identity:pairs({{link, from_ns}}, {{iterator = 'GE'}}) do
+        if t[2] ~= link or t[3] >= to_ns then break end
+        if #out >= limit and out[#out][3] ~= t[3] then break end
+        out[#out + 1] = t
+    end
+    return out
+end]])
+
 define('lp_set_cursor', [[function(dest, seq)
     box.space.cursors:replace{{dest, seq}}
     return true
