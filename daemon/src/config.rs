@@ -44,6 +44,8 @@ pub struct Config {
     /// SCHED_FIFO priority of lp-ingest and lp-stream; 0: normal scheduling.
     pub realtime_priority: u8,
     pub http_listen: SocketAddr,
+    /// `[http]` access: token and TLS (see `crate::http::auth`).
+    pub http: HttpAccess,
     /// None when `[stream] enabled = false`.
     pub stream: Option<StreamConfig>,
     /// None when `[store] enabled = false`.
@@ -159,6 +161,18 @@ fn default_window_ms() -> Spanned<u64> {
     Spanned::new(0..0, 500)
 }
 
+/// The validated access settings of `[http]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpAccess {
+    /// File holding the API token; required when `listen` is not a loopback address.
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate chain and private key: the API is served over HTTPS when both are set.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Width of a point of the live graphs (SSE), ns; a multiple of the bin width.
+    pub live_point_ns: u64,
+}
+
 /// The validated `[store]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {
@@ -235,14 +249,33 @@ fn default_realtime_priority() -> Spanned<u8> {
 struct RawHttp {
     #[serde(default = "default_listen")]
     listen: Spanned<String>,
+    /// Token file (required off loopback). Default: none.
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    /// TLS certificate chain and key (PEM). Default: none (plain HTTP).
+    #[serde(default)]
+    tls_cert: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    tls_key: Option<Spanned<PathBuf>>,
+    /// Point width of the live graphs, ms. Default 10.
+    #[serde(default = "default_live_point_ms")]
+    live_point_ms: Spanned<u64>,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            live_point_ms: default_live_point_ms(),
         }
     }
+}
+
+fn default_live_point_ms() -> Spanned<u64> {
+    Spanned::new(0..0, 10)
 }
 
 fn default_listen() -> Spanned<String> {
@@ -336,6 +369,50 @@ impl Config {
                 ),
             )
         })?;
+        if !http_listen.ip().is_loopback() && raw.http.token_file.is_none() {
+            return Err(err(
+                Some(raw.http.listen.span()),
+                format!(
+                    "http.listen = {:?} is not a loopback address, so the API needs a token: set \
+                     [http] token_file to a file holding a long random secret (e.g. \
+                     `openssl rand -hex 32 > /etc/linkpulse/api.token`), or listen on 127.0.0.1",
+                    raw.http.listen.get_ref()
+                ),
+            ));
+        }
+        let tls_cert = raw.http.tls_cert.as_ref().map(|c| c.get_ref().clone());
+        let tls_key = raw.http.tls_key.as_ref().map(|c| c.get_ref().clone());
+        if tls_cert.is_some() != tls_key.is_some() {
+            let span = raw
+                .http
+                .tls_cert
+                .as_ref()
+                .or(raw.http.tls_key.as_ref())
+                .map(|s| s.span());
+            return Err(err(
+                span,
+                "http.tls_cert and http.tls_key go together: set both (PEM files) for HTTPS, or \
+                 neither for plain HTTP"
+                    .to_string(),
+            ));
+        }
+        let live_ms = *raw.http.live_point_ms.get_ref();
+        let live_point_ns = live_ms * 1_000_000;
+        if !(1..=1000).contains(&live_ms) || !live_point_ns.is_multiple_of(width_us * 1000) {
+            return Err(err(
+                Some(raw.http.live_point_ms.span()),
+                format!(
+                    "http.live_point_ms = {live_ms}: use 1 to 1000 ms, a multiple of the bin \
+                     width ({width_us} µs); default 10"
+                ),
+            ));
+        }
+        let http = HttpAccess {
+            token_file: raw.http.token_file.clone(),
+            tls_cert,
+            tls_key,
+            live_point_ns,
+        };
 
         let stream = if raw.stream.enabled {
             let mode_text = raw.stream.mode.get_ref();
@@ -431,6 +508,7 @@ impl Config {
             publish_interval_ns: publish_us * 1000,
             realtime_priority,
             http_listen,
+            http,
             stream,
             store,
             links,

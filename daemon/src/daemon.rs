@@ -44,6 +44,10 @@ pub enum DaemonError {
     },
     #[error("the HTTP thread stopped before it was ready")]
     HttpStartup,
+    #[error(transparent)]
+    Auth(#[from] http::auth::AuthError),
+    #[error(transparent)]
+    Tls(#[from] http::tls::TlsError),
 }
 
 /// A consumer queue to register at start (tests, benchmarks, later the stream socket).
@@ -99,6 +103,15 @@ impl Daemon {
     /// Loads and attaches everything in the calling thread's network namespace and starts the
     /// threads. Links whose interface is missing are reported and attached when they appear.
     pub fn start(cfg: &Config, subscriptions: Vec<Subscription>) -> Result<Daemon, DaemonError> {
+        // The web side's files first: a bad token or certificate stops the start, clearly.
+        let tls = match (&cfg.http.tls_cert, &cfg.http.tls_key) {
+            (Some(c), Some(k)) => Some(http::tls::acceptor(c, k)?),
+            _ => None,
+        };
+        let auth = match &cfg.http.token_file {
+            Some(p) => Some(http::auth::Auth::load(p, tls.is_some())?),
+            None => None,
+        };
         let (kernel, data) = Kernel::load(cfg.bin_width_ns)?;
         let shared = Arc::new(Shared::new(cfg));
         let stop = Arc::new(AtomicBool::new(false));
@@ -127,6 +140,19 @@ impl Daemon {
             outputs.push(Output::new(tx));
             rx
         });
+        // The page's live graphs: fed only while a browser listens.
+        let hub = Arc::new(http::live::LiveHub::new(
+            cfg.http.live_point_ns,
+            Arc::clone(&shared),
+        ));
+        let live_rx = {
+            let (tx, rx) = rtrb::RingBuffer::new(http::live::QUEUE_FRAMES);
+            let mut o = Output::new(tx);
+            o.live = Some(Arc::clone(&hub.feeding));
+            names.push("live".to_string());
+            outputs.push(o);
+            rx
+        };
         let mut fanout = Fanout::from_outputs(outputs);
         fanout.stream = stream_sender;
         *shared
@@ -176,6 +202,12 @@ impl Daemon {
                 persist::run(sc, rx, shared, width, stop)
             })?);
         }
+        {
+            let (hub, stop) = (Arc::clone(&hub), Arc::clone(&stop));
+            threads.push(spawn("lp-live", move || {
+                http::live::run(live_rx, hub, stop)
+            })?);
+        }
         if let Some(server) = stream {
             let (stop, rt) = (Arc::clone(&stop), cfg.realtime_priority);
             threads.push(spawn("lp-stream", move || {
@@ -186,7 +218,13 @@ impl Daemon {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         {
-            let (shared, addr) = (Arc::clone(&shared), cfg.http_listen);
+            let web = Arc::new(http::web::Web {
+                shared: Arc::clone(&shared),
+                auth,
+                live: hub,
+                window_ns: cfg.store.as_ref().map(|s| s.window_ns),
+            });
+            let addr = cfg.http_listen;
             threads.push(spawn("lp-http", move || {
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -206,13 +244,30 @@ impl Daemon {
                             return;
                         }
                     };
-                    let _ = ready_tx.send(Ok(listener.local_addr().unwrap_or(addr)));
-                    let serve = axum::serve(listener, http::router(shared)).with_graceful_shutdown(
-                        async move {
-                            let _ = shutdown_rx.await;
+                    let local = listener.local_addr().unwrap_or(addr);
+                    let app = http::web::app(http::router(), web);
+                    let shutdown = async move {
+                        let _ = shutdown_rx.await;
+                    };
+                    let served = match tls {
+                        Some(acceptor) => match http::tls::TlsListener::new(listener, acceptor) {
+                            Ok(l) => {
+                                let _ = ready_tx.send(Ok(local));
+                                axum::serve(l, app).with_graceful_shutdown(shutdown).await
+                            }
+                            Err(source) => {
+                                let _ = ready_tx.send(Err(http::HttpError::Bind { addr, source }));
+                                return;
+                            }
                         },
-                    );
-                    if let Err(e) = serve.await {
+                        None => {
+                            let _ = ready_tx.send(Ok(local));
+                            axum::serve(listener, app)
+                                .with_graceful_shutdown(shutdown)
+                                .await
+                        }
+                    };
+                    if let Err(e) = served {
                         tracing::error!(error = %e, "HTTP server stopped");
                     }
                 });

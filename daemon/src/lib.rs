@@ -19,6 +19,7 @@ pub mod shared;
 pub mod stamp;
 pub mod stats;
 pub mod stream;
+pub mod top;
 
 pub use config::Config;
 pub use daemon::{subscription, Daemon, Subscription};

@@ -1,4 +1,4 @@
-//! The `linkpulse` binary: `run`, `check-config`, `reflect`, `testbed`.
+//! The `linkpulse` binary: `run`, `check-config`, `reflect`, `top`, `testbed`.
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
@@ -67,6 +67,24 @@ enum Cmd {
         #[arg(long, default_value_t = ReflectorConfig::default().max_len)]
         max_len: usize,
     },
+    /// The live per-link table in the terminal (over SSH too), from the daemon's API; q quits.
+    Top {
+        /// The daemon's configuration: where its API listens, its token, its TLS certificate.
+        #[arg(long, short, env = "LINKPULSE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// API base URL instead of the config's, e.g. https://10.0.0.1:8480.
+        #[arg(long, env = "LINKPULSE_URL")]
+        url: Option<String>,
+        /// File holding the API token (default: the config's [http] token_file).
+        #[arg(long, env = "LINKPULSE_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// PEM certificate to trust for https (default: the config's [http] tls_cert).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Print the table once and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+    },
     /// The emulated router used by the demo and the tests (network namespaces, LTE traces).
     #[cfg(feature = "testbed")]
     #[command(subcommand)]
@@ -121,9 +139,48 @@ fn main() -> anyhow::Result<()> {
             format: timestamp_format,
             max_len,
         }),
+        Cmd::Top {
+            config,
+            url,
+            token_file,
+            ca,
+            once,
+        } => top(config, url, token_file, ca, once),
         #[cfg(feature = "testbed")]
         Cmd::Testbed(cmd) => linkpulse_testbed::cli::run(cmd),
     }
+}
+
+/// `linkpulse top`: the config gives the defaults, flags override them (with --url the config
+/// is optional).
+fn top(
+    config: PathBuf,
+    url: Option<String>,
+    token_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    once: bool,
+) -> anyhow::Result<()> {
+    use linkpulse::top::{read_token, Target};
+    let mut target = match (Config::load(&config), &url) {
+        (Ok(cfg), _) => Target::from_config(&cfg)?,
+        (Err(_), Some(u)) => Target {
+            base: u.clone(),
+            token: None,
+            ca: None,
+        },
+        (Err(e), None) => return Err(e).context("reading the daemon's config (or pass --url)"),
+    };
+    if let Some(u) = url {
+        target.base = u.trim_end_matches('/').to_string();
+    }
+    if let Some(p) = token_file {
+        target.token = Some(read_token(&p)?);
+    }
+    if ca.is_some() {
+        target.ca = ca;
+    }
+    linkpulse::top::run(target, once)?;
+    Ok(())
 }
 
 /// `linkpulse reflect`: serves until SIGINT or SIGTERM.

@@ -153,6 +153,19 @@ impl Run {
         stream: Option<PathBuf>,
         store: Option<PathBuf>,
     ) -> Run {
+        Self::start_edited(name, modems, extra, options, stream, store, &|t| t)
+    }
+
+    /// Like `start_full`, with `edit` applied to the config text (e.g. an `[http]` section).
+    pub fn start_edited(
+        name: &str,
+        modems: Vec<ModemSpec>,
+        extra: &[&str],
+        options: TestbedOptions,
+        stream: Option<PathBuf>,
+        store: Option<PathBuf>,
+        edit: &dyn Fn(String) -> String,
+    ) -> Run {
         let dir = TempDir::new(name);
         let bed = Testbed::up_with(
             TestbedSpec {
@@ -164,7 +177,12 @@ impl Run {
         )
         .expect("testbed up");
         let cfg = Config::parse(
-            &config_text(&bed, extra, stream.as_deref(), store.as_deref()),
+            &edit(config_text(
+                &bed,
+                extra,
+                stream.as_deref(),
+                store.as_deref(),
+            )),
             std::path::Path::new("e2e.toml"),
         )
         .expect("config");

@@ -1,5 +1,13 @@
-//! HTTP: `GET /api/v1/links` (JSON) and `GET /metrics` (Prometheus text). Served by a
-//! single-threaded tokio runtime on its own thread, away from the data path.
+//! HTTP: `GET /api/v1/events` (JSON) and `GET /metrics` (Prometheus text) here; the page, the
+//! rest of the API, auth and the live feed in the submodules (`web::app` assembles them).
+//! Served by a single-threaded tokio runtime on its own thread, away from the data path.
+pub mod api;
+pub mod auth;
+pub mod live;
+pub mod page;
+pub mod tls;
+pub mod web;
+
 use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
 
 use axum::{
@@ -25,14 +33,12 @@ pub enum HttpError {
     },
 }
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// The basic routes; `web::app` adds the page and the rest of the API and gives the state.
+pub fn router() -> Router<Arc<Shared>> {
     Router::new()
-        .route("/", get(index))
-        .route("/api/v1/links", get(links))
         .route("/api/v1/events", get(events))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .with_state(shared)
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, HttpError> {
@@ -46,38 +52,10 @@ async fn not_found(uri: Uri) -> Response {
         StatusCode::NOT_FOUND,
         Json(json!({
             "error": format!("no such endpoint: {}", uri.path()),
-            "hint": "available: GET /api/v1/links, GET /api/v1/events, GET /metrics",
+            "hint": "the page is at /; the API (GET /api/v1/links, /api/v1/events, /api/v1/series, /api/v1/live, /metrics) is described by GET /api/v1/openapi.json",
         })),
     )
         .into_response()
-}
-
-/// What this server offers (the web page comes with its own issue).
-async fn index(State(s): State<Arc<Shared>>) -> Response {
-    Json(json!({
-        "service": "linkpulse",
-        "version": env!("CARGO_PKG_VERSION"),
-        "router_id": s.router_id,
-        "site": s.site,
-        "endpoints": {
-            "/api/v1/links": "each link's state and its last complete second per direction",
-            "/api/v1/events": "attachments, hot-plug, clock steps and sync changes",
-            "/metrics": "Prometheus text format",
-        },
-    }))
-    .into_response()
-}
-
-async fn links(State(s): State<Arc<Shared>>) -> Response {
-    let clock = s.clock();
-    Json(json!({
-        "router_id": s.router_id,
-        "site": s.site,
-        "bin_width_ns": s.bin_width_ns,
-        "clock": clock,
-        "links": s.links(),
-    }))
-    .into_response()
 }
 
 async fn events(State(s): State<Arc<Shared>>) -> Response {
@@ -202,6 +180,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         "Frames a stream client lost because it did not keep up (it sees the gap).",
         sm.frames_dropped.load(Ordering::Relaxed),
     );
+    live::write_metrics(&mut o, &s.live);
     counter(
         &mut o,
         "linkpulse_stream_bad_requests_total",

@@ -1,0 +1,524 @@
+//! `GET /api/v1/series` (and `/api/v1/series.csv`): one link's rollups from the local store,
+//! aggregated over epoch-aligned steps, and the page's view of `/api/v1/links`.
+use std::{fmt::Write as _, sync::Arc, time::Duration};
+
+use axum::{
+    extract::{Query, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use linkpulse_sink::store::Rollup;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::web::Web;
+
+/// Points one request may return.
+pub const MAX_POINTS: u64 = 10_000;
+/// Stored windows one request may read (27.7 h of one link at 500 ms): reading is ~28k
+/// windows/s from the store's identity index, so this bounds a request to seconds.
+pub const MAX_WINDOWS: u64 = 200_000;
+/// Windows per store call (a page; pages never split a window start).
+const PAGE: u32 = 20_000;
+/// Bound on one whole request against the store.
+const STORE_DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+fn bad(msg: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, msg)
+}
+
+/// Query of `/api/v1/series`. Times are UTC milliseconds since the UNIX epoch.
+#[derive(Deserialize)]
+pub struct SeriesQuery {
+    link: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    step: Option<String>,
+    partial: Option<String>,
+}
+
+/// One point: the windows whose start lies in `[start_ms, end_ms)`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Point {
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// Every window of the step is stored and complete.
+    pub complete: bool,
+    pub windows: u32,
+    pub windows_expected: u32,
+    pub down_bytes: u64,
+    pub up_bytes: u64,
+    pub down_packets: u64,
+    pub up_packets: u64,
+    /// Mean rate over the windows present (each window's mean, weighted by its width).
+    pub down_rate_mean_bps: f64,
+    pub up_rate_mean_bps: f64,
+    /// Highest bin rate of any window.
+    pub down_rate_peak_bps: f64,
+    pub up_rate_peak_bps: f64,
+    pub rtt_min_ms: Option<f64>,
+    pub rtt_mean_ms: Option<f64>,
+    pub rtt_max_ms: Option<f64>,
+    /// Probes lost / sent (both ways), when probes were sent.
+    pub loss_ratio: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Series {
+    pub link: usize,
+    pub label: String,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub step_ms: i64,
+    pub window_ms: i64,
+    pub partial: bool,
+    pub points: Vec<Point>,
+}
+
+/// Validated parameters.
+#[derive(Debug, PartialEq)]
+pub struct Params {
+    pub link: usize,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub step_ms: i64,
+    pub partial: bool,
+}
+
+fn int(name: &str, v: Option<&String>) -> Result<i64, String> {
+    let v = v.ok_or_else(|| {
+        format!("missing parameter `{name}`: give UTC milliseconds since the epoch (from, to) and a step in ms, e.g. ?link=0&from=1700000000000&to=1700000300000&step=500")
+    })?;
+    v.trim().parse::<i64>().map_err(|_| {
+        format!("`{name}` = {v:?} is not an integer: use milliseconds (UTC since the epoch for from/to)")
+    })
+}
+
+/// Checks the query against the configured links and the rollup width.
+pub fn params(
+    q: &SeriesQuery,
+    links: &[(usize, String, String)],
+    window_ms: i64,
+) -> Result<Params, String> {
+    let names = || {
+        links
+            .iter()
+            .map(|(i, l, _)| format!("{i} ({l})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let l = q.link.as_deref().map(str::trim).ok_or_else(|| {
+        format!(
+            "missing parameter `link`: give a link's index, label or interface; configured: {}",
+            names()
+        )
+    })?;
+    let link = links
+        .iter()
+        .find(|(i, label, ifname)| l == i.to_string() || l == label || l == ifname)
+        .map(|(i, _, _)| *i)
+        .ok_or_else(|| {
+            format!(
+                "unknown link {l:?}: use an index, label or interface of a configured link: {}",
+                names()
+            )
+        })?;
+    let from_ms = int("from", q.from.as_ref())?;
+    let to_ms = int("to", q.to.as_ref())?;
+    let step_ms = int("step", q.step.as_ref())?;
+    if from_ms < 0 || to_ms < 0 {
+        return Err("from and to must be ≥ 0 (UTC milliseconds since the epoch)".into());
+    }
+    if from_ms >= to_ms {
+        return Err(format!(
+            "from ({from_ms}) must be before to ({to_ms}): swap them or widen the range"
+        ));
+    }
+    if step_ms <= 0 || step_ms % window_ms != 0 {
+        return Err(format!(
+            "step = {step_ms} ms is not a positive multiple of the rollup width ({window_ms} ms): use e.g. {window_ms}, {} or {}",
+            window_ms * 2,
+            window_ms * 120
+        ));
+    }
+    let span = to_ms - from_ms;
+    let windows = (span as u64).div_ceil(window_ms as u64);
+    if windows > MAX_WINDOWS {
+        return Err(format!(
+            "the range spans {windows} rollup windows; one request reads at most {MAX_WINDOWS} ({} h at {window_ms} ms): narrow the range",
+            MAX_WINDOWS as i64 * window_ms / 3_600_000
+        ));
+    }
+    let points = (span as u64).div_ceil(step_ms as u64) + 1;
+    if points > MAX_POINTS {
+        let min_step = (span as u64 / MAX_POINTS).div_ceil(window_ms as u64) * window_ms as u64;
+        return Err(format!(
+            "the range gives {points} points at step {step_ms} ms; at most {MAX_POINTS}: use a step of at least {min_step} ms"
+        ));
+    }
+    let partial = match q.partial.as_deref() {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(v) => return Err(format!("partial = {v:?}: use true or false")),
+    };
+    Ok(Params {
+        link,
+        from_ms,
+        to_ms,
+        step_ms,
+        partial,
+    })
+}
+
+/// Aggregates windows (in time order) into epoch-aligned steps. Points are stamped at their
+/// start, so the same range gives the same points on every request.
+pub fn aggregate(rows: &[Rollup], p: &Params, window_ms: i64) -> Vec<Point> {
+    let step_ns = p.step_ms as u64 * 1_000_000;
+    let expected = (p.step_ms / window_ms) as u32;
+    let mut out: Vec<Point> = Vec::new();
+    // Per point: width-weighted sums of means, RTT mean weights, probes.
+    let (mut w_ns, mut dm, mut um, mut rtt_w, mut rtt_sum) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    let (mut sent, mut lost) = (0u64, 0u64);
+    let finish = |pt: &mut Point, w_ns: f64, dm: f64, um: f64, rw: f64, rs: f64, s: u64, l: u64| {
+        if w_ns > 0.0 {
+            pt.down_rate_mean_bps = dm / w_ns;
+            pt.up_rate_mean_bps = um / w_ns;
+        }
+        pt.rtt_mean_ms = (rw > 0.0).then(|| rs / rw / 1e6);
+        pt.loss_ratio = (s > 0).then(|| l as f64 / s as f64);
+        pt.complete = pt.complete && pt.windows == pt.windows_expected;
+    };
+    for r in rows {
+        if !p.partial && !r.complete {
+            continue;
+        }
+        let start_ns = r.window_start_ns - r.window_start_ns % step_ns;
+        let start_ms = (start_ns / 1_000_000) as i64;
+        if out.last().is_none_or(|l| l.start_ms != start_ms) {
+            if let Some(last) = out.last_mut() {
+                finish(last, w_ns, dm, um, rtt_w, rtt_sum, sent, lost);
+            }
+            (w_ns, dm, um, rtt_w, rtt_sum, sent, lost) = (0.0, 0.0, 0.0, 0.0, 0.0, 0, 0);
+            out.push(Point {
+                start_ms,
+                end_ms: start_ms + p.step_ms,
+                complete: true,
+                windows_expected: expected,
+                ..Point::default()
+            });
+        }
+        let Some(pt) = out.last_mut() else { continue };
+        pt.windows += 1;
+        pt.complete &= r.complete;
+        pt.down_bytes += r.rx_bytes;
+        pt.up_bytes += r.tx_bytes;
+        pt.down_packets += r.rx_packets;
+        pt.up_packets += r.tx_packets;
+        let w = r.window_ns as f64;
+        w_ns += w;
+        dm += r.rx_rate_mean_bps * w;
+        um += r.tx_rate_mean_bps * w;
+        pt.down_rate_peak_bps = pt.down_rate_peak_bps.max(r.rx_rate_peak_bps);
+        pt.up_rate_peak_bps = pt.up_rate_peak_bps.max(r.tx_rate_peak_bps);
+        let ms = |v: u64| v as f64 / 1e6;
+        if let Some(v) = r.rtt_min_ns {
+            pt.rtt_min_ms = Some(pt.rtt_min_ms.map_or(ms(v), |m| m.min(ms(v))));
+        }
+        if let Some(v) = r.rtt_max_ns {
+            pt.rtt_max_ms = Some(pt.rtt_max_ms.map_or(ms(v), |m| m.max(ms(v))));
+        }
+        if let Some(v) = r.rtt_mean_ns {
+            // Weighted by the probes that came back in the window (at least 1).
+            let back = (r.probes_sent_fwd.saturating_sub(r.probes_lost_fwd))
+                .saturating_sub(r.probes_lost_bwd)
+                .max(1) as f64;
+            rtt_w += back;
+            rtt_sum += v as f64 * back;
+        }
+        sent += u64::from(r.probes_sent_fwd);
+        lost += u64::from(r.probes_lost_fwd) + u64::from(r.probes_lost_bwd);
+    }
+    if let Some(last) = out.last_mut() {
+        finish(last, w_ns, dm, um, rtt_w, rtt_sum, sent, lost);
+    }
+    if !p.partial {
+        out.retain(|pt| pt.complete);
+    }
+    out
+}
+
+/// Reads and aggregates, or the error response.
+async fn query(web: &Arc<Web>, q: &SeriesQuery) -> Result<Series, Response> {
+    let Some(window_ns) = web.window_ns else {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the local store is disabled ([store] enabled = false): enable it for history",
+        ));
+    };
+    let window_ms = (window_ns / 1_000_000) as i64;
+    let links: Vec<(usize, String, String)> = web
+        .shared
+        .links()
+        .into_iter()
+        .map(|l| (l.index, l.config.label, l.config.interface))
+        .collect();
+    let p = params(q, &links, window_ms).map_err(bad)?;
+    let label = links
+        .iter()
+        .find(|l| l.0 == p.link)
+        .map(|l| l.1.clone())
+        .unwrap_or_default();
+    let Some(store) = web.shared.store_handle() else {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the local store is not up (starting, or restarting after a failure): retry in a few seconds; /metrics linkpulse_store_up tells",
+        ));
+    };
+    // Whole steps: from rounded down, to rounded up, so points never cover half a step.
+    let from_ns = (p.from_ms - p.from_ms.rem_euclid(p.step_ms)) as u64 * 1_000_000;
+    let to_ns =
+        (p.to_ms + (p.step_ms - p.to_ms.rem_euclid(p.step_ms)) % p.step_ms) as u64 * 1_000_000;
+    let link_id = p.link as u32;
+    let read = tokio::task::spawn_blocking(move || {
+        let mut rows = Vec::new();
+        let mut from = from_ns;
+        loop {
+            let page = store.read_range(link_id, from, to_ns, PAGE)?;
+            let n = page.len();
+            if let Some(last) = page.last() {
+                from = last.window_start_ns + 1;
+            }
+            rows.extend(page);
+            if n < PAGE as usize || rows.len() as u64 > MAX_WINDOWS * 2 {
+                return Ok::<_, linkpulse_sink::store::StoreError>(rows);
+            }
+        }
+    });
+    let rows = match tokio::time::timeout(STORE_DEADLINE, read).await {
+        Ok(Ok(Ok(rows))) => rows,
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(error = %e, "series: store read failed");
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the local store did not answer: {e}"),
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the store read stopped: {e}"),
+            ))
+        }
+        Err(_) => {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the local store did not answer within {} s: retry, or narrow the range",
+                    STORE_DEADLINE.as_secs()
+                ),
+            ))
+        }
+    };
+    Ok(Series {
+        link: p.link,
+        label,
+        from_ms: p.from_ms,
+        to_ms: p.to_ms,
+        step_ms: p.step_ms,
+        window_ms,
+        partial: p.partial,
+        points: aggregate(&rows, &p, window_ms),
+    })
+}
+
+pub async fn series(State(web): State<Arc<Web>>, Query(q): Query<SeriesQuery>) -> Response {
+    match query(&web, &q).await {
+        Ok(s) => Json(s).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// The CSV header and one line per point.
+pub fn csv(s: &Series) -> String {
+    let mut o = String::with_capacity(64 + s.points.len() * 160);
+    o.push_str("link,label,start_ms,end_ms,complete,windows,windows_expected,down_bytes,up_bytes,down_packets,up_packets,down_rate_mean_bps,up_rate_mean_bps,down_rate_peak_bps,up_rate_peak_bps,rtt_min_ms,rtt_mean_ms,rtt_max_ms,loss_ratio\n");
+    let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+    // Labels are config text: quote them, doubling quotes.
+    let label = format!("\"{}\"", s.label.replace('"', "\"\""));
+    for p in &s.points {
+        let _ = writeln!(
+            o,
+            "{},{label},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            s.link,
+            p.start_ms,
+            p.end_ms,
+            p.complete,
+            p.windows,
+            p.windows_expected,
+            p.down_bytes,
+            p.up_bytes,
+            p.down_packets,
+            p.up_packets,
+            p.down_rate_mean_bps,
+            p.up_rate_mean_bps,
+            p.down_rate_peak_bps,
+            p.up_rate_peak_bps,
+            opt(p.rtt_min_ms),
+            opt(p.rtt_mean_ms),
+            opt(p.rtt_max_ms),
+            opt(p.loss_ratio),
+        );
+    }
+    o
+}
+
+pub async fn series_csv(State(web): State<Arc<Web>>, Query(q): Query<SeriesQuery>) -> Response {
+    match query(&web, &q).await {
+        Ok(s) => {
+            let name = format!(
+                "attachment; filename=\"linkpulse-{}-{}-{}.csv\"",
+                s.link, s.from_ms, s.to_ms
+            );
+            (
+                [
+                    (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+                    (header::CONTENT_DISPOSITION, name),
+                ],
+                csv(&s),
+            )
+                .into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+/// `GET /api/v1/links`: each link as the daemon knows it, plus the overview's fields (throughput
+/// of the last complete second; RTT and loss when a prober reports them, null otherwise).
+pub async fn links(State(web): State<Arc<Web>>) -> Response {
+    let s = &web.shared;
+    let links: Vec<Value> = s
+        .links()
+        .into_iter()
+        .map(|l| {
+            let (down, up) = l.last_second.map_or((None, None), |sec| {
+                (Some(sec.down.bits_per_s), Some(sec.up.bits_per_s))
+            });
+            let mut v = serde_json::to_value(&l).unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut v {
+                m.insert("throughput_down_bps".into(), json!(down));
+                m.insert("throughput_up_bps".into(), json!(up));
+                // Filled by the link-health work when it lands (same names); null until then.
+                m.entry("rtt_ms").or_insert(Value::Null);
+                m.entry("loss_ratio").or_insert(Value::Null);
+            }
+            v
+        })
+        .collect();
+    Json(json!({
+        "router_id": s.router_id,
+        "site": s.site,
+        "bin_width_ns": s.bin_width_ns,
+        "clock": s.clock(),
+        "links": links,
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(link: &str, from: &str, to: &str, step: &str) -> SeriesQuery {
+        SeriesQuery {
+            link: Some(link.into()),
+            from: Some(from.into()),
+            to: Some(to.into()),
+            step: Some(step.into()),
+            partial: None,
+        }
+    }
+
+    fn links() -> Vec<(usize, String, String)> {
+        vec![
+            (0, "A".into(), "wwan0".into()),
+            (1, "B".into(), "wwan1".into()),
+        ]
+    }
+
+    #[test]
+    fn bad_parameters_say_what_and_how() {
+        let e = |q: SeriesQuery| params(&q, &links(), 500).expect_err("refused");
+        assert!(e(q("9", "0", "1000", "500")).contains("unknown link"));
+        assert!(e(q("0", "2000", "1000", "500")).contains("must be before"));
+        assert!(e(q("0", "0", "1000", "700")).contains("multiple of the rollup width"));
+        assert!(e(q("0", "0", "1000", "0")).contains("multiple"));
+        assert!(e(q("0", "x", "1000", "500")).contains("not an integer"));
+        assert!(e(q("0", "0", "2592000000", "600000")).contains("narrow the range"));
+        assert!(e(q("0", "0", "86400000", "500")).contains("use a step of at least"));
+        let ok = params(&q("wwan1", "0", "1000", "500"), &links(), 500).expect("ok");
+        assert_eq!(ok.link, 1);
+        let ok = params(&q("B", "0", "1000", "1000"), &links(), 500).expect("ok");
+        assert_eq!((ok.link, ok.step_ms), (1, 1000));
+    }
+
+    fn win(start_ms: u64, complete: bool, rx: u64, mean: f64, peak: f64) -> Rollup {
+        Rollup {
+            window_start_ns: start_ms * 1_000_000,
+            window_ns: 500_000_000,
+            complete,
+            rx_bytes: rx,
+            rx_packets: 1,
+            rx_rate_mean_bps: mean,
+            rx_rate_peak_bps: peak,
+            rtt_min_ns: Some(10_000_000),
+            rtt_max_ns: Some(30_000_000 + start_ms),
+            ..Rollup::default()
+        }
+    }
+
+    #[test]
+    fn aggregation_is_exact_and_aligned() {
+        let rows = vec![
+            win(1000, true, 10, 100.0, 500.0),
+            win(1500, true, 20, 300.0, 900.0),
+            win(2000, true, 5, 50.0, 60.0),
+            win(2500, false, 7, 70.0, 80.0),
+        ];
+        let mut p = Params {
+            link: 0,
+            from_ms: 1000,
+            to_ms: 3000,
+            step_ms: 1000,
+            partial: true,
+        };
+        let pts = aggregate(&rows, &p, 500);
+        assert_eq!(pts.len(), 2);
+        assert_eq!((pts[0].start_ms, pts[0].end_ms), (1000, 2000));
+        assert_eq!(pts[0].down_bytes, 30);
+        assert_eq!(pts[0].down_packets, 2);
+        assert_eq!(pts[0].down_rate_mean_bps, 200.0);
+        assert_eq!(pts[0].down_rate_peak_bps, 900.0);
+        assert_eq!(pts[0].rtt_min_ms, Some(10.0));
+        assert_eq!(pts[0].rtt_max_ms, Some(30.0015));
+        assert!(pts[0].complete);
+        assert!(
+            !pts[1].complete,
+            "an incomplete window makes the point partial"
+        );
+        assert_eq!(pts[1].down_bytes, 12);
+        // Without partial: incomplete windows and partial points are left out.
+        p.partial = false;
+        let pts = aggregate(&rows, &p, 500);
+        assert_eq!(pts.len(), 1);
+        assert_eq!(pts[0].start_ms, 1000);
+        // A missing window makes a point partial too.
+        let pts = aggregate(&rows[1..], &Params { partial: true, ..p }, 500);
+        assert_eq!(pts[0].windows, 1);
+        assert!(!pts[0].complete);
+    }
+}
