@@ -176,6 +176,14 @@ impl Daemon {
                 persist::run(sc, rx, shared, width, stop)
             })?);
         }
+        // Forwarding and retention, once the store is ready.
+        if let Some(sc) = cfg.store.clone() {
+            let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+            let dests = cfg.forwards.clone();
+            threads.push(spawn("lp-forward", move || {
+                crate::forward::run(sc, dests, shared, stop)
+            })?);
+        }
         if let Some(server) = stream {
             let stop = Arc::clone(&stop);
             threads.push(spawn("lp-stream", move || server.run(stop))?);

@@ -51,12 +51,23 @@ pub fn run(
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Store>(1);
     // Starting Tarantool takes from 0.1 s to a minute (xlog replay): on its own thread.
     let starter = {
-        let (dir, stop) = (cfg.data_dir.clone(), Arc::clone(&stop));
+        let (dir, stop, external) = (
+            cfg.data_dir.clone(),
+            Arc::clone(&stop),
+            cfg.external.clone(),
+        );
         let shared = Arc::clone(&shared);
         std::thread::Builder::new().name("lp-store-start".into()).spawn(move || {
             let mut backoff = Duration::from_secs(1);
             while !stop.load(Ordering::Relaxed) {
-                match Store::start_local(LocalConfig::new(&dir)) {
+                let started = match &external {
+                    Some(x) => x
+                        .client_config()
+                        .map_err(|e| format!("store.external_password_file: {e}"))
+                        .and_then(|c| Store::connect_external(c).map_err(|e| format!("external store {}: {e}", x.address))),
+                    None => Store::start_local(LocalConfig::new(&dir)).map_err(|e| e.to_string()),
+                };
+                match started {
                     Ok(store) => {
                         tracing::info!(dir = %dir.display(), "local store ready");
                         let _ = ready_tx.send(store);
@@ -64,7 +75,7 @@ pub fn run(
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "local store unavailable: rollups wait in memory (2 min), live data is unaffected; retrying");
-                        shared.event("store_error", None, e.to_string());
+                        shared.event("store_error", None, e);
                         let t = Instant::now();
                         while t.elapsed() < backoff && !stop.load(Ordering::Relaxed) {
                             std::thread::sleep(Duration::from_millis(100));

@@ -356,6 +356,8 @@ pub struct ForwardStats {
     pub backlog: AtomicU64,
     /// Window start of the newest acknowledged point (ns); now minus this is the lag.
     pub last_window_ns: AtomicU64,
+    /// True after a step that succeeded (sent, parked or idle), false after a failed one.
+    pub up: std::sync::atomic::AtomicBool,
 }
 
 impl ForwardStats {
@@ -500,6 +502,9 @@ pub struct Forwarder {
     backoff: Duration,
     /// Pacing: the next request may start at this instant.
     next_send: Instant,
+    /// Pacing set from outside while running (bytes/s; 0 = `cfg.max_bytes_per_s`): the daemon
+    /// sets it from the uplink capacity it measures.
+    pace_override: Arc<AtomicU64>,
 }
 
 /// Lua for the newest `seq` in the store (the primary key of `rollups`), for the backlog gauge.
@@ -551,6 +556,7 @@ impl Forwarder {
             rng: rand::rngs::SmallRng::from_entropy(),
             backoff: cfg.backoff_min,
             next_send: Instant::now(),
+            pace_override: Arc::new(AtomicU64::new(0)),
             transport,
             store,
             cfg,
@@ -567,6 +573,12 @@ impl Forwarder {
 
     pub fn kicker(&self) -> Kicker {
         self.kicker.clone()
+    }
+
+    /// A handle that sets the pacing while the forwarder runs: compressed bytes per second, 0 for
+    /// the configured `max_bytes_per_s` (unpaced when that is unset). Read before each request.
+    pub fn pacer(&self) -> Arc<AtomicU64> {
+        self.pace_override.clone()
     }
 
     /// The batches parked so far (from the parked log).
@@ -693,7 +705,8 @@ impl Forwarder {
 
     /// How long after this request's start the next may start.
     fn pace(&self, bytes: usize) -> Duration {
-        match self.cfg.max_bytes_per_s {
+        let over = self.pace_override.load(Ordering::Relaxed);
+        match (over > 0).then_some(over).or(self.cfg.max_bytes_per_s) {
             Some(rate) => Duration::from_secs_f64(bytes as f64 / rate as f64),
             None => Duration::ZERO,
         }
@@ -856,6 +869,7 @@ impl Forwarder {
             }
             match self.step() {
                 Ok(step) => {
+                    self.stats.up.store(true, Ordering::Relaxed);
                     if failing.take().is_some() {
                         tracing::info!(destination = %name, "forwarder recovered");
                     }
@@ -866,6 +880,7 @@ impl Forwarder {
                 }
                 Err(e) => {
                     let class = e.class();
+                    self.stats.up.store(false, Ordering::Relaxed);
                     self.stats.error(class).fetch_add(1, Ordering::Relaxed);
                     let d = self.backoff;
                     let pause = d / 2 + d.mul_f64(self.rng.gen::<f64>() / 2.0);

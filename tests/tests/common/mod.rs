@@ -153,6 +153,19 @@ impl Run {
         stream: Option<PathBuf>,
         store: Option<PathBuf>,
     ) -> Run {
+        Self::start_toml(name, modems, extra, options, stream, store, "")
+    }
+
+    /// As [`Run::start_full`], with `toml` appended to the generated config (e.g. `[[forward]]`).
+    pub fn start_toml(
+        name: &str,
+        modems: Vec<ModemSpec>,
+        extra: &[&str],
+        options: TestbedOptions,
+        stream: Option<PathBuf>,
+        store: Option<PathBuf>,
+        toml: &str,
+    ) -> Run {
         let dir = TempDir::new(name);
         let bed = Testbed::up_with(
             TestbedSpec {
@@ -164,7 +177,7 @@ impl Run {
         )
         .expect("testbed up");
         let cfg = Config::parse(
-            &config_text(&bed, extra, stream.as_deref(), store.as_deref()),
+            &(config_text(&bed, extra, stream.as_deref(), store.as_deref()) + toml),
             std::path::Path::new("e2e.toml"),
         )
         .expect("config");
