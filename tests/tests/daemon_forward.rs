@@ -275,3 +275,123 @@ fn central_influxdb_outage_loses_and_doubles_nothing() {
         unsent.len()
     );
 }
+
+/// Retention by age removes rows the destination never had: the ranges (per link) are recorded,
+/// shown in /metrics and /api/v1/events, and sent to the destination as `linkpulse_lost` points
+/// once it is reachable; rows it already had and recent rows are not reported.
+#[test]
+fn retention_records_lost_ranges_and_sends_them_when_the_destination_returns() {
+    const W: u64 = 500_000_000;
+    let store_dir = TempDir::new("lpret-db");
+    let influx_dir = TempDir::new("lpret-influx");
+    // Before the daemon: 100 windows × 2 links three days old, the first 50 windows
+    // acknowledged by the destination, and 20 windows of link 0 an hour old.
+    let now = linkpulse::clock::realtime_ns() / W * W;
+    let old = now - 3 * 86_400 * 1_000_000_000;
+    let recent = now - 3_600 * 1_000_000_000;
+    let row = |link: u32, start: u64| linkpulse_sink::store::Rollup {
+        link_id: link,
+        window_start_ns: start,
+        boot_tag: 7,
+        window_ns: W,
+        complete: true,
+        tx_bytes: start / W % 1000,
+        ..Default::default()
+    };
+    {
+        let store = Store::start_local(LocalConfig::new(&store_dir.0)).expect("store");
+        let batch: Vec<_> = (0..100)
+            .flat_map(|w| (0..2).map(move |l| row(l, old + w * W)))
+            .collect();
+        store.put_rollups(&batch).expect("put old");
+        let recent_rows: Vec<_> = (0..20).map(|w| row(0, recent + w * W)).collect();
+        store.put_rollups(&recent_rows).expect("put recent");
+        let rows = store.read_after(0, 1000).expect("read");
+        assert_eq!(rows.len(), 220);
+        store.set_cursor(DEST, rows[99].seq).expect("cursor");
+        store.stop();
+    }
+    let (_, srv0) = linkpulse_testbed::topology::addr_v4(0);
+    let toml = format!(
+        "retention_days = 1\n[[forward]]\nname = \"{DEST}\"\nurl = \"http://{srv0}:8086\"\ndatabase = \"{DB}\"\ntimeout_s = 5\n"
+    );
+    let run = Run::start_toml(
+        "lpret",
+        vec![plain("wwan0", ModemKind::Veth)],
+        &[],
+        TestbedOptions::default(),
+        None,
+        Some(store_dir.0.clone()),
+        &toml,
+    );
+    // The destination is down while retention runs (first pass ~5 s after the store is up).
+    wait_for(90, "lost ranges in /metrics", || {
+        let (_, m) = common::http_get(&run, "/metrics");
+        metric(&m, "linkpulse_store_lost_rows_total", "") == Some(100.0)
+    });
+    let (_, m) = common::http_get(&run, "/metrics");
+    assert_eq!(
+        metric(&m, "linkpulse_store_lost_ranges_total", ""),
+        Some(2.0),
+        "{m}"
+    );
+    let (_, events) = common::http_get(&run, "/api/v1/events");
+    assert_eq!(events.matches("\"rollups_lost\"").count(), 2, "{events}");
+    let lost = std::fs::read_to_string(store_dir.0.join("lost-ranges.log")).expect("lost log");
+    let mut ranges: Vec<serde_json::Value> = lost
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    ranges.sort_by_key(|v| v["link_id"].as_u64());
+    for (link, r) in ranges.iter().enumerate() {
+        assert_eq!(r["link_id"], link as u64, "{lost}");
+        assert_eq!(r["rows"], 50, "{lost}");
+        assert_eq!(r["from_ns"], old + 50 * W, "{lost}");
+        assert_eq!(r["to_ns"], old + 99 * W, "{lost}");
+        assert_eq!(r["destination"], DEST, "{lost}");
+    }
+
+    // The destination returns: it gets the two events, the recent rows and the live ones,
+    // nothing of the trimmed ones.
+    let central = Influx::start(run.bed.server_ns(), srv0, influx_dir.0.join("influx"), DB);
+    let mut points = serde_json::Value::Null;
+    wait_for(120, "linkpulse_lost points in InfluxDB", || {
+        points = central.query(DB, "SELECT * FROM linkpulse_lost");
+        points["results"][0]["series"][0]["values"]
+            .as_array()
+            .is_some_and(|v| v.len() == 2)
+    });
+    let s = &points["results"][0]["series"][0];
+    let cols: Vec<&str> = s["columns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| c.as_str().expect("name"))
+        .collect();
+    let col = |name: &str| cols.iter().position(|c| *c == name).expect(name);
+    for v in s["values"].as_array().expect("values") {
+        assert_eq!(v[col("rows")], 50, "{points}");
+        assert_eq!(v[col("time")], old + 50 * W, "{points}");
+        assert_eq!(v[col("to_ns")], old + 99 * W, "{points}");
+        assert_eq!(v[col("router")], "e2e", "{points}");
+    }
+    wait_for(60, "the recent rows in InfluxDB", || {
+        central
+            .points(DB)
+            .keys()
+            .filter(|(_, boot, _)| boot == "7")
+            .count()
+            == 20
+    });
+    let got = central.points(DB);
+    assert!(
+        got.keys().all(|(_, _, t)| *t >= recent),
+        "a trimmed row reached InfluxDB"
+    );
+    let (_, m) = common::http_get(&run, "/metrics");
+    assert_eq!(
+        metric(&m, "linkpulse_store_lost_rows_total", ""),
+        Some(100.0),
+        "{m}"
+    );
+}

@@ -24,7 +24,8 @@ use std::{
 use linkpulse_common::MAX_LINKS;
 use linkpulse_sink::{
     forward::{
-        BasicAuth, ForwardConfig, ForwardStats, Forwarder, ForwarderHandle, Kind, TlsOptions,
+        BasicAuth, ForwardConfig, ForwardStats, Forwarder, ForwarderHandle, Kind, Outbox,
+        TlsOptions,
     },
     store::Store,
     tarantool::{Address, ClientConfig, Credentials},
@@ -201,6 +202,7 @@ struct Running {
     dest: ForwardDest,
     handle: ForwarderHandle,
     pacer: Arc<AtomicU64>,
+    outbox: Arc<Outbox>,
     state: Arc<DestState>,
 }
 
@@ -303,6 +305,9 @@ pub fn run(
             if let Ok(n) = retention::row_count(&s) {
                 fs.store_rows.store(n, Ordering::Relaxed);
             }
+            for r in &running {
+                send_lost(&s, r, &shared, &store_cfg.data_dir);
+            }
             // The forwarder updates its backlog per attempt; while it backs off (outage) the
             // gauges are refreshed here.
             for r in &running {
@@ -361,6 +366,7 @@ fn start_dest(
     let cfg = forward_config(d, &shared.router_id, &shared.site, &sc.data_dir)?;
     let fwd = Forwarder::new(cfg, Arc::clone(store)).map_err(|e| e.to_string())?;
     let pacer = fwd.pacer();
+    let outbox = fwd.outbox();
     let handle = fwd.spawn().map_err(|e| e.to_string())?;
     let state = Arc::new(DestState {
         name: d.name.clone(),
@@ -371,8 +377,73 @@ fn start_dest(
         dest: d.clone(),
         handle,
         pacer,
+        outbox,
         state,
     })
+}
+
+/// Measurement of the lost-range event points.
+pub const LOST_MEASUREMENT: &str = "linkpulse_lost";
+
+/// Cursor name (in the store's cursors) of how many of a destination's lost ranges it has.
+fn lost_cursor(dest: &str) -> String {
+    format!("{dest}#lost")
+}
+
+/// Hands the lost ranges a destination has not had yet to its forwarder (one point per range:
+/// measurement `linkpulse_lost`, tags destination, link, router, site, timestamp the first lost
+/// window, fields from_ns, to_ns, rows, recorded_unix_s), and records what it acknowledged.
+fn send_lost(s: &Store, r: &Running, shared: &Shared, dir: &Path) {
+    let cursor = lost_cursor(&r.dest.name);
+    let Ok(sent) = s.get_cursor(&cursor).map(|c| c.unwrap_or(0)) else {
+        return;
+    };
+    let delivered = r.outbox.delivered();
+    if delivered > sent {
+        if let Err(e) = s.set_cursor(&cursor, delivered) {
+            tracing::warn!(error = %e, "cannot record the delivered lost-range events");
+        }
+        return;
+    }
+    if r.outbox.is_pending() {
+        return;
+    }
+    let Ok(all) = retention::read_lost(dir) else {
+        return;
+    };
+    let mine: Vec<&LostRange> = all
+        .iter()
+        .filter(|l| l.destination == r.dest.name)
+        .collect();
+    if mine.len() as u64 <= sent {
+        return;
+    }
+    let mut lines = Vec::new();
+    for l in &mine[sent as usize..] {
+        lines.extend_from_slice(LOST_MEASUREMENT.as_bytes());
+        lines.extend_from_slice(b",destination=");
+        linkpulse_sink::forward::line::escape_tag(&mut lines, &l.destination);
+        let _ = std::io::Write::write_fmt(&mut lines, format_args!(",link={}", l.link_id));
+        lines.extend_from_slice(b",router=");
+        linkpulse_sink::forward::line::escape_tag(&mut lines, &shared.router_id);
+        if !shared.site.is_empty() {
+            lines.extend_from_slice(b",site=");
+            linkpulse_sink::forward::line::escape_tag(&mut lines, &shared.site);
+        }
+        let _ = std::io::Write::write_fmt(
+            &mut lines,
+            format_args!(
+                " from_ns={}i,to_ns={}i,rows={}i,recorded_unix_s={}i {}\n",
+                l.from_ns.min(i64::MAX as u64),
+                l.to_ns.min(i64::MAX as u64),
+                l.rows.min(i64::MAX as u64),
+                l.at_unix_s.min(i64::MAX as u64),
+                l.from_ns
+            ),
+        );
+    }
+    r.outbox.put(mine.len() as u64, lines);
+    r.handle.kick();
 }
 
 fn esc(v: &str) -> String {

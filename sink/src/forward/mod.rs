@@ -399,6 +399,49 @@ impl ForwardStats {
     }
 }
 
+/// Line-protocol points to send besides the rollups (e.g. the daemon's lost-range events): the
+/// forwarder sends them before its next batch and reports their delivery by generation, so the
+/// producer can persist what was delivered. A replay must be idempotent (deterministic points).
+#[derive(Default)]
+pub struct Outbox {
+    pending: Mutex<Option<(u64, Vec<u8>)>>,
+    delivered: AtomicU64,
+}
+
+impl Outbox {
+    /// Queues `lines` as generation `gen` (replacing what was queued and not yet sent).
+    pub fn put(&self, gen: u64, lines: Vec<u8>) {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some((gen, lines));
+    }
+
+    /// True while something is queued.
+    pub fn is_pending(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Highest generation acknowledged (2xx, or 400: refused points are not retried).
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    fn take(&self) -> Option<(u64, Vec<u8>)> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn put_back(&self, gen: u64, lines: Vec<u8>) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.is_none() {
+            *p = Some((gen, lines));
+        }
+    }
+}
+
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -505,6 +548,7 @@ pub struct Forwarder {
     /// Pacing set from outside while running (bytes/s; 0 = `cfg.max_bytes_per_s`): the daemon
     /// sets it from the uplink capacity it measures.
     pace_override: Arc<AtomicU64>,
+    outbox: Arc<Outbox>,
 }
 
 /// Lua for the newest `seq` in the store (the primary key of `rollups`), for the backlog gauge.
@@ -557,6 +601,7 @@ impl Forwarder {
             backoff: cfg.backoff_min,
             next_send: Instant::now(),
             pace_override: Arc::new(AtomicU64::new(0)),
+            outbox: Arc::new(Outbox::default()),
             transport,
             store,
             cfg,
@@ -581,6 +626,11 @@ impl Forwarder {
         self.pace_override.clone()
     }
 
+    /// Extra points to send (see [`Outbox`]).
+    pub fn outbox(&self) -> Arc<Outbox> {
+        self.outbox.clone()
+    }
+
     /// The batches parked so far (from the parked log).
     pub fn parked(&self) -> Result<Vec<ParkedRange>, ForwardError> {
         parked::read(self.parked.path()).map_err(|source| ForwardError::ParkedLog {
@@ -602,6 +652,7 @@ impl Forwarder {
     /// One batch: read after the cursor, send, and on 2xx or 400 move the cursor. No waiting
     /// (pacing and backoff belong to [`Forwarder::run`]); errors are returned, not counted.
     pub fn step(&mut self) -> Result<Step, ForwardError> {
+        self.send_outbox()?;
         let cursor = self
             .store
             .get_cursor(&self.cfg.name)
@@ -687,6 +738,37 @@ impl Forwarder {
             first_seq,
             last_seq,
         })
+    }
+
+    /// Sends the outbox's points, if any, before the rollups.
+    fn send_outbox(&mut self) -> Result<(), ForwardError> {
+        let Some((gen, lines)) = self.outbox.take() else {
+            return Ok(());
+        };
+        if let Err(e) = self.gzip.compress(&lines, &mut self.body) {
+            return Err(ForwardError::Config {
+                name: self.cfg.name.clone(),
+                reason: format!("gzip of the outbox failed: {e}"),
+            });
+        }
+        let reply = match self.transport.post_gzip(&self.body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.outbox.put_back(gen, lines);
+                return Err(self.transport_err(e));
+            }
+        };
+        match reply.status {
+            200..=299 => {}
+            400 => tracing::warn!(destination = %self.cfg.name, body = %reply.body,
+                "InfluxDB refused the event points; not retried"),
+            _ => {
+                self.outbox.put_back(gen, lines);
+                return Err(self.status_err(reply));
+            }
+        }
+        self.outbox.delivered.fetch_max(gen, Ordering::Relaxed);
+        Ok(())
     }
 
     fn top_seq(&self) -> Result<u64, ForwardError> {

@@ -128,6 +128,24 @@ pub fn config_text(
     s
 }
 
+/// Appends `toml` to a generated config; lines of `toml` before its first table header are
+/// keys of `[store]` (inserted there).
+fn with_toml(mut text: String, toml: &str) -> String {
+    let (store_keys, rest) = match toml.find("\n[") {
+        _ if toml.starts_with('[') => ("", toml),
+        Some(i) => toml.split_at(i + 1),
+        None => (toml, ""),
+    };
+    if !store_keys.is_empty() {
+        let at = text
+            .find("[store]\n")
+            .expect("[store] in the generated config")
+            + 8;
+        text.insert_str(at, store_keys);
+    }
+    text + rest
+}
+
 impl Run {
     /// Brings up a testbed `name` with `modems` and a daemon for them (plus `extra` links that do
     /// not exist), waits until the testbed's links are attached.
@@ -177,7 +195,10 @@ impl Run {
         )
         .expect("testbed up");
         let cfg = Config::parse(
-            &(config_text(&bed, extra, stream.as_deref(), store.as_deref()) + toml),
+            &with_toml(
+                config_text(&bed, extra, stream.as_deref(), store.as_deref()),
+                toml,
+            ),
             std::path::Path::new("e2e.toml"),
         )
         .expect("config");
