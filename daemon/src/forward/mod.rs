@@ -5,6 +5,7 @@
 //! before some destination had them. Its metrics are written by [`write_metrics`].
 mod config;
 mod retention;
+pub mod tools;
 
 pub(crate) use config::{validate as validate_raw, RawForward};
 pub use config::{DestKind, ForwardDest, DEFAULT_PACE_SHARE};
