@@ -48,9 +48,16 @@ pub(crate) struct RawForward {
     /// Default 0.25.
     #[serde(default = "default_pace_share")]
     pace_share: Spanned<f64>,
+    /// Longest wait between retries after failures, seconds (1..=3600). Default 30.
+    #[serde(default = "default_retry_max_s")]
+    retry_max_s: Spanned<u64>,
     /// Default true.
     #[serde(default = "default_true")]
     enabled: bool,
+}
+
+fn default_retry_max_s() -> Spanned<u64> {
+    Spanned::new(0..0, 30)
 }
 
 fn default_kind() -> Spanned<String> {
@@ -105,6 +112,8 @@ pub struct ForwardDest {
     pub timeout: Duration,
     /// 0 = unpaced.
     pub pace_share: f64,
+    /// Ceiling of the retry backoff.
+    pub retry_max: Duration,
 }
 
 /// Validates the `[[forward]]` entries; `err` builds an error at a span (None: the file's start).
@@ -241,6 +250,13 @@ pub(crate) fn validate<E>(
                 format!("forward.pace_share = {share}: use a share of the uplink between 0 (unpaced) and 1 (default {DEFAULT_PACE_SHARE})"),
             ));
         }
+        let retry = *f.retry_max_s.get_ref();
+        if !(1..=3600).contains(&retry) {
+            return Err(err(
+                Some(f.retry_max_s.span()),
+                format!("forward.retry_max_s = {retry}: use 1 to 3600 (default 30)"),
+            ));
+        }
         if let Some(ca) = &f.ca_file {
             if !url.starts_with("https://") {
                 return Err(err(
@@ -262,6 +278,7 @@ pub(crate) fn validate<E>(
             batch_points: batch,
             timeout: Duration::from_secs(timeout),
             pace_share: share,
+            retry_max: Duration::from_secs(retry),
         });
     }
     Ok(out)

@@ -192,6 +192,7 @@ pub fn forward_config(
     c.site = site.to_string();
     c.batch_points = d.batch_points;
     c.timeout = d.timeout;
+    c.backoff_max = d.retry_max.max(c.backoff_min);
     c.tls = TlsOptions {
         ca_file: d.ca_file.clone(),
         insecure_skip_verify: d.insecure_skip_verify,
@@ -493,6 +494,12 @@ pub fn write_metrics(o: &mut String, s: &Shared) {
         "1 while the destination's last attempt succeeded.",
         &|d| u64::from(d.stats.up.load(Ordering::Relaxed)),
     );
+    family(
+        "linkpulse_forward_in_flight",
+        "gauge",
+        "1 while a write request to the destination is on the wire.",
+        &|d| u64::from(d.stats.in_flight.load(Ordering::Relaxed)),
+    );
     use linkpulse_sink::forward::ErrorClass as C;
     let _ = writeln!(o, "# HELP linkpulse_forward_errors_total Failed forwarding attempts by class (store, connect, timeout, not_found, auth, server, rejected, parked_log, config).\n# TYPE linkpulse_forward_errors_total counter");
     for d in &dests {
@@ -515,6 +522,7 @@ pub fn write_metrics(o: &mut String, s: &Shared) {
             );
         }
     }
+    let _ = writeln!(o, "# HELP linkpulse_store_put_in_flight 1 while a batch of rollups is being written to the store.\n# TYPE linkpulse_store_put_in_flight gauge\nlinkpulse_store_put_in_flight {}", u8::from(s.store.put_in_flight.load(Ordering::Relaxed)));
     let _ = writeln!(o, "# HELP linkpulse_store_rows Rollups in the local store.\n# TYPE linkpulse_store_rows gauge\nlinkpulse_store_rows {}", fs.store_rows.load(Ordering::Relaxed));
     let _ = writeln!(o, "# HELP linkpulse_store_lost_rows_total Rollups retention removed before a destination had them (ranges in /api/v1/events and lost-ranges.log).\n# TYPE linkpulse_store_lost_rows_total counter\nlinkpulse_store_lost_rows_total {}", fs.lost_rows.load(Ordering::Relaxed));
     let _ = writeln!(o, "# HELP linkpulse_store_lost_ranges_total Lost ranges recorded (one per destination and link per trim).\n# TYPE linkpulse_store_lost_ranges_total counter\nlinkpulse_store_lost_ranges_total {}", fs.lost_ranges.load(Ordering::Relaxed));

@@ -358,6 +358,8 @@ pub struct ForwardStats {
     pub last_window_ns: AtomicU64,
     /// True after a step that succeeded (sent, parked or idle), false after a failed one.
     pub up: std::sync::atomic::AtomicBool,
+    /// True while a write request is on the wire (for chaos tests: a kill then lands mid-write).
+    pub in_flight: std::sync::atomic::AtomicBool,
 }
 
 impl ForwardStats {
@@ -702,7 +704,10 @@ impl Forwarder {
                 });
             }
             self.next_send = Instant::now() + self.pace(self.body.len());
-            let reply = match self.transport.post_gzip(&self.body) {
+            self.stats.in_flight.store(true, Ordering::Relaxed);
+            let posted = self.transport.post_gzip(&self.body);
+            self.stats.in_flight.store(false, Ordering::Relaxed);
+            let reply = match posted {
                 Ok(r) => r,
                 Err(e) => return Err(self.transport_err(e)),
             };
