@@ -50,6 +50,8 @@ pub struct Config {
     pub stream: Option<StreamConfig>,
     /// None when `[store] enabled = false`.
     pub store: Option<StoreConfig>,
+    /// `[[forward]]` destinations (enabled ones; they need the store).
+    pub forwards: Vec<crate::forward::ForwardDest>,
     pub links: Vec<LinkConfig>,
     /// The file it came from (for SIGHUP reloads and messages).
     pub source: Option<PathBuf>,
@@ -79,6 +81,8 @@ struct RawConfig {
     store: RawStore,
     #[serde(default, rename = "link")]
     links: Vec<RawLink>,
+    #[serde(default, rename = "forward")]
+    forwards: Vec<crate::forward::RawForward>,
 }
 
 /// `[stream]`: the controller's real-time stream (Unix SOCK_SEQPACKET socket).
@@ -142,6 +146,22 @@ struct RawStore {
     /// seconds. Default 500.
     #[serde(default = "default_window_ms")]
     window_ms: Spanned<u64>,
+    /// An instance someone else runs instead of the supervised one: "host:port" or a Unix
+    /// socket path. Default: none (the daemon runs its own).
+    #[serde(default)]
+    external: Option<Spanned<String>>,
+    /// User and password file (first line) for `external`. Default: guest.
+    #[serde(default)]
+    external_user: Option<String>,
+    #[serde(default)]
+    external_password_file: Option<PathBuf>,
+    /// Rows older than this are deleted. Default 30 days; 0 keeps them until the disk quota.
+    #[serde(default = "default_retention_days")]
+    retention_days: Spanned<u32>,
+    /// Disk quota of the supervised store's database in MiB; the oldest rows go first.
+    /// Default 2048; 0 = no quota.
+    #[serde(default = "default_max_disk_mb")]
+    max_disk_mb: Spanned<u64>,
 }
 
 impl Default for RawStore {
@@ -150,8 +170,20 @@ impl Default for RawStore {
             enabled: true,
             data_dir: default_store_dir(),
             window_ms: default_window_ms(),
+            external: None,
+            external_user: None,
+            external_password_file: None,
+            retention_days: default_retention_days(),
+            max_disk_mb: default_max_disk_mb(),
         }
     }
+}
+
+fn default_retention_days() -> Spanned<u32> {
+    Spanned::new(0..0, 30)
+}
+fn default_max_disk_mb() -> Spanned<u64> {
+    Spanned::new(0..0, 2048)
 }
 
 fn default_store_dir() -> PathBuf {
@@ -178,6 +210,12 @@ pub struct HttpAccess {
 pub struct StoreConfig {
     pub data_dir: PathBuf,
     pub window_ns: u64,
+    /// `[store] external`: use this instance instead of supervising one.
+    pub external: Option<crate::forward::ExternalStore>,
+    /// 0 = no age limit.
+    pub retention_days: u32,
+    /// 0 = no quota.
+    pub max_disk_mb: u64,
 }
 
 /// The validated `[stream]` section.
@@ -460,13 +498,37 @@ impl Config {
                     ),
                 ));
             }
+            let external = crate::forward::external_store(
+                raw.store.external.as_ref(),
+                raw.store.external_user.as_deref(),
+                raw.store.external_password_file.as_deref(),
+            )
+            .map_err(|(span, m)| err(span, m))?;
+            if *raw.store.retention_days.get_ref() > 36_500 {
+                return Err(err(
+                    Some(raw.store.retention_days.span()),
+                    "store.retention_days: use 0 (no age limit) to 36500 (default 30)".into(),
+                ));
+            }
             Some(StoreConfig {
                 data_dir: raw.store.data_dir.clone(),
                 window_ns: ns,
+                external,
+                retention_days: *raw.store.retention_days.get_ref(),
+                max_disk_mb: *raw.store.max_disk_mb.get_ref(),
             })
         } else {
             None
         };
+        let forwards = crate::forward::validate_config(&raw.forwards, &err)?;
+        if store.is_none() {
+            if let Some(f) = raw.forwards.first() {
+                return Err(err(
+                    Some(crate::forward::raw_name_span(f)),
+                    "[[forward]] sends the rollups of the local store, but [store] enabled = false: enable the store or remove the [[forward]] sections".into(),
+                ));
+            }
+        }
 
         if raw.links.len() > MAX_LINKS {
             return Err(err(
@@ -511,6 +573,7 @@ impl Config {
             http,
             stream,
             store,
+            forwards,
             links,
             source: None,
         })
@@ -660,6 +723,72 @@ interface = "wwan1"
             .expect("off")
             .store
             .is_none());
+    }
+
+    #[test]
+    fn forward_destinations_parse_and_errors_name_the_key() {
+        let v1 = "[[forward]]\nname = \"central\"\nurl = \"http://10.0.0.1:8086\"\nuser = \"r\"\npassword_file = \"/p\"\n";
+        let v2 = "[[forward]]\nname = \"cloud\"\nkind = \"influx_v2\"\nurl = \"https://c.example\"\norg = \"o\"\nbucket = \"b\"\ntoken_file = \"/t\"\nca_file = \"/ca.pem\"\npace_share = 0\n";
+        let c = parse(&format!("{GOOD}{v1}{v2}")).expect("two destinations");
+        assert_eq!(c.forwards.len(), 2);
+        assert_eq!(c.forwards[0].pace_share, crate::forward::DEFAULT_PACE_SHARE);
+        assert!(
+            matches!(&c.forwards[0].kind, crate::forward::DestKind::V1 { database, user: Some(_) } if database == "linkpulse")
+        );
+        assert_eq!(c.forwards[1].pace_share, 0.0);
+        // Same name twice.
+        let (line, msg) = invalid_at(&format!("{GOOD}{v1}{v1}"));
+        assert_eq!(line, 22);
+        assert!(msg.contains("another [[forward]]"), "{msg}");
+        // A v2 key in a v1 destination, a missing v2 key, a bad share, a bad kind.
+        let (line, msg) = invalid_at(&format!("{GOOD}{v1}org = \"x\"\n"));
+        assert_eq!(line, 21);
+        assert!(msg.contains("influx_v2"), "{msg}");
+        let (_, msg) = invalid_at(&format!("{GOOD}{}", v2.replace("bucket = \"b\"\n", "")));
+        assert!(msg.contains("needs `bucket`"), "{msg}");
+        let (line, msg) = invalid_at(&format!(
+            "{GOOD}{}",
+            v2.replace("pace_share = 0", "pace_share = 2.5")
+        ));
+        assert_eq!(line, 24);
+        assert!(msg.contains("pace_share = 2.5"), "{msg}");
+        let (_, msg) = invalid_at(&format!(
+            "{GOOD}{}",
+            v1.replace("url", "kind = \"influx\"\nurl")
+        ));
+        assert!(msg.contains("influx_v1"), "{msg}");
+        let (_, msg) = invalid_at(&format!(
+            "{GOOD}{}",
+            v1.replace("\"/p\"", "\"/p\"\nbatch_points = 9000")
+        ));
+        assert!(msg.contains("batch_points = 9000"), "{msg}");
+        // Forwarding needs the store.
+        let (_, msg) = invalid_at(&format!("{GOOD}[store]\nenabled = false\n{v1}"));
+        assert!(msg.contains("[store] enabled = false"), "{msg}");
+    }
+
+    #[test]
+    fn external_store_and_retention() {
+        let c = parse(&format!(
+            "{GOOD}[store]\nexternal = \"127.0.0.1:3301\"\nretention_days = 7\nmax_disk_mb = 0\n"
+        ))
+        .expect("external");
+        let st = c.store.expect("store");
+        assert_eq!(st.retention_days, 7);
+        assert_eq!(st.max_disk_mb, 0);
+        assert_eq!(
+            st.external.expect("external").address,
+            linkpulse_sink::tarantool::Address::Tcp("127.0.0.1:3301".into())
+        );
+        let c = parse(&format!("{GOOD}[store]\nexternal = \"/run/t.sock\"\n")).expect("socket");
+        assert!(c.store.expect("store").external.is_some());
+        let (line, msg) = invalid_at(&format!("{GOOD}[store]\nexternal = \"nowhere\"\n"));
+        assert_eq!(line, 17);
+        assert!(msg.contains("host:port"), "{msg}");
+        let (_, msg) = invalid_at(&format!(
+            "{GOOD}[store]\nexternal = \"h:1\"\nexternal_user = \"u\"\n"
+        ));
+        assert!(msg.contains("go together"), "{msg}");
     }
 
     #[test]

@@ -208,6 +208,14 @@ impl Daemon {
                 http::live::run(live_rx, hub, stop)
             })?);
         }
+        // Forwarding and retention, once the store is ready.
+        if let Some(sc) = cfg.store.clone() {
+            let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+            let dests = cfg.forwards.clone();
+            threads.push(spawn("lp-forward", move || {
+                crate::forward::run(sc, dests, shared, stop)
+            })?);
+        }
         if let Some(server) = stream {
             let (stop, rt) = (Arc::clone(&stop), cfg.realtime_priority);
             threads.push(spawn("lp-stream", move || {

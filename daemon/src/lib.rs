@@ -7,6 +7,7 @@ pub mod align;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod forward;
 pub mod frame;
 pub mod http;
 pub mod ingest;

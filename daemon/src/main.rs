@@ -85,6 +85,38 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
+    /// Export one link's rollups from the local store (for ISP reports). Uses the running
+    /// daemon's store, or starts it for the command when the daemon is not running.
+    Export {
+        #[arg(long, short, env = "LINKPULSE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Interface name, label or link number.
+        #[arg(long)]
+        link: String,
+        /// Start (inclusive): RFC 3339 (2026-11-22T05:00:00Z) or unix seconds.
+        #[arg(long, value_parser = linkpulse::forward::tools::parse_time)]
+        from: u64,
+        /// End (exclusive), same notations.
+        #[arg(long, value_parser = linkpulse::forward::tools::parse_time)]
+        to: u64,
+        #[arg(long, default_value = "csv")]
+        format: linkpulse::forward::tools::Format,
+        /// Write here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Send a destination every rollup from a time on again (idempotent: same points, same
+    /// values). The running daemon's forwarder picks it up at once.
+    Resync {
+        #[arg(long, short, env = "LINKPULSE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// A [[forward]] name.
+        #[arg(long)]
+        destination: String,
+        /// RFC 3339 or unix seconds.
+        #[arg(long, value_parser = linkpulse::forward::tools::parse_time)]
+        since: u64,
+    },
     /// The emulated router used by the demo and the tests (network namespaces, LTE traces).
     #[cfg(feature = "testbed")]
     #[command(subcommand)]
@@ -146,6 +178,46 @@ fn main() -> anyhow::Result<()> {
             ca,
             once,
         } => top(config, url, token_file, ca, once),
+        Cmd::Export {
+            config,
+            link,
+            from,
+            to,
+            format,
+            output,
+        } => {
+            use linkpulse::forward::tools;
+            let cfg = Config::load(&config)?;
+            let link = tools::resolve_link(&cfg, &link)?;
+            let store = tools::open_store(&cfg)?;
+            let mut out = tools::output(output.as_ref())?;
+            let n = tools::export(&store, &cfg, link, from, to, format, &mut out);
+            drop(out);
+            store.stop();
+            eprintln!("{} rollups exported", n?);
+            Ok(())
+        }
+        Cmd::Resync {
+            config,
+            destination,
+            since,
+        } => {
+            use linkpulse::forward::tools;
+            let cfg = Config::load(&config)?;
+            let store = tools::open_store(&cfg)?;
+            let r = tools::resync(&store, &cfg, &destination, since);
+            store.stop();
+            match r? {
+                Some(r) => println!(
+                    "{destination}: cursor moved from seq {} to {}: every rollup from {} on is sent again",
+                    r.old_cursor,
+                    r.new_cursor,
+                    tools::format_time(since)
+                ),
+                None => println!("{destination}: no rollup from {} on in the store: nothing to send", tools::format_time(since)),
+            }
+            Ok(())
+        }
         #[cfg(feature = "testbed")]
         Cmd::Testbed(cmd) => linkpulse_testbed::cli::run(cmd),
     }

@@ -37,6 +37,8 @@ pub struct StoreCounters {
     pub dropped: AtomicU64,
     pub pending: AtomicU64,
     pub errors: AtomicU64,
+    /// True while a put is in flight (chaos tests time their kills on it).
+    pub put_in_flight: AtomicBool,
 }
 
 pub fn run(
@@ -48,38 +50,18 @@ pub fn run(
 ) {
     let mut builder = RollupBuilder::new(cfg.window_ns, bin_ns, clock::realtime_ns());
     let mut pending: VecDeque<Rollup> = VecDeque::with_capacity(1024);
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Store>(1);
-    // Starting Tarantool takes from 0.1 s to a minute (xlog replay): on its own thread.
-    let starter = {
-        let (dir, stop) = (cfg.data_dir.clone(), Arc::clone(&stop));
-        let shared = Arc::clone(&shared);
-        std::thread::Builder::new().name("lp-store-start".into()).spawn(move || {
-            let mut backoff = Duration::from_secs(1);
-            while !stop.load(Ordering::Relaxed) {
-                match Store::start_local(LocalConfig::new(&dir)) {
-                    Ok(store) => {
-                        tracing::info!(dir = %dir.display(), "local store ready");
-                        let _ = ready_tx.send(store);
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "local store unavailable: rollups wait in memory (2 min), live data is unaffected; retrying");
-                        shared.event("store_error", None, e.to_string());
-                        let t = Instant::now();
-                        while t.elapsed() < backoff && !stop.load(Ordering::Relaxed) {
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
-                }
-            }
-        })
+    // Batches go to the writer thread: a put that waits (Tarantool restarting, a slow disk)
+    // never stops this thread from draining its frame queue, which holds only ~100 ms.
+    let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<Rollup>>(2);
+    let writer = {
+        let (stop, shared) = (Arc::clone(&stop), Arc::clone(&shared));
+        std::thread::Builder::new()
+            .name("lp-store".into())
+            .spawn(move || write_loop(cfg.data_dir, cfg.external, batch_rx, shared, stop))
     };
-    if let Err(e) = &starter {
+    if let Err(e) = &writer {
         tracing::error!(error = %e, "cannot start the store thread");
     }
-    let mut store: Option<Arc<Store>> = None;
-    let mut retry_at = Instant::now();
     let c = &shared.store;
     while !stop.load(Ordering::Relaxed) {
         let mut any = false;
@@ -103,56 +85,111 @@ pub fn run(
                 format!("{n} rollups from window {first} dropped: the store was unavailable for over 2 minutes"),
             );
         }
-        if store.is_none() {
-            if let Ok(s) = ready_rx.try_recv() {
-                let s = Arc::new(s);
-                shared.set_store_handle(Some(Arc::clone(&s)));
-                store = Some(s);
+        while !pending.is_empty() && !batch_tx.is_full() {
+            let n = pending.len().min(BATCH);
+            if batch_tx.try_send(pending.drain(..n).collect()).is_err() {
+                break;
             }
         }
-        if let Some(s) = &store {
-            if !pending.is_empty() && Instant::now() >= retry_at {
-                let n = pending.len().min(BATCH);
-                let batch = pending.make_contiguous();
-                match s.put_rollups(&batch[..n]) {
-                    Ok(_) => {
-                        pending.drain(..n);
-                        c.written.fetch_add(n as u64, Ordering::Relaxed);
-                        c.up.store(true, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        c.errors.fetch_add(1, Ordering::Relaxed);
-                        c.up.store(false, Ordering::Relaxed);
-                        tracing::warn!(error = %e, pending = pending.len(), "rollup write failed; retrying in 1 s");
-                        retry_at = Instant::now() + Duration::from_secs(1);
-                    }
-                }
-                continue;
-            }
-        }
-        c.pending.store(pending.len() as u64, Ordering::Relaxed);
+        c.pending.store(
+            (pending.len() + batch_tx.len() * BATCH) as u64,
+            Ordering::Relaxed,
+        );
         if !any {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    // Last rollups out before the store stops.
-    if let Some(s) = &store {
-        let batch: Vec<Rollup> = pending.drain(..).collect();
-        for chunk in batch.chunks(BATCH) {
-            if s.put_rollups(chunk).is_ok() {
-                c.written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    // Last rollups out before the store stops (the writer gives up on them after a few failed
+    // attempts once stopping).
+    while !pending.is_empty() {
+        let n = pending.len().min(BATCH);
+        if batch_tx
+            .send_timeout(pending.drain(..n).collect(), Duration::from_secs(5))
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(batch_tx);
+    if let Ok(h) = writer {
+        let _ = h.join();
+    }
+}
+
+/// The `lp-store` thread: starts (or connects to) the store, then writes the batches it gets,
+/// in order, each until it is stored (puts are idempotent). Ends when the sender is gone.
+fn write_loop(
+    dir: std::path::PathBuf,
+    external: Option<crate::forward::ExternalStore>,
+    batches: crossbeam_channel::Receiver<Vec<Rollup>>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+) {
+    let c = &shared.store;
+    // Starting Tarantool takes from 0.1 s to a minute (xlog replay).
+    let mut backoff = Duration::from_secs(1);
+    let store = loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let started = match &external {
+            Some(x) => x
+                .client_config()
+                .map_err(|e| format!("store.external_password_file: {e}"))
+                .and_then(|c| {
+                    Store::connect_external(c)
+                        .map_err(|e| format!("external store {}: {e}", x.address))
+                }),
+            None => Store::start_local(LocalConfig::new(&dir)).map_err(|e| e.to_string()),
+        };
+        match started {
+            Ok(store) => {
+                tracing::info!(dir = %dir.display(), "local store ready");
+                break Arc::new(store);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "local store unavailable: rollups wait in memory (2 min), live data is unaffected; retrying");
+                shared.event("store_error", None, e);
+                let t = Instant::now();
+                while t.elapsed() < backoff && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    shared.set_store_handle(Some(Arc::clone(&store)));
+    for batch in batches.iter() {
+        let mut failures = 0;
+        loop {
+            c.put_in_flight.store(true, Ordering::Relaxed);
+            let put = store.put_rollups(&batch);
+            c.put_in_flight.store(false, Ordering::Relaxed);
+            match put {
+                Ok(_) => {
+                    c.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    c.up.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    failures += 1;
+                    c.errors.fetch_add(1, Ordering::Relaxed);
+                    c.up.store(false, Ordering::Relaxed);
+                    if stop.load(Ordering::Relaxed) && failures >= 3 {
+                        tracing::error!(error = %e, rows = batch.len(), "stopping: rollups not stored");
+                        c.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        break;
+                    }
+                    tracing::warn!(error = %e, "rollup write failed; retrying in 1 s");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
             }
         }
     }
-    if let Ok(h) = starter {
-        let _ = h.join();
-    }
     shared.set_store_handle(None);
-    if let Some(s) = store.take() {
-        // Readers (an HTTP request, a forwarder) may still hold it: the last one to let go
-        // stops Tarantool (Store's drop).
-        if let Ok(s) = Arc::try_unwrap(s) {
-            s.stop();
-        }
+    // Readers (an HTTP request, a forwarder) may still hold it: the last one to let go stops
+    // Tarantool (Store's drop).
+    if let Ok(s) = Arc::try_unwrap(store) {
+        s.stop();
     }
 }

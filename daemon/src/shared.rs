@@ -145,6 +145,8 @@ pub struct Shared {
     /// The local store once it is ready (set and cleared by `lp-persist`), for readers outside
     /// the frame path: the HTTP API, the forwarders.
     store_handle: RwLock<Option<std::sync::Arc<linkpulse_sink::store::Store>>>,
+    /// Forwarders and retention (for /metrics).
+    pub forward: crate::forward::ForwardState,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -171,6 +173,7 @@ impl Shared {
             store: Default::default(),
             fanout_dropped: RwLock::new(Vec::new()),
             store_handle: RwLock::new(None),
+            forward: Default::default(),
         }
     }
 

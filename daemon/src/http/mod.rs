@@ -166,6 +166,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     );
     let _ = writeln!(o, "# HELP linkpulse_store_up 1 while the local store accepts rollups.\n# TYPE linkpulse_store_up gauge\nlinkpulse_store_up {}", u8::from(st.up.load(Ordering::Relaxed)));
     let _ = writeln!(o, "# HELP linkpulse_rollups_pending Rollups waiting in memory for the store.\n# TYPE linkpulse_rollups_pending gauge\nlinkpulse_rollups_pending {}", st.pending.load(Ordering::Relaxed));
+    crate::forward::write_metrics(&mut o, &s);
     let sm = &s.stream;
     let _ = writeln!(o, "# HELP linkpulse_stream_clients Controllers subscribed to the stream.\n# TYPE linkpulse_stream_clients gauge\nlinkpulse_stream_clients {}", sm.clients.load(Ordering::Relaxed));
     counter(

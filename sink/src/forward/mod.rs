@@ -356,6 +356,10 @@ pub struct ForwardStats {
     pub backlog: AtomicU64,
     /// Window start of the newest acknowledged point (ns); now minus this is the lag.
     pub last_window_ns: AtomicU64,
+    /// True after a step that succeeded (sent, parked or idle), false after a failed one.
+    pub up: std::sync::atomic::AtomicBool,
+    /// True while a write request is on the wire (for chaos tests: a kill then lands mid-write).
+    pub in_flight: std::sync::atomic::AtomicBool,
 }
 
 impl ForwardStats {
@@ -394,6 +398,49 @@ impl ForwardStats {
         .iter()
         .map(|c| self.errors(*c))
         .sum()
+    }
+}
+
+/// Line-protocol points to send besides the rollups (e.g. the daemon's lost-range events): the
+/// forwarder sends them before its next batch and reports their delivery by generation, so the
+/// producer can persist what was delivered. A replay must be idempotent (deterministic points).
+#[derive(Default)]
+pub struct Outbox {
+    pending: Mutex<Option<(u64, Vec<u8>)>>,
+    delivered: AtomicU64,
+}
+
+impl Outbox {
+    /// Queues `lines` as generation `gen` (replacing what was queued and not yet sent).
+    pub fn put(&self, gen: u64, lines: Vec<u8>) {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some((gen, lines));
+    }
+
+    /// True while something is queued.
+    pub fn is_pending(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Highest generation acknowledged (2xx, or 400: refused points are not retried).
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    fn take(&self) -> Option<(u64, Vec<u8>)> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn put_back(&self, gen: u64, lines: Vec<u8>) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.is_none() {
+            *p = Some((gen, lines));
+        }
     }
 }
 
@@ -500,6 +547,10 @@ pub struct Forwarder {
     backoff: Duration,
     /// Pacing: the next request may start at this instant.
     next_send: Instant,
+    /// Pacing set from outside while running (bytes/s; 0 = `cfg.max_bytes_per_s`): the daemon
+    /// sets it from the uplink capacity it measures.
+    pace_override: Arc<AtomicU64>,
+    outbox: Arc<Outbox>,
 }
 
 /// Lua for the newest `seq` in the store (the primary key of `rollups`), for the backlog gauge.
@@ -551,6 +602,8 @@ impl Forwarder {
             rng: rand::rngs::SmallRng::from_entropy(),
             backoff: cfg.backoff_min,
             next_send: Instant::now(),
+            pace_override: Arc::new(AtomicU64::new(0)),
+            outbox: Arc::new(Outbox::default()),
             transport,
             store,
             cfg,
@@ -567,6 +620,17 @@ impl Forwarder {
 
     pub fn kicker(&self) -> Kicker {
         self.kicker.clone()
+    }
+
+    /// A handle that sets the pacing while the forwarder runs: compressed bytes per second, 0 for
+    /// the configured `max_bytes_per_s` (unpaced when that is unset). Read before each request.
+    pub fn pacer(&self) -> Arc<AtomicU64> {
+        self.pace_override.clone()
+    }
+
+    /// Extra points to send (see [`Outbox`]).
+    pub fn outbox(&self) -> Arc<Outbox> {
+        self.outbox.clone()
     }
 
     /// The batches parked so far (from the parked log).
@@ -590,6 +654,7 @@ impl Forwarder {
     /// One batch: read after the cursor, send, and on 2xx or 400 move the cursor. No waiting
     /// (pacing and backoff belong to [`Forwarder::run`]); errors are returned, not counted.
     pub fn step(&mut self) -> Result<Step, ForwardError> {
+        self.send_outbox()?;
         let cursor = self
             .store
             .get_cursor(&self.cfg.name)
@@ -639,7 +704,10 @@ impl Forwarder {
                 });
             }
             self.next_send = Instant::now() + self.pace(self.body.len());
-            let reply = match self.transport.post_gzip(&self.body) {
+            self.stats.in_flight.store(true, Ordering::Relaxed);
+            let posted = self.transport.post_gzip(&self.body);
+            self.stats.in_flight.store(false, Ordering::Relaxed);
+            let reply = match posted {
                 Ok(r) => r,
                 Err(e) => return Err(self.transport_err(e)),
             };
@@ -677,6 +745,37 @@ impl Forwarder {
         })
     }
 
+    /// Sends the outbox's points, if any, before the rollups.
+    fn send_outbox(&mut self) -> Result<(), ForwardError> {
+        let Some((gen, lines)) = self.outbox.take() else {
+            return Ok(());
+        };
+        if let Err(e) = self.gzip.compress(&lines, &mut self.body) {
+            return Err(ForwardError::Config {
+                name: self.cfg.name.clone(),
+                reason: format!("gzip of the outbox failed: {e}"),
+            });
+        }
+        let reply = match self.transport.post_gzip(&self.body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.outbox.put_back(gen, lines);
+                return Err(self.transport_err(e));
+            }
+        };
+        match reply.status {
+            200..=299 => {}
+            400 => tracing::warn!(destination = %self.cfg.name, body = %reply.body,
+                "InfluxDB refused the event points; not retried"),
+            _ => {
+                self.outbox.put_back(gen, lines);
+                return Err(self.status_err(reply));
+            }
+        }
+        self.outbox.delivered.fetch_max(gen, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn top_seq(&self) -> Result<u64, ForwardError> {
         let (top,): (u64,) = self
             .store
@@ -693,7 +792,8 @@ impl Forwarder {
 
     /// How long after this request's start the next may start.
     fn pace(&self, bytes: usize) -> Duration {
-        match self.cfg.max_bytes_per_s {
+        let over = self.pace_override.load(Ordering::Relaxed);
+        match (over > 0).then_some(over).or(self.cfg.max_bytes_per_s) {
             Some(rate) => Duration::from_secs_f64(bytes as f64 / rate as f64),
             None => Duration::ZERO,
         }
@@ -856,6 +956,7 @@ impl Forwarder {
             }
             match self.step() {
                 Ok(step) => {
+                    self.stats.up.store(true, Ordering::Relaxed);
                     if failing.take().is_some() {
                         tracing::info!(destination = %name, "forwarder recovered");
                     }
@@ -866,6 +967,7 @@ impl Forwarder {
                 }
                 Err(e) => {
                     let class = e.class();
+                    self.stats.up.store(false, Ordering::Relaxed);
                     self.stats.error(class).fetch_add(1, Ordering::Relaxed);
                     let d = self.backoff;
                     let pause = d / 2 + d.mul_f64(self.rng.gen::<f64>() / 2.0);

@@ -225,6 +225,39 @@ impl Store {
         })
     }
 
+    /// Opens the store of `cfg.data_dir` for a command-line tool: when a daemon holds the data
+    /// dir, connects to its running instance (its socket, with the client secret of the data
+    /// dir; the daemon keeps supervising it); otherwise starts the instance like
+    /// [`Store::start_local`] (the caller's [`Store::stop`] stops it again). The bool is true
+    /// when the instance belongs to a running daemon.
+    pub fn open_for_tool(cfg: LocalConfig) -> Result<(Store, bool), StoreError> {
+        match Store::start_local(cfg.clone()) {
+            Err(StoreError::Locked { .. }) => {
+                let paths = Paths::new(&cfg.data_dir);
+                let password = std::fs::read_to_string(&paths.secret)
+                    .map_err(|source| StoreError::DataDir {
+                        path: paths.secret.clone(),
+                        action: "read the client secret",
+                        source,
+                    })?
+                    .trim()
+                    .to_owned();
+                let client_cfg = supervisor::client_config(&paths, password, cfg.request_timeout);
+                let client = Client::connect(client_cfg)?;
+                Ok((
+                    Store {
+                        client,
+                        supervisor: None,
+                        _lock: None,
+                        retry_for: Duration::from_secs(15),
+                    },
+                    true,
+                ))
+            }
+            other => other.map(|s| (s, false)),
+        }
+    }
+
     /// Uses an instance someone else runs: connects and applies the same migrations. The user needs
     /// the rights to create spaces and functions (e.g. the `super` role) for the first migration.
     pub fn connect_external(cfg: ClientConfig) -> Result<Store, StoreError> {

@@ -128,6 +128,24 @@ pub fn config_text(
     s
 }
 
+/// Appends `toml` to a generated config; lines of `toml` before its first table header are
+/// keys of `[store]` (inserted there).
+fn with_toml(mut text: String, toml: &str) -> String {
+    let (store_keys, rest) = match toml.find("\n[") {
+        _ if toml.starts_with('[') => ("", toml),
+        Some(i) => toml.split_at(i + 1),
+        None => (toml, ""),
+    };
+    if !store_keys.is_empty() {
+        let at = text
+            .find("[store]\n")
+            .expect("[store] in the generated config")
+            + 8;
+        text.insert_str(at, store_keys);
+    }
+    text + rest
+}
+
 impl Run {
     /// Brings up a testbed `name` with `modems` and a daemon for them (plus `extra` links that do
     /// not exist), waits until the testbed's links are attached.
@@ -154,6 +172,21 @@ impl Run {
         store: Option<PathBuf>,
     ) -> Run {
         Self::start_edited(name, modems, extra, options, stream, store, &|t| t)
+    }
+
+    /// As [`Run::start_full`], with `toml` appended to the generated config (e.g. `[[forward]]`).
+    pub fn start_toml(
+        name: &str,
+        modems: Vec<ModemSpec>,
+        extra: &[&str],
+        options: TestbedOptions,
+        stream: Option<PathBuf>,
+        store: Option<PathBuf>,
+        toml: &str,
+    ) -> Run {
+        Self::start_edited(name, modems, extra, options, stream, store, &|t| {
+            with_toml(t, toml)
+        })
     }
 
     /// Like `start_full`, with `edit` applied to the config text (e.g. an `[http]` section).
