@@ -54,6 +54,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "influxdb-client",
         "the `influx` CLI, to inspect and create databases on a central InfluxDB by hand",
     ),
+    (
+        "chromium",
+        "headless Chromium: the web page's browser test (tests/tests/web_browser.rs), over DevTools",
+    ),
 ];
 
 /// bpf-linker's version; the recipe in shared notes/ebpf-toolchain.md was verified with it.
