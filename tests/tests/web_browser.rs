@@ -213,10 +213,10 @@ fn web_page_in_headless_chromium() {
         "!document.getElementById('login').hidden",
         Duration::from_secs(30),
     );
-    page.eval(&format!(
+    page.eval(
         "document.getElementById('token').value = 'wrong-token-0000000000000'; \
-         document.getElementById('login-form').requestSubmit(); true"
-    ));
+         document.getElementById('login-form').requestSubmit(); true",
+    );
     page.wait(
         "wrong token refused",
         "document.getElementById('login-error').textContent.includes('wrong token')",
