@@ -356,22 +356,43 @@ fn hotplug(_args: &Args) -> anyhow::Result<Vec<Metric>> {
 
 /// daemon.cpu_pct_16_links, daemon.rss_mb, binary.linkpulse_mb: the release binary as a
 /// process, 16 links, 10 kHz bins, traffic on every link.
+/// The daemon as shipped (target/dist/linkpulse, `cargo xtask build`) in its default
+/// configuration — stream and local store on — on 16 links under traffic: CPU first with no
+/// stream client (bins published in batches), then with 4 clients reading every bin (the
+/// ingest thread wakes at each bin's deadline and sends); RSS with the clients; Tarantool's RSS
+/// apart as store.rss_mb.
 fn footprint(_args: &Args) -> anyhow::Result<Vec<Metric>> {
-    let exe = std::env::current_exe()?.with_file_name("linkpulse");
+    use linkpulse_client::{StreamClient, Subscription};
+    let exe = std::env::current_exe()?
+        .parent()
+        .and_then(|d| d.parent())
+        .context("target dir")?
+        .join("dist/linkpulse");
     anyhow::ensure!(
         exe.exists(),
-        "{} not built: run `cargo xtask build`",
+        "{} not built: run `cargo xtask build` (the benchmark measures the shipped binary)",
         exe.display()
     );
-    let bin_mb = std::fs::metadata(&exe)?.len() as f64 / 1e6;
+    // Everything linkpulse ships: one binary (daemon, reflector, testbed and CLI in one).
+    let shipped = [&exe];
+    let total_mb = shipped
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()))
+        .sum::<Result<u64, _>>()? as f64
+        / 1e6;
     let net = BenchNet::up("f", 16)?;
     let dir = std::env::temp_dir().join(format!("lpbench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("stream.sock");
     let cfg = dir.join("bench.toml");
     std::fs::write(
         &cfg,
-        net.config(16, None)
-            .replace("127.0.0.1:0", "127.0.0.1:18480"),
+        net.config(16, Some(&sock))
+            .replace("127.0.0.1:0", "127.0.0.1:18480")
+            .replace(
+                "[store]\nenabled = false\n",
+                &format!("[store]\ndata_dir = \"{}\"\n", dir.join("store").display()),
+            ),
     )?;
     let mut child = netns::command(&net.router, exe.to_str().context("path")?)
         .args(["run", "--config"])
@@ -379,35 +400,116 @@ fn footprint(_args: &Args) -> anyhow::Result<Vec<Metric>> {
         .stderr(std::fs::File::create(dir.join("daemon.log"))?)
         .spawn()?;
     let pid = child.id();
-    std::thread::sleep(Duration::from_secs(2));
-    let stop = AtomicBool::new(false);
-    let dsts: Vec<_> = (0..16).map(net::router_sink).collect();
-    let cpu0 = cpu_ns(pid)?;
-    let t0 = Instant::now();
-    let sent = netns::run_in(&net.router, || {
-        gen::flood(&dsts, 200, u64::MAX, Duration::from_secs(10), 16_000, &stop)
-    })??;
-    let cpu1 = cpu_ns(pid)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let (rss, hwm) = rss_kb(pid)?;
+    let result = (|| -> anyhow::Result<Vec<Metric>> {
+        // The store (Tarantool) is up when the daemon has a child process.
+        let t = Instant::now();
+        let store_pid = loop {
+            if let Some(p) = children(pid).first() {
+                break Some(*p);
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        std::thread::sleep(Duration::from_secs(2));
+        let dsts: Vec<_> = (0..16).map(net::router_sink).collect();
+        let measure = || -> anyhow::Result<(f64, f64)> {
+            let stop = AtomicBool::new(false);
+            let cpu0 = cpu_ns(pid)?;
+            let t0 = Instant::now();
+            let sent = netns::run_in(&net.router, || {
+                gen::flood(&dsts, 200, u64::MAX, Duration::from_secs(10), 16_000, &stop)
+            })??;
+            let secs = t0.elapsed().as_secs_f64();
+            Ok((
+                (cpu_ns(pid)? - cpu0) as f64 / 1e9 / secs * 100.0,
+                sent.0 as f64 / secs,
+            ))
+        };
+        let (cpu_idle_stream, _) = measure()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let mut c = StreamClient::connect(&sock, Subscription::every_bin())?;
+                c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let stop = Arc::clone(&stop);
+                Ok::<_, anyhow::Error>(std::thread::spawn(move || {
+                    let (mut frames, mut lost) = (0u64, 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        let Ok(f) = c.next_frame() else { break };
+                        frames += 1;
+                        lost += f.header.dropped_before;
+                    }
+                    (frames, lost)
+                }))
+            })
+            .collect::<Result<_, _>>()?;
+        std::thread::sleep(Duration::from_millis(200));
+        let (cpu_pct, pps) = measure()?;
+        let (rss, hwm) = rss_kb(pid)?;
+        let store_rss = store_pid.and_then(|p| rss_kb(p).ok()).map(|r| r.0);
+        stop.store(true, Ordering::Relaxed);
+        let (mut frames, mut lost) = (0, 0);
+        for c in clients {
+            let (f, l) = c
+                .join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+            frames += f;
+            lost += l;
+        }
+        Ok(vec![
+            Metric::new("daemon.cpu_pct_16_links", cpu_pct, "%")
+                .peer(10.0, "target, DESIGN.md (≤ 10% of a core, later 5%)")
+                .note(format!(
+                    "16 links × 10 kHz bins, {pps:.0} pps, 4 stream clients every bin \
+                     ({frames} frames, {lost} lost), store on; {cpu_idle_stream:.1} % with no client"
+                )),
+            Metric::new("daemon.rss_mb", rss as f64 / 1024.0, "MB")
+                .peer(16.0, "target, DESIGN.md (seed: ARM with 64 MB RAM)")
+                .note(format!(
+                    "same run; peak {:.1} MB (loading the eBPF object and kernel BTF)",
+                    hwm as f64 / 1024.0
+                )),
+            Metric::new(
+                "store.rss_mb",
+                store_rss.map_or(f64::NAN, |r| r as f64 / 1024.0),
+                "MB",
+            )
+            .note("the supervised Tarantool 2.6 (vinyl), same run; not part of daemon.rss_mb"),
+            Metric::new("binaries.total_mb", total_mb, "MB")
+                .peer(6.0, "seed system: 6 MB of binaries (DESIGN.md)")
+                .note(format!(
+                    "{} (profile dist: fat LTO, stripped)",
+                    shipped
+                        .iter()
+                        .filter_map(|p| p.file_name()?.to_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .target("≤ 6"),
+        ])
+    })();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let _ = child.wait();
-    let cpu_pct = (cpu1 - cpu0) as f64 / 1e9 / secs * 100.0;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(vec![
-        Metric::new("daemon.cpu_pct_16_links", cpu_pct, "%")
-            .peer(10.0, "target, DESIGN.md (≤ 10% of a core, later 5%)")
-            .note(format!(
-                "16 links × 10 kHz bins, {:.0} pps of traffic",
-                sent.0 as f64 / secs
-            )),
-        Metric::new("daemon.rss_mb", rss as f64 / 1024.0, "MB")
-            .peer(16.0, "target, DESIGN.md (seed: ARM with 64 MB RAM)")
-            .note(format!("peak {:.1} MB", hwm as f64 / 1024.0)),
-        Metric::new("binary.linkpulse_mb", bin_mb, "MB")
-            .peer(6.0, "seed system: 6 MB of binaries (DESIGN.md)"),
-    ])
+    result
+}
+
+/// Child pids of `pid` (all its threads' children).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 /// CPU time of every thread of `pid` in ns, from the scheduler (/proc/PID/task/*/schedstat):
@@ -459,6 +561,8 @@ fn stream_latency(_args: &Args) -> anyhow::Result<Vec<Metric>> {
         std::path::Path::new("bench.toml"),
     )?;
     let grace = cfg.grace_ns;
+    let cfg_rt = cfg.realtime_priority;
+    const CLIENT_RT: u8 = 5;
     let daemon = netns::run_in(&net.router, || Daemon::start(&cfg, Vec::new()))??;
     wait_attached(&daemon, 16, Duration::from_secs(10))?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -469,6 +573,9 @@ fn stream_latency(_args: &Args) -> anyhow::Result<Vec<Metric>> {
             let mut c = StreamClient::connect(&sock, Subscription::every_bin())?;
             c.set_read_timeout(Some(Duration::from_secs(5)))?;
             Ok::<_, anyhow::Error>(std::thread::spawn(move || {
+                // A controller runs real-time, below the daemon's threads (10), which then finish the
+                // fan-out before the clients run.
+                let _ = linkpulse::clock::set_realtime_priority(CLIENT_RT);
                 let (mut lat, mut lag, mut gaps) =
                     (Vec::with_capacity(60_000), Vec::with_capacity(60_000), 0u64);
                 let t = Instant::now();
@@ -496,12 +603,15 @@ fn stream_latency(_args: &Args) -> anyhow::Result<Vec<Metric>> {
             let sender = std::thread::spawn({
                 let stop = Arc::clone(&stop);
                 move || {
+                    // The peer gets the same scheduling as the daemon → client path.
+                    let _ = linkpulse::clock::set_realtime_priority(cfg_rt);
                     while !stop.load(Ordering::Relaxed) {
                         let _ = tx.send_to(&linkpulse::clock::tai_ns().to_le_bytes(), addr);
                         linkpulse::clock::sleep_ns(100_000);
                     }
                 }
             });
+            let _ = linkpulse::clock::set_realtime_priority(CLIENT_RT);
             let mut lat = Vec::with_capacity(60_000);
             let mut b = [0u8; 8];
             while !stop.load(Ordering::Relaxed) {
@@ -541,7 +651,7 @@ fn stream_latency(_args: &Args) -> anyhow::Result<Vec<Metric>> {
                 "loopback UDP datagram, same load (p50)",
             )
             .note(format!(
-                "{frames} frames to 4 clients, 16 links, after the watermark"
+                "{frames} frames to 4 clients, 16 links, after the watermark; daemon threads SCHED_FIFO {cfg_rt}, clients and peer receiver {CLIENT_RT}"
             )),
         Metric::new("stream.latency_p99_us", percentile(&mut lat, 0.99), "µs")
             .peer(

@@ -34,6 +34,42 @@ pub fn monotonic_ns() -> u64 {
     now_ns(libc::CLOCK_MONOTONIC)
 }
 
+/// Puts the calling thread in SCHED_FIFO at `priority` (1..=99), so its wake-up preempts
+/// ordinary (CFS) work at once instead of waiting for a time slice: on a loaded 2-core router
+/// that is the difference between tens of µs and milliseconds. Needs CAP_SYS_NICE or an
+/// RLIMIT_RTPRIO of at least `priority` (the systemd unit sets `LimitRTPRIO`).
+pub fn set_realtime_priority(priority: u8) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
+    // SAFETY: pthread_self is always valid; param is a valid sched_param.
+    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// [`set_realtime_priority`] for a daemon thread: 0 leaves the thread alone; a failure is
+/// logged once with the fix and the thread goes on at normal priority.
+pub fn apply_realtime_priority(thread: &str, priority: u8) {
+    if priority == 0 {
+        return;
+    }
+    match set_realtime_priority(priority) {
+        Ok(()) => tracing::debug!(thread, priority, "SCHED_FIFO"),
+        Err(e) => tracing::warn!(
+            thread,
+            priority,
+            error = %e,
+            "cannot switch to real-time scheduling: under CPU load frames reach stream clients \
+             late. Fix: give the daemon CAP_SYS_NICE or LimitRTPRIO={priority} (systemd), or set \
+             [sampling] realtime_priority = 0 to run at normal priority"
+        ),
+    }
+}
+
 /// Sleeps `ns` on CLOCK_MONOTONIC. Relative on purpose: an absolute sleep on CLOCK_TAI would
 /// stretch by the size of a backward clock step, and the daemon must see steps at once.
 pub fn sleep_ns(ns: u64) {

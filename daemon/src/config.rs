@@ -41,6 +41,8 @@ pub struct Config {
     pub bin_width_ns: u64,
     pub grace_ns: u64,
     pub publish_interval_ns: u64,
+    /// SCHED_FIFO priority of lp-ingest and lp-stream; 0: normal scheduling.
+    pub realtime_priority: u8,
     pub http_listen: SocketAddr,
     /// `[http]` access: token and TLS (see `crate::http::auth`).
     pub http: HttpAccess,
@@ -211,6 +213,10 @@ struct RawSampling {
     /// Waking at every bin costs ~10% of a core at 10 kHz on a VM. Default 1000 µs.
     #[serde(default = "default_publish_interval_us")]
     publish_interval_us: Spanned<u64>,
+    /// SCHED_FIFO priority of the threads between the kernel and the stream's clients
+    /// (`lp-ingest`, `lp-stream`): 1..=99, 0 for normal scheduling. Default 10.
+    #[serde(default = "default_realtime_priority")]
+    realtime_priority: Spanned<u8>,
 }
 
 impl Default for RawSampling {
@@ -219,6 +225,7 @@ impl Default for RawSampling {
             bin_width_us: default_bin_width_us(),
             grace_us: default_grace_us(),
             publish_interval_us: default_publish_interval_us(),
+            realtime_priority: default_realtime_priority(),
         }
     }
 }
@@ -231,6 +238,9 @@ fn default_grace_us() -> Spanned<u64> {
 }
 fn default_publish_interval_us() -> Spanned<u64> {
     Spanned::new(0..0, 1000)
+}
+fn default_realtime_priority() -> Spanned<u8> {
+    Spanned::new(0..0, 10)
 }
 
 /// `[http]`: API and metrics. Default `127.0.0.1:8480` (loopback only).
@@ -341,6 +351,13 @@ impl Config {
             return Err(err(
                 Some(raw.sampling.publish_interval_us.span()),
                 format!("publish_interval_us = {publish_us} is out of range: use 1 to 1000000 (default 1000)"),
+            ));
+        }
+        let realtime_priority = *raw.sampling.realtime_priority.get_ref();
+        if realtime_priority > 99 {
+            return Err(err(
+                Some(raw.sampling.realtime_priority.span()),
+                format!("realtime_priority = {realtime_priority} is out of range: use 1 to 99, or 0 for normal scheduling (default 10)"),
             ));
         }
         let http_listen: SocketAddr = raw.http.listen.get_ref().parse().map_err(|e| {
@@ -489,6 +506,7 @@ impl Config {
             bin_width_ns: width_us * 1000,
             grace_ns: grace_us * 1000,
             publish_interval_ns: publish_us * 1000,
+            realtime_priority,
             http_listen,
             http,
             stream,

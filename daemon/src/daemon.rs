@@ -125,15 +125,13 @@ impl Daemon {
             outputs.push(o);
         }
         // The controller's stream: frames flow to it only while it has clients.
-        let stream = match &cfg.stream {
+        let (stream, stream_sender) = match &cfg.stream {
             Some(sc) => {
-                let (server, output) =
+                let (server, sender) =
                     StreamServer::bind(sc, Arc::clone(&shared), cfg.bin_width_ns)?;
-                names.push("stream".to_string());
-                outputs.push(output);
-                Some(server)
+                (Some(server), Some(sender))
             }
-            None => None,
+            None => (None, None),
         };
         // The rollups and the local store.
         let persist_rx = cfg.store.as_ref().map(|_| {
@@ -155,7 +153,8 @@ impl Daemon {
             outputs.push(o);
             rx
         };
-        let fanout = Fanout::from_outputs(outputs);
+        let mut fanout = Fanout::from_outputs(outputs);
+        fanout.stream = stream_sender;
         *shared
             .fanout_dropped
             .write()
@@ -185,8 +184,9 @@ impl Daemon {
             let aligner = Aligner::new(cfg.bin_width_ns, cfg.grace_ns, data.slots_ncpu());
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
             let crate::kernel::DataMaps { ring, slots } = data;
-            let interval = cfg.publish_interval_ns;
+            let (interval, rt) = (cfg.publish_interval_ns, cfg.realtime_priority);
             threads.push(spawn("lp-ingest", move || {
+                crate::clock::apply_realtime_priority("lp-ingest", rt);
                 ingest::run(interval, aligner, ring, slots, fanout, shared, stop)
             })?);
         }
@@ -209,8 +209,11 @@ impl Daemon {
             })?);
         }
         if let Some(server) = stream {
-            let stop = Arc::clone(&stop);
-            threads.push(spawn("lp-stream", move || server.run(stop))?);
+            let (stop, rt) = (Arc::clone(&stop), cfg.realtime_priority);
+            threads.push(spawn("lp-stream", move || {
+                crate::clock::apply_realtime_priority("lp-stream", rt);
+                server.run(stop)
+            })?);
         }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();

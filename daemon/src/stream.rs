@@ -1,8 +1,11 @@
 //! The controller's real-time stream: a Unix SOCK_SEQPACKET socket serving fixed-layout
-//! records (`linkpulse_common::stream`). One thread owns the listener and every client; the
-//! ingest thread hands it frames through an SPSC queue and wakes it with an eventfd. Sends are
-//! non-blocking: a client whose socket buffer is full loses that frame (counted, and told in
-//! the next frame's `dropped_before`); nobody else waits for it.
+//! records (`linkpulse_common::stream`). The `lp-stream` thread owns the listener and the
+//! control side of every client (accept, subscribe, errors, hang-ups); the send side of each
+//! subscription (`StreamSender`) lives in the ingest thread, which encodes and sends a frame
+//! right after closing its bin — no queue and no second thread's wake-up between the bin's
+//! deadline and the client. Subscriptions travel between the two threads through SPSC queues.
+//! Sends are non-blocking: a client whose socket buffer is full loses that frame (counted, and
+//! told in the next frame's `dropped_before`); nobody else waits for it.
 use std::{
     collections::HashMap,
     ffi::CString,
@@ -26,10 +29,8 @@ use linkpulse_common::{
     DIRS, MAX_LINKS,
 };
 
-use crate::{clock, config::StreamConfig, frame::Frame, ingest::Output, shared::Shared};
+use crate::{clock, config::StreamConfig, frame::Frame, shared::Shared};
 
-/// Frames the queue from the ingest thread holds (~100 ms at 10 kHz).
-const QUEUE_FRAMES: usize = 1024;
 /// A client must subscribe within this time after connecting.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -46,44 +47,22 @@ pub enum StreamError {
     InUse(PathBuf),
     #[error("stream.group {0:?} does not exist: create it or fix [stream] group")]
     NoGroup(String),
-    #[error("eventfd: {0}")]
-    EventFd(#[source] io::Error),
 }
 
-/// An eventfd: the ingest thread's doorbell for the stream thread.
-pub struct Waker(OwnedFd);
-
-impl Waker {
-    pub fn new() -> io::Result<Waker> {
-        // SAFETY: plain eventfd creation.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd we own.
-        Ok(Waker(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    /// Rings the bell (one syscall, no allocation).
-    #[inline]
-    pub fn notify(&self) {
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-
-    fn drain(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reading 8 bytes into a valid u64.
-        unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-    }
-}
-
-/// Per-client state.
+/// Per-client state of the control side.
 struct Client {
     fd: OwnedFd,
     since: Instant,
-    sub: Option<Sub>,
+    /// Set once subscribed: the id its send side has in the ingest thread.
+    id: Option<u64>,
+}
+
+/// A subscription handed to the ingest thread: its own descriptor of the client socket (a
+/// `dup`, so the control side can read and close independently) and the aggregate state.
+struct Attached {
+    id: u64,
+    fd: OwnedFd,
+    sub: Sub,
 }
 
 /// An active subscription: which links, the decimation and its aggregate in progress.
@@ -104,12 +83,27 @@ struct Sub {
 pub struct StreamServer {
     listener: OwnedFd,
     path: PathBuf,
-    rx: rtrb::Consumer<Frame>,
-    waker: Arc<Waker>,
-    live: Arc<AtomicBool>,
+    /// New subscriptions to the ingest thread.
+    attach: rtrb::Producer<Attached>,
+    /// Ids of subscribed clients that hung up or were closed here.
+    detach: rtrb::Producer<u64>,
+    /// Send sides the ingest thread gives back, dropped here (freeing is not its job).
+    retired: rtrb::Consumer<Attached>,
     shared: Arc<Shared>,
     max_clients: usize,
     width: u64,
+    next_id: u64,
+}
+
+/// The send side of every subscription, owned and driven by the ingest thread: per frame,
+/// no allocation and no lock (slots are preallocated, buffers reserved at subscribe time).
+pub struct StreamSender {
+    slots: Vec<Option<Attached>>,
+    active: usize,
+    attach: rtrb::Consumer<Attached>,
+    detach: rtrb::Consumer<u64>,
+    retire: rtrb::Producer<Attached>,
+    shared: Arc<Shared>,
 }
 
 /// Counters of the stream (in Shared for /metrics).
@@ -169,12 +163,12 @@ pub fn unix_addr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)
 
 impl StreamServer {
     /// Binds the socket (removing a stale one), sets its mode and group, and returns the server
-    /// and the output the ingest thread feeds.
+    /// (for the `lp-stream` thread) and the send side (for the ingest thread).
     pub fn bind(
         cfg: &StreamConfig,
         shared: Arc<Shared>,
         width: u64,
-    ) -> Result<(StreamServer, Output), StreamError> {
+    ) -> Result<(StreamServer, StreamSender), StreamError> {
         let path = cfg.path.clone();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(sock_err(&path, "creating its directory"))?;
@@ -238,43 +232,48 @@ impl StreamServer {
                 return Err(sock_err(&path, "chmod")(io::Error::last_os_error()));
             }
         }
-        let (tx, rx) = rtrb::RingBuffer::new(QUEUE_FRAMES);
-        let waker = Arc::new(Waker::new().map_err(StreamError::EventFd)?);
-        let live = Arc::new(AtomicBool::new(false));
-        let mut output = Output::new(tx);
-        output.live = Some(Arc::clone(&live));
-        output.wake = Some(Arc::clone(&waker));
-        output.realtime = true;
+        // Each queue holds every client there can be, so a push only fails on a bug.
+        let cap = cfg.max_clients.max(1) * 2;
+        let (attach_tx, attach_rx) = rtrb::RingBuffer::new(cap);
+        let (detach_tx, detach_rx) = rtrb::RingBuffer::new(cap);
+        let (retire_tx, retire_rx) = rtrb::RingBuffer::new(cap);
         tracing::info!(path = %path.display(), mode = format!("{:o}", cfg.mode), "stream socket ready");
         Ok((
             StreamServer {
                 listener,
                 path,
-                rx,
-                waker,
-                live,
-                shared,
+                attach: attach_tx,
+                detach: detach_tx,
+                retired: retire_rx,
+                shared: Arc::clone(&shared),
                 max_clients: cfg.max_clients,
                 width,
+                next_id: 1,
             },
-            output,
+            StreamSender {
+                slots: (0..cfg.max_clients.max(1)).map(|_| None).collect(),
+                active: 0,
+                attach: attach_rx,
+                detach: detach_rx,
+                retire: retire_tx,
+                shared,
+            },
         ))
     }
 
     /// Serves until `stop`; removes the socket file on the way out.
     pub fn run(mut self, stop: Arc<AtomicBool>) {
         let mut clients: HashMap<RawFd, Client> = HashMap::new();
-        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(self.max_clients + 2);
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(self.max_clients + 1);
+        let mut gone: Vec<u64> = Vec::new();
         let mut msg = [0u8; 256];
         while !stop.load(Ordering::Relaxed) {
             pfds.clear();
-            for fd in [self.listener.as_raw_fd(), self.waker.0.as_raw_fd()] {
-                pfds.push(libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-            }
+            pfds.push(libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
             for fd in clients.keys() {
                 pfds.push(libc::pollfd {
                     fd: *fd,
@@ -287,14 +286,10 @@ impl StreamServer {
             if n < 0 {
                 continue; // EINTR
             }
-            if pfds[1].revents != 0 {
-                self.waker.drain();
-            }
-            self.forward_frames(&mut clients);
             if pfds[0].revents & libc::POLLIN != 0 {
                 self.accept(&mut clients);
             }
-            for p in pfds.iter().skip(2) {
+            for p in pfds.iter().skip(1) {
                 if p.revents == 0 {
                     continue;
                 }
@@ -303,23 +298,29 @@ impl StreamServer {
                     None => true,
                 };
                 if !keep {
-                    clients.remove(&p.fd);
+                    if let Some(id) = clients.remove(&p.fd).and_then(|c| c.id) {
+                        gone.push(id);
+                    }
                 }
             }
             // Clients that never subscribed.
-            clients.retain(|_, c| c.sub.is_some() || c.since.elapsed() < SUBSCRIBE_TIMEOUT);
-            let active = clients.values().filter(|c| c.sub.is_some()).count();
-            self.live.store(active > 0, Ordering::Relaxed);
+            clients.retain(|_, c| c.id.is_some() || c.since.elapsed() < SUBSCRIBE_TIMEOUT);
+            // The ingest thread stops sending to clients that are gone (their dup keeps the
+            // socket open until then).
+            gone.retain(|id| self.detach.push(*id).is_err());
+            while let Ok(a) = self.retired.pop() {
+                drop(a);
+            }
+            let active = clients.values().filter(|c| c.id.is_some()).count();
             self.shared
                 .stream
                 .clients
                 .store(active as u64, Ordering::Relaxed);
         }
-        self.live.store(false, Ordering::Relaxed);
         let _ = std::fs::remove_file(&self.path);
     }
 
-    fn accept(&self, clients: &mut HashMap<RawFd, Client>) {
+    fn accept(&mut self, clients: &mut HashMap<RawFd, Client>) {
         loop {
             // SAFETY: accept on our listener; no address wanted.
             let fd = unsafe {
@@ -355,14 +356,14 @@ impl StreamServer {
                 Client {
                     fd,
                     since: Instant::now(),
-                    sub: None,
+                    id: None,
                 },
             );
         }
     }
 
     /// Returns false when the client must be dropped.
-    fn on_readable(&self, c: &mut Client, msg: &mut [u8], revents: libc::c_short) -> bool {
+    fn on_readable(&mut self, c: &mut Client, msg: &mut [u8], revents: libc::c_short) -> bool {
         // SAFETY: receiving into a valid buffer.
         let n = unsafe {
             libc::recv(
@@ -378,7 +379,7 @@ impl StreamServer {
         if n < 0 {
             return true;
         }
-        if c.sub.is_some() {
+        if c.id.is_some() {
             self.shared
                 .stream
                 .bad_requests
@@ -395,7 +396,25 @@ impl StreamServer {
                 if send(&c.fd, &hello).is_err() {
                     return false;
                 }
-                c.sub = Some(sub);
+                let fd = match c.fd.try_clone() {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stream client dropped: cannot dup its socket");
+                        return false;
+                    }
+                };
+                let id = self.next_id;
+                self.next_id += 1;
+                if self.attach.push(Attached { id, fd, sub }).is_err() {
+                    // Cannot happen: the queue holds twice max_clients.
+                    send_error(
+                        &c.fd,
+                        ERR_TOO_MANY_CLIENTS,
+                        "subscription queue full: try again",
+                    );
+                    return false;
+                }
+                c.id = Some(id);
                 true
             }
             Err((code, text)) => {
@@ -498,37 +517,76 @@ impl StreamServer {
         };
         Ok((sub, out))
     }
+}
 
-    fn forward_frames(&mut self, clients: &mut HashMap<RawFd, Client>) {
-        let mut dead = Vec::new();
-        while let Ok(f) = self.rx.pop() {
-            for (fd, c) in clients.iter_mut() {
-                let Some(sub) = c.sub.as_mut() else { continue };
-                if !sub.push(&f) {
-                    continue;
-                }
-                sub.encode();
-                match send_bytes(&c.fd, &sub.buf) {
-                    Ok(()) => {
-                        sub.dropped = 0;
-                        self.shared
-                            .stream
-                            .frames_sent
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        sub.dropped += 1;
-                        self.shared
-                            .stream
-                            .frames_dropped
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => dead.push(*fd),
-                }
+impl StreamSender {
+    /// Some client is subscribed: the ingest thread then wakes at every bin's deadline.
+    pub fn is_active(&self) -> bool {
+        self.active > 0
+    }
+
+    /// Takes new subscriptions and lets go of closed ones (once per tick; no allocation).
+    pub fn poll_control(&mut self) {
+        while let Ok(id) = self.detach.pop() {
+            if let Some(i) = self
+                .slots
+                .iter()
+                .position(|s| s.as_ref().is_some_and(|a| a.id == id))
+            {
+                self.retire_slot(i);
             }
         }
-        for fd in dead.drain(..) {
-            clients.remove(&fd);
+        while !self.attach.is_empty() {
+            let Some(free) = self.slots.iter().position(Option::is_none) else {
+                break; // the control side admits at most max_clients
+            };
+            if let Ok(a) = self.attach.pop() {
+                self.slots[free] = Some(a);
+                self.active += 1;
+            }
+        }
+    }
+
+    fn retire_slot(&mut self, i: usize) {
+        if let Some(a) = self.slots[i].take() {
+            self.active -= 1;
+            // Freed on the control thread; if its queue were full, drop here (rare, harmless).
+            let _ = self.retire.push(a);
+        }
+    }
+
+    /// Adds a frame to every subscription and sends the aggregates that are complete.
+    #[inline]
+    pub fn on_frame(&mut self, f: &Frame) {
+        if self.active == 0 {
+            return;
+        }
+        for i in 0..self.slots.len() {
+            let Some(a) = self.slots[i].as_mut() else {
+                continue;
+            };
+            if !a.sub.push(f) {
+                continue;
+            }
+            a.sub.encode();
+            match send_bytes(&a.fd, &a.sub.buf) {
+                Ok(()) => {
+                    a.sub.dropped = 0;
+                    self.shared
+                        .stream
+                        .frames_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    a.sub.dropped += 1;
+                    self.shared
+                        .stream
+                        .frames_dropped
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                // Gone (EPIPE, ECONNRESET): the control side sees the hang-up too.
+                Err(_) => self.retire_slot(i),
+            }
         }
     }
 }

@@ -1,24 +1,40 @@
-//! The per-bin hot path (ring records → aligner → fan-out to consumer queues) allocates
-//! nothing: a counting global allocator around many ticks of the real `tick_once`.
+//! The per-bin hot path (ring records → aligner → fan-out to consumer queues and the stream's
+//! clients) allocates nothing: a counting global allocator around many ticks of the real
+//! `tick_once`. Only the ticking thread counts (the stream's control thread and the test's
+//! readers allocate as they like).
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
+use std::sync::Arc;
+
 use linkpulse::{
     align::{Aligner, SlotSource, TickContext},
     clock::ClockState,
+    config::Config,
     ingest::{tick_once, Fanout, RecordSource},
+    shared::{LinkInfo, LinkState, Shared},
+    stream::StreamServer,
 };
+use linkpulse_client::{StreamClient, Subscription as StreamSubscription};
 use linkpulse_common::{BinRecord, Slot, MAX_LINKS, SLOTS_PER_CPU};
 
 struct Counting;
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
 static COUNTING: AtomicBool = AtomicBool::new(false);
 
+thread_local! {
+    static HOT_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn counted() -> bool {
+    COUNTING.load(Ordering::Relaxed) && HOT_THREAD.with(|h| h.get())
+}
+
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if counted() {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
         }
         System.alloc(l)
@@ -27,7 +43,7 @@ unsafe impl GlobalAlloc for Counting {
         System.dealloc(p, l)
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if counted() {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
         }
         System.realloc(p, l, n)
@@ -75,6 +91,69 @@ fn ingest_tick_allocates_nothing() {
     let (p1, mut c1) = rtrb::RingBuffer::new(64);
     let (p2, _c2) = rtrb::RingBuffer::new(4); // a consumer that never reads: must not matter
     let mut fanout = Fanout::new(vec![p1, p2]);
+    // The controller stream with two clients reading every bin, served from this thread.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("stream.sock");
+    let cfg = Config::parse(
+        &format!(
+            "[router]\nid = \"t\"\nsite = \"s\"\n[stream]\npath = \"{}\"\n[store]\nenabled = false\n\
+             [[link]]\ninterface = \"wwan0\"\n[[link]]\ninterface = \"wwan1\"\n",
+            sock.display()
+        ),
+        std::path::Path::new("t.toml"),
+    )
+    .expect("config");
+    let shared = Arc::new(Shared::new(&cfg));
+    shared.set_links(
+        cfg.links
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                Some(LinkInfo {
+                    index: i,
+                    config: l.into(),
+                    state: LinkState::Attached,
+                    ifindex: None,
+                    since_utc_ns: 0,
+                    attach_count: 1,
+                    last_error: None,
+                    last_second: None,
+                })
+            })
+            .collect(),
+    );
+    let stream_cfg = cfg.stream.clone().expect("stream");
+    let (server, sender) = StreamServer::bind(&stream_cfg, Arc::clone(&shared), W).expect("bind");
+    fanout.stream = Some(sender);
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || server.run(stop))
+    };
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c =
+                StreamClient::connect(&sock, StreamSubscription::every_bin()).expect("connect");
+            c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .expect("timeout");
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while let Ok(f) = c.next_frame() {
+                    assert_eq!(f.records().count(), 2);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    // The subscriptions reach this thread's sender through its control queue.
+    let t = std::time::Instant::now();
+    while !fanout.realtime() && t.elapsed() < std::time::Duration::from_secs(10) {
+        fanout.stream.as_mut().expect("stream").poll_control();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(fanout.realtime(), "the stream's clients reached the sender");
+    HOT_THREAD.with(|h| h.set(true));
     let mut ctx = TickContext {
         now_tai: t0,
         clock: ClockState {
@@ -118,6 +197,16 @@ fn ingest_tick_allocates_nothing() {
         }
     }
     COUNTING.store(false, Ordering::SeqCst);
+    let sent = shared.stream.frames_sent.load(Ordering::Relaxed)
+        + shared.stream.frames_dropped.load(Ordering::Relaxed);
+    drop(fanout.stream.take());
+    stop.store(true, Ordering::Relaxed);
+    server.join().expect("server");
+    let read: u64 = readers.into_iter().map(|r| r.join().expect("reader")).sum();
+    assert!(
+        sent >= 2 * 19_000 && read > 0,
+        "frames went to both stream clients: {sent} sent or lost, {read} read"
+    );
     assert!(
         frames > 19_000,
         "the loop really published frames: {frames}"

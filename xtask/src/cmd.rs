@@ -110,6 +110,20 @@ pub fn build_release() -> Result<()> {
     run(&mut cargo(&["build", "--release", "--workspace"])?)
 }
 
+/// The shipped binary (`linkpulse`) in the `dist` profile (fat LTO, one codegen unit): what
+/// `cargo xtask build` leaves in target/dist and what the benchmark's footprint measures.
+pub fn build_dist() -> Result<()> {
+    run(&mut cargo(&[
+        "build",
+        "--profile",
+        "dist",
+        "-p",
+        "linkpulse",
+        "--bin",
+        "linkpulse",
+    ])?)
+}
+
 /// A built release binary of the workspace, with a fix in the error if it is missing.
 pub fn release_bin(name: &str) -> Result<PathBuf> {
     let bin = target_dir().join("release").join(name);

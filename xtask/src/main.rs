@@ -53,7 +53,8 @@ enum Cmd {
         #[arg(long)]
         cross: bool,
     },
-    /// setup, then `cargo build --release --workspace`.
+    /// setup, then `cargo build --release --workspace`, and the shipped `linkpulse` in the
+    /// `dist` profile (target/dist/linkpulse).
     Build,
     /// setup, fmt check, clippy, then `cargo test --workspace --release`.
     Test(test::TestArgs),
@@ -71,7 +72,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Cmd::Setup { cross } => setup::run_with(*cross),
-        Cmd::Build => setup::run().and_then(|()| cmd::build_release()),
+        Cmd::Build => setup::run()
+            .and_then(|()| cmd::build_release())
+            .and_then(|()| cmd::build_dist()),
         Cmd::Test(args) => test::run(args),
         Cmd::Demo(args) => demo::run(args),
         Cmd::Bench { args } => bench(args),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
 fn bench(args: &[String]) -> Result<()> {
     setup::run()?;
     cmd::build_release()?;
+    cmd::build_dist()?;
     let bench = cmd::release_bin("linkpulse-bench")?;
     let mut run = Command::new(bench);
     run.args(args).current_dir(cmd::repo_root());
