@@ -461,3 +461,93 @@ fn web_api_needs_the_token_off_loopback() {
         401
     );
 }
+
+#[test]
+fn web_api_over_tls_and_linkpulse_top() {
+    let dir = TempDir::new("lpwtls-files");
+    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=linkpulse-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        // A self-signed end-entity certificate (webpki refuses a CA certificate as a server's).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(ok.success(), "openssl made no certificate");
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let run = Run::start_edited(
+        "lpwtls",
+        vec![plain("wwan0", ModemKind::Veth)],
+        &[],
+        TestbedOptions::default(),
+        None,
+        None,
+        &|t| {
+            t.replace(
+                "listen = \"127.0.0.1:0\"\n",
+                &format!("listen = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\n"),
+            )
+        },
+    );
+    let addr = run.daemon().http_addr();
+    // Plain HTTP to the TLS port gets no answer that parses as HTTP 200.
+    let plain_http = netns::run_in(run.bed.router_ns(), move || {
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let _ = s.write_all(b"GET /api/v1/links HTTP/1.0\r\n\r\n");
+        let mut b = Vec::new();
+        let _ = s.read_to_end(&mut b);
+        String::from_utf8_lossy(&b).to_string()
+    })
+    .expect("ns");
+    assert!(!plain_http.starts_with("HTTP/1.0 200"), "{plain_http}");
+    // `linkpulse top`'s client, over https, trusting the daemon's certificate.
+    let target = linkpulse::top::Target {
+        base: format!("https://{addr}"),
+        token: None,
+        ca: Some(cert.clone()),
+    };
+    let (links, table) = netns::run_in(run.bed.router_ns(), move || {
+        let c = linkpulse::top::Client::new(target).expect("client");
+        let v = c.get("/api/v1/links").expect("links over https");
+        let t = linkpulse::top::render(&v, usize::MAX);
+        (v, t)
+    })
+    .expect("ns");
+    assert_eq!(links["links"].as_array().map(Vec::len), Some(1));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("wwan0"))
+        .unwrap_or_else(|| panic!("no wwan0 row: {table}"));
+    assert!(row.contains("attached"), "{row}");
+    // Without the certificate trusted, the client refuses the connection, with a message.
+    let target = linkpulse::top::Target {
+        base: format!("https://{addr}"),
+        token: None,
+        ca: None,
+    };
+    let err = netns::run_in(run.bed.router_ns(), move || {
+        linkpulse::top::Client::new(target)
+            .expect("client")
+            .get("/api/v1/links")
+            .expect_err("untrusted certificate")
+            .to_string()
+    })
+    .expect("ns");
+    assert!(err.contains("https://"), "{err}");
+}

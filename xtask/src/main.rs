@@ -25,6 +25,7 @@ mod cross;
 mod demo;
 mod http;
 mod links_table;
+mod pyvenv;
 mod setup;
 mod signals;
 mod test;

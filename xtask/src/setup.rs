@@ -54,6 +54,14 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "influxdb-client",
         "the `influx` CLI, to inspect and create databases on a central InfluxDB by hand",
     ),
+    (
+        "python3-venv",
+        "the venv under ~/.cache/linkpulse/ that holds schemathesis (PyPI) for the API test",
+    ),
+    (
+        "chromium",
+        "headless Chromium: the web page's browser test (tests/tests/web_browser.rs), over DevTools",
+    ),
 ];
 
 /// bpf-linker's version; the recipe in shared notes/ebpf-toolchain.md was verified with it.
@@ -82,6 +90,7 @@ pub fn run_with(cross: bool) -> Result<()> {
     ensure_packages()?;
     check_rustup()?;
     ensure_bpf_linker()?;
+    crate::pyvenv::ensure_schemathesis()?;
     if cross {
         crate::cross::ensure()?;
     } else {

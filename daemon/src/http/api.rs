@@ -3,13 +3,13 @@
 use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use axum::{
-    extract::{Query, State},
+    extract::{rejection::QueryRejection, Query, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
 use linkpulse_sink::store::Rollup;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::web::Web;
@@ -33,7 +33,6 @@ fn bad(msg: impl Into<String>) -> Response {
 }
 
 /// Query of `/api/v1/series`. Times are UTC milliseconds since the UNIX epoch.
-#[derive(Deserialize)]
 pub struct SeriesQuery {
     link: Option<String>,
     from: Option<String>,
@@ -336,7 +335,45 @@ async fn query(web: &Arc<Web>, q: &SeriesQuery) -> Result<Series, Response> {
     })
 }
 
-pub async fn series(State(web): State<Arc<Web>>, Query(q): Query<SeriesQuery>) -> Response {
+/// The query as pairs: axum's own rejections are plain text, and a key given twice must get a
+/// JSON 400 that says so.
+type Pairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+fn series_query(q: Pairs) -> Result<SeriesQuery, String> {
+    let Query(pairs) =
+        q.map_err(|e| format!("unreadable query string ({e}): use ?link=&from=&to=&step="))?;
+    let mut sq = SeriesQuery {
+        link: None,
+        from: None,
+        to: None,
+        step: None,
+        partial: None,
+    };
+    for (k, v) in pairs {
+        let slot = match k.as_str() {
+            "link" => &mut sq.link,
+            "from" => &mut sq.from,
+            "to" => &mut sq.to,
+            "step" => &mut sq.step,
+            "partial" => &mut sq.partial,
+            _ => {
+                return Err(format!(
+                    "unknown parameter `{k}`: use link, from, to, step and partial"
+                ))
+            }
+        };
+        if slot.replace(v).is_some() {
+            return Err(format!("parameter `{k}` is given twice: give it once"));
+        }
+    }
+    Ok(sq)
+}
+
+pub async fn series(State(web): State<Arc<Web>>, q: Pairs) -> Response {
+    let q = match series_query(q) {
+        Ok(q) => q,
+        Err(m) => return bad(m),
+    };
     match query(&web, &q).await {
         Ok(s) => Json(s).into_response(),
         Err(r) => r,
@@ -377,7 +414,11 @@ pub fn csv(s: &Series) -> String {
     o
 }
 
-pub async fn series_csv(State(web): State<Arc<Web>>, Query(q): Query<SeriesQuery>) -> Response {
+pub async fn series_csv(State(web): State<Arc<Web>>, q: Pairs) -> Response {
+    let q = match series_query(q) {
+        Ok(q) => q,
+        Err(m) => return bad(m),
+    };
     match query(&web, &q).await {
         Ok(s) => {
             let name = format!(

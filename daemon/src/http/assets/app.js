@@ -179,7 +179,9 @@ function pickRange(keep) {
   if (keep && state.range) return state.range;
   const span = Number($("range").value), win = state.windowMs || 500;
   const step = Math.max(win, Math.ceil(span / 600 / win) * win);
-  const to = Math.floor(Date.now() / step) * step;
+  // Ends a few seconds back: the newest windows are still on their way to the store (the live
+  // graph shows them), and a range must give the same values on every reload.
+  const to = Math.floor((Date.now() - 3000) / step) * step;
   return { from: to - span, to, step };
 }
 async function loadHistory(keep) {
