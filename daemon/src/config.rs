@@ -47,6 +47,8 @@ pub struct Config {
     /// None when `[store] enabled = false`.
     pub store: Option<StoreConfig>,
     pub links: Vec<LinkConfig>,
+    /// `[probe]`: loss timeout and link-health thresholds (per-link settings in `LinkConfig`).
+    pub probe: crate::probe::ProbeConfig,
     /// The file it came from (for SIGHUP reloads and messages).
     pub source: Option<PathBuf>,
 }
@@ -59,6 +61,8 @@ pub struct LinkConfig {
     pub label: String,
     pub operator: String,
     pub modem_id: String,
+    /// STAMP probing of this link (None: no reflector configured, not probed).
+    pub probe: Option<crate::probe::LinkProbeConfig>,
 }
 
 #[derive(Deserialize)]
@@ -75,6 +79,8 @@ struct RawConfig {
     store: RawStore,
     #[serde(default, rename = "link")]
     links: Vec<RawLink>,
+    #[serde(default)]
+    probe: crate::probe::config::RawProbe,
 }
 
 /// `[stream]`: the controller's real-time stream (Unix SOCK_SEQPACKET socket).
@@ -250,6 +256,9 @@ struct RawLink {
     operator: Option<String>,
     #[serde(default)]
     modem_id: Option<String>,
+    /// Per-link probe overrides (`[link.probe]`).
+    #[serde(default)]
+    probe: crate::probe::config::RawLinkProbe,
 }
 
 impl Config {
@@ -398,11 +407,13 @@ impl Config {
                 ));
             }
             seen.insert(name, line_col(text, l.interface.span().start).0);
+            let probe = raw.probe.for_link(&l.probe).map_err(|(s, m)| err(s, m))?;
             links.push(LinkConfig {
                 interface: name.clone(),
                 label: l.label.clone().unwrap_or_else(|| name.clone()),
                 operator: l.operator.clone().unwrap_or_default(),
                 modem_id: l.modem_id.clone().unwrap_or_default(),
+                probe,
             });
         }
 
@@ -416,6 +427,7 @@ impl Config {
             stream,
             store,
             links,
+            probe: raw.probe.validate().map_err(|(s, m)| err(s, m))?,
             source: None,
         })
     }

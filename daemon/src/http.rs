@@ -76,6 +76,7 @@ async fn links(State(s): State<Arc<Shared>>) -> Response {
         "bin_width_ns": s.bin_width_ns,
         "clock": clock,
         "links": s.links(),
+        "probes": s.probe.view(),
     }))
     .into_response()
 }
@@ -290,6 +291,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             );
         }
     }
+    s.probe.write_metrics(&mut o, &links, &labels);
     (
         [(
             header::CONTENT_TYPE,

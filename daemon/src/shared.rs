@@ -138,6 +138,8 @@ pub struct Shared {
     pub store: crate::persist::StoreCounters,
     /// The controller stream's counters.
     pub stream: crate::stream::StreamCounters,
+    /// The probes' figures and link health (written by `lp-probe`).
+    pub probe: crate::probe::ProbeShared,
     /// Frames lost per consumer queue (set once the fan-out exists).
     pub fanout_dropped: RwLock<Vec<(String, std::sync::Arc<[AtomicU64]>)>>,
     /// The local store once it is ready (set and cleared by `lp-persist`), for readers outside
@@ -165,6 +167,7 @@ impl Shared {
             clock_synced: AtomicBool::new(true),
             events: Mutex::new(VecDeque::with_capacity(EVENTS_KEPT)),
             stream: Default::default(),
+            probe: Default::default(),
             store: Default::default(),
             fanout_dropped: RwLock::new(Vec::new()),
             store_handle: RwLock::new(None),

@@ -153,6 +153,23 @@ impl Run {
         stream: Option<PathBuf>,
         store: Option<PathBuf>,
     ) -> Run {
+        Self::start_config(name, modems, extra, options, stream, store, "", &mut |_| {})
+    }
+
+    /// Like [`Run::start_full`], with `append` added to the config text (e.g. a `[probe]`
+    /// section; a text starting with `[router]` is the whole config instead) and `before` run
+    /// on the testbed before the daemon starts (e.g. a reflector).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_config(
+        name: &str,
+        modems: Vec<ModemSpec>,
+        extra: &[&str],
+        options: TestbedOptions,
+        stream: Option<PathBuf>,
+        store: Option<PathBuf>,
+        append: &str,
+        before: &mut dyn FnMut(&Testbed),
+    ) -> Run {
         let dir = TempDir::new(name);
         let bed = Testbed::up_with(
             TestbedSpec {
@@ -164,10 +181,15 @@ impl Run {
         )
         .expect("testbed up");
         let cfg = Config::parse(
-            &config_text(&bed, extra, stream.as_deref(), store.as_deref()),
+            &if append.starts_with("[router]") {
+                append.to_string()
+            } else {
+                config_text(&bed, extra, stream.as_deref(), store.as_deref()) + append
+            },
             std::path::Path::new("e2e.toml"),
         )
         .expect("config");
+        before(&bed);
         let (sub, mut rx) = linkpulse::subscription("e2e", 1 << 16);
         let daemon = netns::run_in(bed.router_ns(), || Daemon::start(&cfg, vec![sub]))
             .expect("enter router ns")
