@@ -4,6 +4,7 @@
 //! byte for byte. Sizes are asserted at compile time.
 #![no_std]
 
+pub mod probe;
 pub mod stream;
 
 /// Most modem links one daemon follows (the design's ceiling is 16 modems; headroom for

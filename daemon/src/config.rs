@@ -53,6 +53,8 @@ pub struct Config {
     /// `[[forward]]` destinations (enabled ones; they need the store).
     pub forwards: Vec<crate::forward::ForwardDest>,
     pub links: Vec<LinkConfig>,
+    /// `[probe]`: loss timeout and link-health thresholds (per-link settings in `LinkConfig`).
+    pub probe: crate::probe::ProbeConfig,
     /// The file it came from (for SIGHUP reloads and messages).
     pub source: Option<PathBuf>,
 }
@@ -65,6 +67,8 @@ pub struct LinkConfig {
     pub label: String,
     pub operator: String,
     pub modem_id: String,
+    /// STAMP probing of this link (None: no reflector configured, not probed).
+    pub probe: Option<crate::probe::LinkProbeConfig>,
 }
 
 #[derive(Deserialize)]
@@ -83,6 +87,8 @@ struct RawConfig {
     links: Vec<RawLink>,
     #[serde(default, rename = "forward")]
     forwards: Vec<crate::forward::RawForward>,
+    #[serde(default)]
+    probe: crate::probe::config::RawProbe,
 }
 
 /// `[stream]`: the controller's real-time stream (Unix SOCK_SEQPACKET socket).
@@ -331,6 +337,9 @@ struct RawLink {
     operator: Option<String>,
     #[serde(default)]
     modem_id: Option<String>,
+    /// Per-link probe overrides (`[link.probe]`).
+    #[serde(default)]
+    probe: crate::probe::config::RawLinkProbe,
 }
 
 impl Config {
@@ -554,11 +563,13 @@ impl Config {
                 ));
             }
             seen.insert(name, line_col(text, l.interface.span().start).0);
+            let probe = raw.probe.for_link(&l.probe).map_err(|(s, m)| err(s, m))?;
             links.push(LinkConfig {
                 interface: name.clone(),
                 label: l.label.clone().unwrap_or_else(|| name.clone()),
                 operator: l.operator.clone().unwrap_or_default(),
                 modem_id: l.modem_id.clone().unwrap_or_default(),
+                probe,
             });
         }
 
@@ -575,6 +586,7 @@ impl Config {
             store,
             forwards,
             links,
+            probe: raw.probe.validate().map_err(|(s, m)| err(s, m))?,
             source: None,
         })
     }

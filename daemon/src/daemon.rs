@@ -112,7 +112,7 @@ impl Daemon {
             Some(p) => Some(http::auth::Auth::load(p, tls.is_some())?),
             None => None,
         };
-        let (kernel, data) = Kernel::load(cfg.bin_width_ns)?;
+        let (mut kernel, data) = Kernel::load(cfg.bin_width_ns)?;
         let shared = Arc::new(Shared::new(cfg));
         let stop = Arc::new(AtomicBool::new(false));
 
@@ -162,6 +162,18 @@ impl Daemon {
             .into_iter()
             .map(|n| (n, Arc::clone(&fanout.dropped)))
             .collect::<Vec<_>>();
+        let probe_setups = crate::probe::sender::setups(cfg);
+        let prober = if probe_setups.is_empty() {
+            None
+        } else {
+            let maps = kernel.take_probe_maps()?;
+            Some(crate::probe::sender::Sender::new(
+                probe_setups,
+                cfg.probe.clone(),
+                maps,
+                Arc::clone(&shared),
+            ))
+        };
         // One Arc for all: split per consumer when rendering is not worth the copies here.
         let mut manager = LinkManager::new(kernel, cfg, Arc::clone(&shared));
         manager.resync();
@@ -215,6 +227,10 @@ impl Daemon {
             threads.push(spawn("lp-forward", move || {
                 crate::forward::run(sc, dests, shared, stop)
             })?);
+        }
+        if let Some(prober) = prober {
+            let stop = Arc::clone(&stop);
+            threads.push(spawn("lp-probe", move || prober.run(stop))?);
         }
         if let Some(server) = stream {
             let (stop, rt) = (Arc::clone(&stop), cfg.realtime_priority);

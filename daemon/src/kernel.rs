@@ -375,6 +375,43 @@ pub fn ifindex(interface: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
+/// The probe path's maps, taken by the `lp-probe` thread.
+pub struct ProbeMaps {
+    /// link → the ports the programs match (`PROBE_CONF`).
+    pub conf: Array<MapData, linkpulse_common::probe::ProbeConf>,
+    /// Kernel stamps of probe packets (`PROBE_RING`).
+    pub ring: RingBuf<MapData>,
+    /// Per-CPU counters of the probe path (`PROBE_STATS`).
+    pub stats: aya::maps::PerCpuArray<MapData, u64>,
+}
+
+impl Kernel {
+    /// Hands the probe maps to their owner (once; later calls report them missing).
+    pub fn take_probe_maps(&mut self) -> Result<ProbeMaps, KernelError> {
+        use linkpulse_common::probe::{MAP_PROBE_CONF, MAP_PROBE_RING, MAP_PROBE_STATS};
+        let mut take = |name: &'static str| {
+            self.ebpf
+                .take_map(name)
+                .ok_or(KernelError::MissingMap { name })
+        };
+        let conf = Array::try_from(take(MAP_PROBE_CONF)?).map_err(|source| KernelError::Map {
+            name: MAP_PROBE_CONF,
+            source,
+        })?;
+        let ring = RingBuf::try_from(take(MAP_PROBE_RING)?).map_err(|source| KernelError::Map {
+            name: MAP_PROBE_RING,
+            source,
+        })?;
+        let stats = aya::maps::PerCpuArray::try_from(take(MAP_PROBE_STATS)?).map_err(|source| {
+            KernelError::Map {
+                name: MAP_PROBE_STATS,
+                source,
+            }
+        })?;
+        Ok(ProbeMaps { conf, ring, stats })
+    }
+}
+
 impl DataMaps {
     /// Possible CPUs the slot map was sized for.
     pub fn slots_ncpu(&self) -> usize {

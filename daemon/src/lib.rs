@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod links;
 pub mod notify;
 pub mod persist;
+pub mod probe;
 pub mod rollup;
 pub mod shared;
 pub mod stamp;

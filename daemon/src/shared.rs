@@ -140,6 +140,8 @@ pub struct Shared {
     pub stream: crate::stream::StreamCounters,
     /// The page's live feed (SSE) counters.
     pub live: crate::http::live::LiveCounters,
+    /// The probes' figures and link health (written by `lp-probe`).
+    pub probe: crate::probe::ProbeShared,
     /// Frames lost per consumer queue (set once the fan-out exists).
     pub fanout_dropped: RwLock<Vec<(String, std::sync::Arc<[AtomicU64]>)>>,
     /// The local store once it is ready (set and cleared by `lp-persist`), for readers outside
@@ -170,6 +172,7 @@ impl Shared {
             events: Mutex::new(VecDeque::with_capacity(EVENTS_KEPT)),
             stream: Default::default(),
             live: Default::default(),
+            probe: Default::default(),
             store: Default::default(),
             fanout_dropped: RwLock::new(Vec::new()),
             store_handle: RwLock::new(None),

@@ -11,12 +11,13 @@ use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_tai_ns},
     macros::{classifier, map},
-    maps::{Array, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use linkpulse_common::{
+    probe::{ProbeConf, ProbeRecord, PROBE_STATS_LEN, PROBE_STAT_RING_FULL, PROBE_STAT_SHORT},
     bin_start, slot_index, BinRecord, IfaceConf, Slot, DIR_EGRESS, DIR_INGRESS, MAX_IFINDEX,
-    SLOTS_PER_CPU,
+    MAX_LINKS, SLOTS_PER_CPU,
 };
 
 /// Bin width in ns, set by the loader before load (a divisor of one second).
@@ -36,6 +37,24 @@ static SLOTS: Array<Slot> = Array::with_max_entries(SLOTS_PER_CPU as u32, BPF_F_
 /// 2 CPUs at 10 kHz bins, far more than the daemon's poll interval.
 #[map(name = "BINS")]
 static BINS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// link → how its STAMP probes are recognised (written by the daemon's probe thread).
+#[map(name = "PROBE_CONF")]
+static PROBE_CONF: Array<ProbeConf> = Array::with_max_entries(MAX_LINKS as u32, 0);
+
+/// Kernel stamps of probe packets (T1 egress, T4 ingress). 256 KiB = 10k records: ~120 ms
+/// of 4 links at 10 kHz both ways; the probe thread drains it at every send tick.
+#[map(name = "PROBE_RING")]
+static PROBE_RING: RingBuf = RingBuf::with_byte_size(1 << 18, 0);
+
+/// Counters of the probe path (see `PROBE_STAT_*`).
+#[map(name = "PROBE_STATS")]
+static PROBE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PROBE_STATS_LEN, 0);
+
+/// Offset of the reflected Session-Sender sequence number in a STAMP reflector packet.
+const STAMP_SENDER_SEQ_AT: usize = 24;
+/// Bytes of the STAMP header the ingress match reads.
+const STAMP_MIN_LEN: u32 = 28;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -97,6 +116,7 @@ fn try_count(ctx: &TcContext, dir: u8) {
     // SAFETY: helpers without arguments, allowed in tc programs.
     let now = unsafe { bpf_ktime_get_tai_ns() };
     let cpu = unsafe { bpf_get_smp_processor_id() };
+    probe_stamp(ctx, link, l2 as usize, proto, dir, now);
     // SAFETY: a global set once by the loader before the program is loaded.
     let width = unsafe { core::ptr::read_volatile(&BIN_WIDTH_NS) };
     if width == 0 {
@@ -148,6 +168,89 @@ fn emit(slot: &mut Slot, cpu: u32, link: u32, dir: u8) -> bool {
             slot.ring_full += 1;
             false
         }
+    }
+}
+
+/// Stamps the link's STAMP probes: egress packets from the sender's port to the reflector's
+/// port (T1), ingress packets the other way (T4). For every other packet: one array lookup,
+/// and on probed links one or two header loads and compares.
+#[inline(always)]
+fn probe_stamp(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: u64) {
+    let Some(conf) = PROBE_CONF.get(link) else {
+        return;
+    };
+    if conf.sender_port == 0 {
+        return;
+    }
+    let (l3, l4proto) = if proto == ETH_P_IP {
+        let Ok(h) = ctx.load::<[u8; 10]>(l2) else {
+            return;
+        };
+        // Non-first fragments carry no UDP header.
+        if (h[6] & 0x1f) != 0 || h[7] != 0 {
+            return;
+        }
+        (((h[0] & 0x0f) as usize) * 4, h[9])
+    } else {
+        let Ok(nh) = ctx.load::<u8>(l2 + 6) else {
+            return;
+        };
+        (40usize, nh)
+    };
+    if l4proto != IPPROTO_UDP {
+        return;
+    }
+    let udp = l2 + l3;
+    let Ok(ports) = ctx.load::<[u8; 4]>(udp) else {
+        return;
+    };
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    let (ours, theirs) = if dir == DIR_EGRESS {
+        (sport, dport)
+    } else {
+        (dport, sport)
+    };
+    if ours != conf.sender_port || theirs != conf.reflector_port {
+        return;
+    }
+    let payload = udp + 8;
+    let (sender_seq, refl_seq) = if dir == DIR_EGRESS {
+        match ctx.load::<[u8; 4]>(payload) {
+            Ok(b) => (u32::from_be_bytes(b), 0),
+            Err(_) => return count_probe_stat(PROBE_STAT_SHORT),
+        }
+    } else {
+        let skb = unsafe { &*ctx.skb.skb };
+        if skb.len < (payload as u32) + STAMP_MIN_LEN {
+            return count_probe_stat(PROBE_STAT_SHORT);
+        }
+        let (Ok(r), Ok(s)) = (
+            ctx.load::<[u8; 4]>(payload),
+            ctx.load::<[u8; 4]>(payload + STAMP_SENDER_SEQ_AT),
+        ) else {
+            return count_probe_stat(PROBE_STAT_SHORT);
+        };
+        (u32::from_be_bytes(s), u32::from_be_bytes(r))
+    };
+    let rec = ProbeRecord {
+        t_ns: now,
+        sender_seq,
+        refl_seq,
+        link: link as u16,
+        dir,
+        _pad: [0; 5],
+    };
+    if PROBE_RING.output::<ProbeRecord>(&rec, BPF_RB_NO_WAKEUP as u64).is_err() {
+        count_probe_stat(PROBE_STAT_RING_FULL);
+    }
+}
+
+#[inline(always)]
+fn count_probe_stat(index: u32) {
+    if let Some(c) = PROBE_STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU value, only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
     }
 }
 

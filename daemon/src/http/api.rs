@@ -442,6 +442,7 @@ pub async fn series_csv(State(web): State<Arc<Web>>, q: Pairs) -> Response {
 /// of the last complete second; RTT and loss when a prober reports them, null otherwise).
 pub async fn links(State(web): State<Arc<Web>>) -> Response {
     let s = &web.shared;
+    let probes = s.probe.view();
     let links: Vec<Value> = s
         .links()
         .into_iter()
@@ -453,9 +454,25 @@ pub async fn links(State(web): State<Arc<Web>>) -> Response {
             if let Value::Object(m) = &mut v {
                 m.insert("throughput_down_bps".into(), json!(down));
                 m.insert("throughput_up_bps".into(), json!(up));
-                // Filled by the link-health work when it lands (same names); null until then.
-                m.entry("rtt_ms").or_insert(Value::Null);
-                m.entry("loss_ratio").or_insert(Value::Null);
+                // Health and RTT from the link's STAMP probes (null when it is not probed);
+                // loss_ratio is over every settled probe since the daemon started.
+                let p = probes.iter().find(|p| p.index == l.index);
+                m.insert(
+                    "rtt_ms".into(),
+                    json!(p.and_then(|p| p.rtt_mean_ns).map(|ns| ns as f64 / 1e6)),
+                );
+                m.insert(
+                    "loss_ratio".into(),
+                    json!(p.filter(|p| p.probes_sent > 0).map(|p| {
+                        (p.lost_up + p.lost_down + p.lost_unattributed) as f64
+                            / p.probes_sent as f64
+                    })),
+                );
+                m.insert("health".into(), json!(p.map(|p| p.state)));
+                m.insert(
+                    "health_since_utc_ns".into(),
+                    json!(p.map(|p| p.state_since_utc_ns)),
+                );
             }
             v
         })
@@ -466,6 +483,7 @@ pub async fn links(State(web): State<Arc<Web>>) -> Response {
         "bin_width_ns": s.bin_width_ns,
         "clock": s.clock(),
         "links": links,
+        "probes": probes,
     }))
     .into_response()
 }

@@ -270,6 +270,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             );
         }
     }
+    s.probe.write_metrics(&mut o, &links, &labels);
     (
         [(
             header::CONTENT_TYPE,

@@ -171,10 +171,11 @@ impl Run {
         stream: Option<PathBuf>,
         store: Option<PathBuf>,
     ) -> Run {
-        Self::start_edited(name, modems, extra, options, stream, store, &|t| t)
+        Self::start_config(name, modems, extra, options, stream, store, "", &mut |_| {})
     }
 
-    /// As [`Run::start_full`], with `toml` appended to the generated config (e.g. `[[forward]]`).
+    /// As [`Run::start_full`], with `toml` appended to the generated config (e.g. `[[forward]]`,
+    /// store keys go into `[store]`).
     pub fn start_toml(
         name: &str,
         modems: Vec<ModemSpec>,
@@ -184,9 +185,16 @@ impl Run {
         store: Option<PathBuf>,
         toml: &str,
     ) -> Run {
-        Self::start_edited(name, modems, extra, options, stream, store, &|t| {
-            with_toml(t, toml)
-        })
+        Self::start_custom(
+            name,
+            modems,
+            extra,
+            options,
+            stream,
+            store,
+            &|t| with_toml(t, toml),
+            &mut |_| {},
+        )
     }
 
     /// Like `start_full`, with `edit` applied to the config text (e.g. an `[http]` section).
@@ -198,6 +206,63 @@ impl Run {
         stream: Option<PathBuf>,
         store: Option<PathBuf>,
         edit: &dyn Fn(String) -> String,
+    ) -> Run {
+        Self::start_custom(
+            name,
+            modems,
+            extra,
+            options,
+            stream,
+            store,
+            edit,
+            &mut |_| {},
+        )
+    }
+
+    /// Like [`Run::start_full`], with `append` added to the config text (e.g. a `[probe]`
+    /// section; a text starting with `[router]` is the whole config instead) and `before` run
+    /// on the testbed before the daemon starts (e.g. a reflector).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_config(
+        name: &str,
+        modems: Vec<ModemSpec>,
+        extra: &[&str],
+        options: TestbedOptions,
+        stream: Option<PathBuf>,
+        store: Option<PathBuf>,
+        append: &str,
+        before: &mut dyn FnMut(&Testbed),
+    ) -> Run {
+        Self::start_custom(
+            name,
+            modems,
+            extra,
+            options,
+            stream,
+            store,
+            &|t| {
+                if append.starts_with("[router]") {
+                    append.to_string()
+                } else {
+                    t + append
+                }
+            },
+            before,
+        )
+    }
+
+    /// The general form: `edit` maps the generated config text to the one used, `before` runs
+    /// on the testbed before the daemon starts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_custom(
+        name: &str,
+        modems: Vec<ModemSpec>,
+        extra: &[&str],
+        options: TestbedOptions,
+        stream: Option<PathBuf>,
+        store: Option<PathBuf>,
+        edit: &dyn Fn(String) -> String,
+        before: &mut dyn FnMut(&Testbed),
     ) -> Run {
         let dir = TempDir::new(name);
         let bed = Testbed::up_with(
@@ -219,6 +284,7 @@ impl Run {
             std::path::Path::new("e2e.toml"),
         )
         .expect("config");
+        before(&bed);
         let (sub, mut rx) = linkpulse::subscription("e2e", 1 << 16);
         let daemon = netns::run_in(bed.router_ns(), || Daemon::start(&cfg, vec![sub]))
             .expect("enter router ns")

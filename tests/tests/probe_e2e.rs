@@ -1,0 +1,437 @@
+//! STAMP probes end to end (privileged): the daemon's sender in the router namespace, the
+//! reflector in the server namespace, the emulated modem between them with delay, jitter and a
+//! different loss each way. The emulator's per-packet log is the ground truth.
+mod common;
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::{modem, Run};
+use linkpulse::{
+    probe::{Health, Sample},
+    shared::Shared,
+    stamp::{Reflector, ReflectorConfig, ReflectorHandle},
+};
+use linkpulse_testbed::{
+    emulator::LinkProfile,
+    netns,
+    truth::{self, Dir, TruthRecord},
+    ModemKind, Testbed, TestbedOptions,
+};
+
+/// IPv4 + UDP + 44-byte STAMP: how the probes and replies look in the truth log.
+const PROBE_L3: u32 = 20 + 8 + 44;
+
+fn reflector(bed: &Testbed, k: usize) -> ReflectorHandle {
+    let (_, srv) = bed.modem_addr_v4(k);
+    let cfg = ReflectorConfig {
+        listen: SocketAddr::new(srv.into(), 862),
+        ..ReflectorConfig::default()
+    };
+    netns::run_in(bed.server_ns(), || Reflector::bind(cfg))
+        .expect("enter server ns")
+        .expect("bind reflector")
+        .spawn()
+        .expect("reflector thread")
+}
+
+fn probe_section(srv: std::net::Ipv4Addr, rate: u32, extra: &str) -> String {
+    format!(
+        "[probe]\nreflector = \"{srv}\"\nmin_rate_hz = {rate}\nmax_rate_hz = {rate}\n\
+         budget_mb_per_day = 100000\n{extra}"
+    )
+}
+
+/// The probe packets (up) or replies (down) of modem 0 in the order the emulator got them.
+fn probes_in_truth(records: &[TruthRecord], dir: Dir) -> Vec<TruthRecord> {
+    let mut v: Vec<TruthRecord> = records
+        .iter()
+        .filter(|r| r.modem == 0 && r.dir == dir && r.ip_proto == 17 && r.size == PROBE_L3)
+        .copied()
+        .collect();
+    v.sort_by_key(|r| r.t_in_ns);
+    v
+}
+
+fn wait_for(what: &str, deadline: Duration, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn probe_rtt_and_loss_match_ground_truth() {
+    let up = LinkProfile {
+        delay_us: 20_000,
+        jitter_us: 5_000,
+        loss: 0.03,
+        seed: 11,
+        ..LinkProfile::unlimited()
+    };
+    let down = LinkProfile {
+        delay_us: 25_000,
+        jitter_us: 6_000,
+        loss: 0.07,
+        seed: 12,
+        ..LinkProfile::unlimited()
+    };
+    let name = "pbtru";
+    let bed_probe = {
+        // The server's address of modem 0 is fixed by the topology.
+        let (_, srv) = linkpulse_testbed::topology::addr_v4(0);
+        probe_section(srv, 200, "")
+    };
+    // The reflector answers from the first probe on: its sequence then counts every probe.
+    let mut refl = None;
+    let mut run = Run::start_config(
+        name,
+        vec![modem("wwan0", ModemKind::Veth, up, down)],
+        &[],
+        TestbedOptions::default(),
+        None,
+        None,
+        &bed_probe,
+        &mut |bed| refl = Some(reflector(bed, 0)),
+    );
+    let refl = refl.expect("reflector started");
+    let shared: Arc<Shared> = Arc::clone(run.daemon().shared());
+    let mut rx = shared.probe.subscribe(1 << 16);
+    std::thread::sleep(Duration::from_secs(12));
+    let mut samples: Vec<Sample> = Vec::new();
+    while let Ok(s) = rx.pop() {
+        samples.push(s);
+    }
+    run.stop_daemon();
+    refl.stop().expect("reflector stops cleanly");
+    assert!(
+        run.bed.wait_drained(Duration::from_secs(60)),
+        "emulator did not drain"
+    );
+    let view = shared.probe.view();
+    let v = view.first().expect("link 0 is probed");
+    let records = truth::read_dir(&run.bed.truth_dir()).expect("truth log");
+    let ups = probes_in_truth(&records, Dir::Up);
+    let downs = probes_in_truth(&records, Dir::Down);
+    assert_eq!(
+        ups.len() as u64,
+        v.probes_sent,
+        "every probe sent crossed the emulator"
+    );
+
+    // Loss per direction over the settled probes 0..n, exactly as the emulator dropped them.
+    let n = v.settled_through as usize;
+    assert!(n > 1500, "only {n} probes settled: {v:?}");
+    let up_lost = ups[..n].iter().filter(|r| !r.delivered()).count();
+    let reached = n - up_lost;
+    let down_lost = downs[..reached].iter().filter(|r| !r.delivered()).count();
+    assert!(
+        up_lost > 0 && down_lost > 0,
+        "the profile must lose both ways"
+    );
+    assert_eq!(
+        (v.lost_up, v.lost_down, v.lost_unattributed),
+        (up_lost as u64, down_lost as u64, 0),
+        "loss per direction vs the emulator's drops over {n} probes"
+    );
+
+    // RTT per probe = the emulator's hold of the probe + of its reply + the bare path. A
+    // packet's hold is from its arrival stamp to the start of the write that delivers it.
+    // The down direction's arrival is a user-space stamp taken after the emulator's read()
+    // from the server's TUN woke up: that wake-up latency (T3 → arrival) is the emulator's, not
+    // part of any path the sender measures, so the strict comparison takes it out using the
+    // reflector's T3 (same host clock). T3 itself then cancels: what is compared is T1, T2, T4.
+    assert!(samples.len() > 1000, "only {} samples", samples.len());
+    let hold = |r: &TruthRecord| (r.t_out_ns - u64::from(r.write_ns)) as i64 - r.t_in_ns as i64;
+    let mut plain = Vec::new();
+    let mut strict = Vec::new();
+    // For offline analysis: one CSV line per sample with its truth records.
+    let mut dump = std::env::var_os("LINKPULSE_PROBE_DUMP")
+        .map(|p| std::io::BufWriter::new(std::fs::File::create(p).expect("dump file")));
+    for s in &samples {
+        if let Some(w) = dump.as_mut() {
+            use std::io::Write;
+            let (u, d) = (&ups[s.seq as usize], &downs[s.refl_seq as usize]);
+            let _ = writeln!(
+                w,
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                s.seq,
+                s.refl_seq,
+                s.t1_tai_ns,
+                s.t4_tai_ns,
+                s.t2_ns,
+                s.reflector_hold_ns,
+                s.rtt_ns,
+                u.t_in_ns,
+                u.t_out_ns,
+                u.write_ns,
+                u.flags,
+                d.t_in_ns,
+                d.t_out_ns,
+                d.write_ns,
+                d.flags
+            );
+        }
+        let u = &ups[s.seq as usize];
+        let d = &downs[s.refl_seq as usize];
+        assert!(
+            u.delivered() && d.delivered(),
+            "sample for a dropped packet: {s:?}"
+        );
+        let r = s.rtt_ns as i64 - hold(u) - hold(d);
+        plain.push(r);
+        let t3 = (s.t2_ns + s.reflector_hold_ns) as i64;
+        strict.push(r - (d.t_in_ns as i64 - t3));
+    }
+    let spread = |v: &mut Vec<i64>| -> (i64, u64, u64) {
+        v.sort_unstable();
+        let bare = v[v.len() / 2];
+        let mut err: Vec<u64> = v.iter().map(|r| (r - bare).unsigned_abs()).collect();
+        err.sort_unstable();
+        (bare, err[err.len() / 2], err[err.len() * 99 / 100])
+    };
+    let (bare0, p50_0, p99_0) = spread(&mut plain);
+    let (bare, p50, p99) = spread(&mut strict);
+    eprintln!(
+        "probe RTT vs truth: {} samples; holds only: bare {:.1} µs, |error| p50 {:.1} µs p99 {:.1} µs; \
+         emulator wake-up removed: bare {:.1} µs, |error| p50 {:.1} µs p99 {:.1} µs; lost up {up_lost} down {down_lost} of {n}",
+        samples.len(),
+        bare0 as f64 / 1e3,
+        p50_0 as f64 / 1e3,
+        p99_0 as f64 / 1e3,
+        bare as f64 / 1e3,
+        p50 as f64 / 1e3,
+        p99 as f64 / 1e3
+    );
+    assert!(
+        (0..2_000_000).contains(&bare),
+        "bare path {bare} ns is not a plausible veth path"
+    );
+    // The path between the router's tc hooks and the emulator is kernel work on a shared
+    // 2-vCPU VM (softirqs of veth/TUN delivery): its spread is part of the "bare path" the
+    // truth cannot separate, so the RTT comparison gets a margin for it; the stamps themselves
+    // are checked against the truth's kernel stamps below, at the 20 µs bound.
+    assert!(
+        p99 <= 50_000,
+        "RTT error p99 {p99} ns > 50 µs against the truth"
+    );
+
+    // T1 against the emulator's kernel receive stamp of the same packet (one veth hop later).
+    let tai_off = linkpulse::clock::ClockState::read()
+        .expect("adjtimex")
+        .tai_offset_s
+        * 1_000_000_000;
+    let mut t1_err: Vec<i64> = samples
+        .iter()
+        .map(|s| ups[s.seq as usize].t_in_ns as i64 - (s.t1_tai_ns as i64 - tai_off))
+        .collect();
+    let (hop, t1_p50, t1_p99) = spread(&mut t1_err);
+    // T4 inside the emulator's write that delivered the reply (the truth's only bound on it).
+    let outside: Vec<i64> = samples
+        .iter()
+        .map(|s| {
+            let d = &downs[s.refl_seq as usize];
+            let t4 = s.t4_tai_ns as i64 - tai_off;
+            let (from, to) = (
+                (d.t_out_ns - u64::from(d.write_ns)) as i64,
+                d.t_out_ns as i64,
+            );
+            (from - t4).max(t4 - to).max(0)
+        })
+        .collect();
+    let mut o = outside.clone();
+    o.sort_unstable();
+    let t4_p99 = o[o.len() * 99 / 100];
+    eprintln!(
+        "T1 vs the emulator's kernel rx stamp: hop {:.1} µs, |error| p50 {:.1} µs p99 {:.1} µs; \
+         T4 outside the delivering write: p99 {:.1} µs",
+        hop as f64 / 1e3,
+        t1_p50 as f64 / 1e3,
+        t1_p99 as f64 / 1e3,
+        t4_p99 as f64 / 1e3
+    );
+    assert!(t1_p99 <= 20_000, "T1 error p99 {t1_p99} ns > 20 µs");
+    assert!(
+        t4_p99 <= 20_000,
+        "T4 outside its delivery by {t4_p99} ns at p99"
+    );
+}
+
+/// Bad packets on the sender's socket are counted and dropped; a silent reflector turns the
+/// link down, its return brings it back up.
+#[test]
+fn bad_replies_are_dropped_and_a_silent_reflector_turns_the_link_down_and_up() {
+    let name = "pbbad";
+    let (_, srv) = linkpulse_testbed::topology::addr_v4(0);
+    let text = probe_section(
+        srv,
+        100,
+        "loss_timeout_ms = 300\ndown_after_ms = 1000\nrecover_s = 1\n",
+    );
+    let mut refl = None;
+    let run = Run::start_config(
+        name,
+        vec![common::plain("wwan0", ModemKind::Veth)],
+        &[],
+        TestbedOptions::default(),
+        None,
+        None,
+        &text,
+        &mut |bed| refl = Some(reflector(bed, 0)),
+    );
+    let shared: Arc<Shared> = Arc::clone(run.daemon().shared());
+    let refl = refl.expect("reflector started");
+    wait_for("link up", Duration::from_secs(20), || {
+        shared.probe.state(0) == Health::Up
+    });
+    refl.stop().expect("reflector stops");
+    wait_for("link down", Duration::from_secs(20), || {
+        shared.probe.state(0) == Health::Down
+    });
+
+    // Now pose as the reflector (its address and port) and send junk to the sender.
+    let (rtr, _) = run.bed.modem_addr_v4(0);
+    let port = shared.probe.view()[0].sender_port;
+    assert_ne!(port, 0);
+    let to = SocketAddr::new(rtr.into(), port);
+    let sent = shared.probe.view()[0].probes_sent as u32;
+    netns::run_in(run.bed.server_ns(), || {
+        let s = UdpSocket::bind(SocketAddr::new(srv.into(), 862)).expect("bind as reflector");
+        let mut rng = 0x1234_5678_u64;
+        for i in 0..200u32 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let len = match i % 4 {
+                0 => (rng % 44) as usize,        // truncated
+                1 => 45 + (rng % 1400) as usize, // oversized
+                _ => 44,                         // forged: unknown seq or wrong timestamp
+            };
+            let mut b = vec![0u8; len];
+            for (j, x) in b.iter_mut().enumerate() {
+                *x = (rng >> (j % 57)) as u8;
+            }
+            if len == 44 && i % 4 == 3 {
+                // A sequence that is in flight, with a timestamp the sender never sent.
+                b[24..28].copy_from_slice(&(sent.saturating_sub(1)).to_be_bytes());
+            }
+            s.send_to(&b, to).expect("send junk");
+        }
+    })
+    .expect("server ns");
+    wait_for("junk counted", Duration::from_secs(10), || {
+        shared
+            .probe
+            .bad
+            .iter()
+            .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>()
+            >= 200
+    });
+    let v = &shared.probe.view()[0];
+    assert_eq!(
+        v.duplicates + v.late_replies,
+        0,
+        "junk touched the session: {v:?}"
+    );
+
+    let refl = reflector(&run.bed, 0);
+    wait_for("link up again", Duration::from_secs(20), || {
+        shared.probe.state(0) == Health::Up
+    });
+    let events: Vec<_> = shared
+        .events()
+        .into_iter()
+        .filter(|e| e.kind == "link_state")
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        events.iter().any(|m| m.contains("is down"))
+            && events.last().is_some_and(|m| m.contains("is up")),
+        "{events:?}"
+    );
+    let (code, metrics) = common::http_get(&run, "/metrics");
+    assert_eq!(code, 200);
+    for want in [
+        "linkpulse_link_state{",
+        "linkpulse_link_state_since_seconds{",
+        "linkpulse_link_rtt_seconds{",
+        "linkpulse_link_probes_sent_total{",
+        "direction=\"up\"",
+        "linkpulse_probe_missed_ticks_total",
+        "linkpulse_probe_bad_packets_total{reason=\"truncated\"}",
+    ] {
+        assert!(metrics.contains(want), "{want} missing from /metrics");
+    }
+    refl.stop().expect("reflector stops");
+}
+
+/// 10 kHz probes on 4 links at once from the one `lp-probe` thread: the absolute-deadline
+/// schedule keeps up (missed ticks ≤ 1 % is the claim; the bound here is looser because this
+/// shared VM also runs the emulators of the 4 links and other builds).
+#[test]
+fn ten_khz_on_four_links_misses_few_ticks() {
+    let modems = (0..4)
+        .map(|k| common::plain(&format!("wwan{k}"), ModemKind::Veth))
+        .collect();
+    // Each link probes the server address behind its own modem.
+    let mut text = String::from(
+        "[router]\nid = \"e2e\"\nsite = \"lab\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         [stream]\nenabled = false\n[store]\nenabled = false\n\
+         [probe]\nmin_rate_hz = 10000\nmax_rate_hz = 10000\nbudget_mb_per_day = 1000000\n",
+    );
+    for k in 0..4 {
+        let (_, s) = linkpulse_testbed::topology::addr_v4(k);
+        text += &format!("[[link]]\ninterface = \"wwan{k}\"\n[link.probe]\nreflector = \"{s}\"\n");
+    }
+    let mut refls = Vec::new();
+    let run = Run::start_config(
+        "pb10k",
+        modems,
+        &[],
+        TestbedOptions::default(),
+        None,
+        None,
+        &text,
+        &mut |bed| {
+            for k in 0..4 {
+                refls.push(reflector(bed, k));
+            }
+        },
+    );
+    let shared: Arc<Shared> = Arc::clone(run.daemon().shared());
+    let read = || {
+        let p = &shared.probe;
+        (
+            p.ticks.load(std::sync::atomic::Ordering::Relaxed),
+            p.missed_ticks.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    };
+    // Sockets open within the first second; measure the 5 s after that.
+    std::thread::sleep(Duration::from_secs(2));
+    let (t0, m0) = read();
+    std::thread::sleep(Duration::from_secs(5));
+    let (t1, m1) = read();
+    let view = shared.probe.view();
+    drop(run);
+    for r in refls {
+        r.stop().expect("reflector stops");
+    }
+    let (ticks, missed) = (t1 - t0, m1 - m0);
+    let pct = 100.0 * missed as f64 / ticks.max(1) as f64;
+    eprintln!("10 kHz x 4 links: {ticks} ticks in 5 s, {missed} missed ({pct:.3} %)");
+    assert!(ticks > 150_000, "only {ticks} ticks in 5 s at 4 x 10 kHz");
+    assert!(pct <= 5.0, "{pct:.2} % of ticks missed");
+    assert_eq!(view.len(), 4);
+    for v in &view {
+        assert!(
+            v.rtt_samples > 10_000,
+            "link {} answered too little: {v:?}",
+            v.index
+        );
+    }
+}
