@@ -62,6 +62,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "chromium",
         "headless Chromium: the web page's browser test (tests/tests/web_browser.rs), over DevTools",
     ),
+    (
+        "prometheus",
+        "promtool checks and unit-tests deploy/prometheus's alerting rules; the NOC test scrapes the daemon with a real Prometheus",
+    ),
 ];
 
 /// bpf-linker's version; the recipe in shared notes/ebpf-toolchain.md was verified with it.

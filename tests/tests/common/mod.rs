@@ -130,7 +130,7 @@ pub fn config_text(
 
 /// Appends `toml` to a generated config; lines of `toml` before its first table header are
 /// keys of `[store]` (inserted there).
-fn with_toml(mut text: String, toml: &str) -> String {
+pub fn with_toml(mut text: String, toml: &str) -> String {
     let (store_keys, rest) = match toml.find("\n[") {
         _ if toml.starts_with('[') => ("", toml),
         Some(i) => toml.split_at(i + 1),
