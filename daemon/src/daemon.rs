@@ -210,8 +210,14 @@ impl Daemon {
         }
         if let (Some(sc), Some(rx)) = (cfg.store.clone(), persist_rx) {
             let (shared, stop, width) = (Arc::clone(&shared), Arc::clone(&stop), cfg.bin_width_ns);
+            // Rollups wait for the probes' loss timeout only when some link is probed.
+            let loss_timeout = cfg
+                .links
+                .iter()
+                .any(|l| l.probe.is_some())
+                .then_some(cfg.probe.loss_timeout_ns);
             threads.push(spawn("lp-persist", move || {
-                persist::run(sc, rx, shared, width, stop)
+                persist::run(sc, rx, shared, width, loss_timeout, stop)
             })?);
         }
         {

@@ -17,6 +17,7 @@ pub mod notify;
 pub mod persist;
 pub mod probe;
 pub mod rollup;
+pub mod rollup_probe;
 pub mod shared;
 pub mod stamp;
 pub mod stats;

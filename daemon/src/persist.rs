@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use linkpulse_common::MAX_LINKS;
 use linkpulse_sink::store::{LocalConfig, Rollup, Store};
 
 use crate::{
@@ -20,6 +21,7 @@ use crate::{
     config::StoreConfig,
     frame::{Frame, FLAG_CLOCK_STEP},
     rollup::RollupBuilder,
+    rollup_probe::{ProbeWindows, SAMPLES_PER_SLOT},
     shared::Shared,
 };
 
@@ -46,9 +48,16 @@ pub fn run(
     mut rx: rtrb::Consumer<Frame>,
     shared: Arc<Shared>,
     bin_ns: u64,
+    loss_timeout_ns: Option<u64>,
     stop: Arc<AtomicBool>,
 ) {
     let mut builder = RollupBuilder::new(cfg.window_ns, bin_ns, clock::realtime_ns());
+    // Probes' RTT per window of their send time: windows wait for the loss timeout (held).
+    let mut probes = ProbeWindows::new(cfg.window_ns, loss_timeout_ns, SAMPLES_PER_SLOT);
+    let mut samples = shared.probe.subscribe_persist(1 << 14);
+    let mut held: VecDeque<Rollup> = VecDeque::with_capacity(1024);
+    // UTC − TAI and the newest bin's UTC start, from the frames.
+    let (mut tai_to_utc, mut now_utc) = (None, i64::MIN);
     let mut pending: VecDeque<Rollup> = VecDeque::with_capacity(1024);
     // Batches go to the writer thread: a put that waits (Tarantool restarting, a slow disk)
     // never stops this thread from draining its frame queue, which holds only ~100 ms.
@@ -70,10 +79,24 @@ pub fn run(
             if f.flags & FLAG_CLOCK_STEP != 0 {
                 // A new clock epoch: windows after the step never replace earlier ones.
                 builder.set_boot_tag(clock::realtime_ns());
+                // Held windows would wait for the old time scale: write them now.
+                drain_samples(&mut samples, &mut probes, tai_to_utc);
+                release(&mut held, &mut probes, &mut pending, i64::MAX);
             }
+            tai_to_utc = Some(f.bin_start_utc_ns - f.bin_start_tai_ns as i64);
+            now_utc = f.bin_start_utc_ns;
             builder.set_clock_error_ns(shared.clock().max_error_us.max(0) as u64 * 1000);
-            builder.push(&f, |r| pending.push_back(r));
+            builder.push(&f, |mut r| {
+                let l = &shared.probe.links[(r.link_id as usize).min(MAX_LINKS - 1)];
+                if l.probed.load(Ordering::Relaxed) != 0 {
+                    // The link's health at the window's end (0 unknown, 1 up, 2 degraded, 3 down).
+                    r.link_state = l.state.load(Ordering::Relaxed);
+                }
+                held.push_back(r)
+            });
         }
+        drain_samples(&mut samples, &mut probes, tai_to_utc);
+        release(&mut held, &mut probes, &mut pending, now_utc);
         if pending.len() > MAX_PENDING {
             let n = pending.len() - MAX_PENDING;
             let first = pending.front().map_or(0, |r| r.window_start_ns);
@@ -100,7 +123,9 @@ pub fn run(
         }
     }
     // Last rollups out before the store stops (the writer gives up on them after a few failed
-    // attempts once stopping).
+    // attempts once stopping); held ones with the samples there are.
+    drain_samples(&mut samples, &mut probes, tai_to_utc);
+    release(&mut held, &mut probes, &mut pending, i64::MAX);
     while !pending.is_empty() {
         let n = pending.len().min(BATCH);
         if batch_tx
@@ -113,6 +138,36 @@ pub fn run(
     drop(batch_tx);
     if let Ok(h) = writer {
         let _ = h.join();
+    }
+}
+
+fn drain_samples(
+    samples: &mut rtrb::Consumer<crate::probe::Sample>,
+    probes: &mut ProbeWindows,
+    tai_to_utc: Option<i64>,
+) {
+    // Before the first frame the offset is unknown: the samples wait in their queue.
+    let Some(off) = tai_to_utc else { return };
+    while let Ok(s) = samples.pop() {
+        probes.add(&s, off);
+    }
+}
+
+/// Moves the held windows whose probes are settled at `now_utc` to `pending`, with their RTT.
+fn release(
+    held: &mut VecDeque<Rollup>,
+    probes: &mut ProbeWindows,
+    pending: &mut VecDeque<Rollup>,
+    now_utc: i64,
+) {
+    while held
+        .front()
+        .is_some_and(|r| probes.ready(r.window_start_ns as i64, now_utc))
+    {
+        if let Some(mut r) = held.pop_front() {
+            probes.fill(&mut r);
+            pending.push_back(r);
+        }
     }
 }
 

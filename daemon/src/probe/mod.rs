@@ -67,6 +67,8 @@ pub struct ProbeShared {
     pub kernel_short: AtomicU64,
     /// Where samples go when a test or the bench listens (picked up once a second).
     tap: Mutex<Option<rtrb::Producer<Sample>>>,
+    /// The rollups' own feed of samples (`lp-persist`), apart from the test/bench tap.
+    persist_tap: Mutex<Option<rtrb::Producer<Sample>>>,
 }
 
 impl Default for ProbeShared {
@@ -80,6 +82,7 @@ impl Default for ProbeShared {
             ring_full: AtomicU64::new(0),
             kernel_short: AtomicU64::new(0),
             tap: Mutex::new(None),
+            persist_tap: Mutex::new(None),
         }
     }
 }
@@ -121,6 +124,18 @@ impl ProbeShared {
 
     pub(crate) fn take_tap(&self) -> Option<rtrb::Producer<Sample>> {
         self.tap.try_lock().ok()?.take()
+    }
+
+    /// The samples for the rollups (`lp-persist`): like [`ProbeShared::subscribe`], on a
+    /// second feed so tests and the bench can listen at the same time.
+    pub fn subscribe_persist(&self, capacity: usize) -> rtrb::Consumer<Sample> {
+        let (p, c) = rtrb::RingBuffer::new(capacity);
+        *self.persist_tap.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+        c
+    }
+
+    pub(crate) fn take_persist_tap(&self) -> Option<rtrb::Producer<Sample>> {
+        self.persist_tap.try_lock().ok()?.take()
     }
 
     pub fn state(&self, link: usize) -> Health {

@@ -132,6 +132,7 @@ pub struct Sender {
     maps: ProbeMaps,
     shared: Arc<Shared>,
     tap: Option<rtrb::Producer<Sample>>,
+    persist_tap: Option<rtrb::Producer<Sample>>,
     error_estimate: ErrorEstimate,
     buf: [u8; 2048],
 }
@@ -190,6 +191,7 @@ impl Sender {
             maps,
             shared,
             tap: None,
+            persist_tap: None,
             error_estimate: ErrorEstimate::from_error_ns(false, TimestampFormat::Ntp, 0),
             buf: [0; 2048],
         }
@@ -293,7 +295,7 @@ impl Sender {
                 l.session.on_t4(rec.sender_seq, rec.refl_seq, rec.t_ns)
             };
             if let Some(s) = s {
-                Self::record(&mut self.tap, l, s);
+                Self::record([&mut self.tap, &mut self.persist_tap], l, s);
             }
         }
         let now = clock::monotonic_ns();
@@ -311,7 +313,7 @@ impl Sender {
                     Ok(ReplyOutcome::Accepted(s)) => {
                         l.last_reply_mono = Some(now);
                         if let Some(s) = s {
-                            Self::record(&mut self.tap, l, s);
+                            Self::record([&mut self.tap, &mut self.persist_tap], l, s);
                         }
                     }
                     Ok(_) => {}
@@ -325,12 +327,12 @@ impl Sender {
         }
     }
 
-    fn record(tap: &mut Option<rtrb::Producer<Sample>>, l: &mut Link, s: Sample) {
+    fn record(taps: [&mut Option<rtrb::Producer<Sample>>; 2], l: &mut Link, s: Sample) {
         l.sec_n += 1;
         l.sec_sum += s.rtt_ns;
         l.sec_min = l.sec_min.min(s.rtt_ns);
         l.sec_max = l.sec_max.max(s.rtt_ns);
-        if let Some(t) = tap {
+        for t in taps.into_iter().flatten() {
             // A slow listener loses samples, the prober never waits.
             let _ = t.push(s);
         }
@@ -339,6 +341,9 @@ impl Sender {
     fn each_second(&mut self, now: u64) {
         if let Some(t) = self.shared.probe.take_tap() {
             self.tap = Some(t);
+        }
+        if let Some(t) = self.shared.probe.take_persist_tap() {
+            self.persist_tap = Some(t);
         }
         let c = self.shared.clock();
         self.error_estimate = ErrorEstimate::from_error_ns(
