@@ -236,7 +236,16 @@ impl Daemon {
         }
         if let Some(prober) = prober {
             let stop = Arc::clone(&stop);
-            threads.push(spawn("lp-probe", move || prober.run(stop))?);
+            // Real-time one below the ingest and stream threads: probe send times are
+            // measurements, and a late tick is a missed tick.
+            let prio = cfg
+                .realtime_priority
+                .saturating_sub(1)
+                .max(u8::from(cfg.realtime_priority > 0));
+            threads.push(spawn("lp-probe", move || {
+                crate::clock::apply_realtime_priority("lp-probe", prio);
+                prober.run(stop)
+            })?);
         }
         if let Some(server) = stream {
             let (stop, rt) = (Arc::clone(&stop), cfg.realtime_priority);
