@@ -337,12 +337,14 @@ pub fn run(
         for r in &running {
             r.handle.kick();
         }
+        // Not only destinations marked up: one that just failed a request (e.g. restarted
+        // under us) is kicked and gets the same chance; a destination that is really down
+        // costs the stop these 5 s at most.
         while t.elapsed() < DRAIN_ON_STOP {
             let pending = running.iter().any(|r| {
-                r.state.stats.up.load(Ordering::Relaxed)
-                    && s.get_cursor(&r.dest.name)
-                        .and_then(|c| s.read_after(c.unwrap_or(0), 1))
-                        .is_ok_and(|rows| !rows.is_empty())
+                s.get_cursor(&r.dest.name)
+                    .and_then(|c| s.read_after(c.unwrap_or(0), 1))
+                    .is_ok_and(|rows| !rows.is_empty())
             });
             if !pending {
                 break;
