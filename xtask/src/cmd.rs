@@ -110,8 +110,10 @@ pub fn build_release() -> Result<()> {
     run(&mut cargo(&["build", "--release", "--workspace"])?)
 }
 
-/// The shipped binary (`linkpulse`) in the `dist` profile (fat LTO, one codegen unit): what
-/// `cargo xtask build` leaves in target/dist and what the benchmark's footprint measures.
+/// The shipped binary (`linkpulse`) in the `dist` profile (fat LTO, one codegen unit,
+/// dependencies optimised for size) without the `testbed` feature (the emulated router is a
+/// development tool, not part of what a router runs): what `cargo xtask build` leaves in
+/// target/dist and what the benchmark's footprint measures.
 pub fn build_dist() -> Result<()> {
     run(&mut cargo(&[
         "build",
@@ -121,6 +123,7 @@ pub fn build_dist() -> Result<()> {
         "linkpulse",
         "--bin",
         "linkpulse",
+        "--no-default-features",
     ])?)
 }
 
