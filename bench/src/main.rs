@@ -4,6 +4,7 @@
 mod gen;
 mod net;
 mod report;
+mod rtt;
 
 use std::{
     path::PathBuf,
@@ -24,7 +25,7 @@ use report::Metric;
 #[derive(Parser)]
 #[command(about = "linkpulse benchmarks: every figure beside its peer")]
 struct Args {
-    /// Run only the sections whose name contains this (ebpf, lost, hotplug, footprint).
+    /// Run only the sections whose name contains this (ebpf, lost, hotplug, footprint, stream, rtt).
     #[arg(long)]
     only: Option<String>,
     /// Where to write the summary.
@@ -50,12 +51,13 @@ fn main() -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("the benchmarks need root (network namespaces, eBPF, bpf_stats): run `sudo cargo xtask bench`");
     }
-    let sections: [(&str, Section); 5] = [
+    let sections: [(&str, Section); 6] = [
         ("ebpf", ebpf_cost),
         ("lost", bins_lost_16_links),
         ("hotplug", hotplug),
         ("footprint", footprint),
         ("stream", stream_latency),
+        ("rtt", rtt::rtt),
     ];
     let mut all = Vec::new();
     let mut failed = Vec::new();

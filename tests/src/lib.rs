@@ -34,6 +34,7 @@
 pub mod cli;
 pub mod emulator;
 pub mod netns;
+pub mod rtt;
 pub mod sys;
 pub mod topology;
 pub mod traffic;

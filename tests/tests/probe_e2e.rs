@@ -17,7 +17,7 @@ use linkpulse::{
 };
 use linkpulse_testbed::{
     emulator::LinkProfile,
-    netns,
+    netns, rtt,
     truth::{self, Dir, TruthRecord},
     ModemKind, Testbed, TestbedOptions,
 };
@@ -57,13 +57,7 @@ fn probe_section(srv: std::net::Ipv4Addr, rate: u32, extra: &str) -> String {
 
 /// The probe packets (up) or replies (down) of modem 0 in the order the emulator got them.
 fn probes_in_truth(records: &[TruthRecord], dir: Dir) -> Vec<TruthRecord> {
-    let mut v: Vec<TruthRecord> = records
-        .iter()
-        .filter(|r| r.modem == 0 && r.dir == dir && r.ip_proto == 17 && r.size == PROBE_L3)
-        .copied()
-        .collect();
-    v.sort_by_key(|r| r.t_in_ns);
-    v
+    rtt::packets_of_size(records, 0, dir, PROBE_L3)
 }
 
 fn wait_for(what: &str, deadline: Duration, mut ok: impl FnMut() -> bool) {
@@ -150,14 +144,10 @@ fn probe_rtt_and_loss_match_ground_truth() {
         "loss per direction vs the emulator's drops over {n} probes"
     );
 
-    // RTT per probe = the emulator's hold of the probe + of its reply + the bare path. A
-    // packet's hold is from its arrival stamp to the start of the write that delivers it.
-    // The down direction's arrival is a user-space stamp taken after the emulator's read()
-    // from the server's TUN woke up: that wake-up latency (T3 → arrival) is the emulator's, not
-    // part of any path the sender measures, so the strict comparison takes it out using the
-    // reflector's T3 (same host clock). T3 itself then cancels: what is compared is T1, T2, T4.
+    // RTT per probe against the emulator's holds of the probe and its reply, with and without
+    // the emulator's wake-up latency on the reply taken out (linkpulse_testbed::rtt, the
+    // method the bench also uses for irtt).
     assert!(samples.len() > 1000, "only {} samples", samples.len());
-    let hold = |r: &TruthRecord| (r.t_out_ns - u64::from(r.write_ns)) as i64 - r.t_in_ns as i64;
     let mut plain = Vec::new();
     let mut strict = Vec::new();
     // For offline analysis: one CSV line per sample with its truth records.
@@ -193,17 +183,13 @@ fn probe_rtt_and_loss_match_ground_truth() {
             u.delivered() && d.delivered(),
             "sample for a dropped packet: {s:?}"
         );
-        let r = s.rtt_ns as i64 - hold(u) - hold(d);
-        plain.push(r);
         let t3 = (s.t2_ns + s.reflector_hold_ns) as i64;
-        strict.push(r - (d.t_in_ns as i64 - t3));
+        plain.push(rtt::residual_ns(s.rtt_ns as i64, u, d, None));
+        strict.push(rtt::residual_ns(s.rtt_ns as i64, u, d, Some(t3)));
     }
     let spread = |v: &mut Vec<i64>| -> (i64, u64, u64) {
-        v.sort_unstable();
-        let bare = v[v.len() / 2];
-        let mut err: Vec<u64> = v.iter().map(|r| (r - bare).unsigned_abs()).collect();
-        err.sort_unstable();
-        (bare, err[err.len() / 2], err[err.len() * 99 / 100])
+        let s = rtt::error_spread(v).expect("samples");
+        (s.bare_ns, s.p50_ns, s.p99_ns)
     };
     let (bare0, p50_0, p99_0) = spread(&mut plain);
     let (bare, p50, p99) = spread(&mut strict);

@@ -43,6 +43,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
         "decodes captured STAMP probes and replies (TWAMP-Test dissector) in the wire-format tests",
     ),
     (
+        "irtt",
+        "irtt 0.9, the RTT peer: the bench runs its client and server beside linkpulse's probes on one emulated link",
+    ),
+    (
         "tarantool",
         "the local store of 500 ms rollups (2.6), supervised by the daemon; sink tests run it",
     ),
