@@ -163,6 +163,12 @@ impl Daemon {
             .map(|n| (n, Arc::clone(&fanout.dropped)))
             .collect::<Vec<_>>();
         let probe_setups = crate::probe::sender::setups(cfg);
+        // The rollups' probe feed exists before the prober starts, so that no probe's
+        // outcome is missed at start (the prober picks it up when it is built).
+        let probe_events = cfg
+            .store
+            .is_some()
+            .then(|| shared.probe.subscribe_persist(persist::PROBE_EVENTS));
         let prober = if probe_setups.is_empty() {
             None
         } else {
@@ -208,7 +214,7 @@ impl Daemon {
                 stats::run(stats_rx, shared, width, stop)
             })?);
         }
-        if let (Some(sc), Some(rx)) = (cfg.store.clone(), persist_rx) {
+        if let (Some(sc), Some(rx), Some(events)) = (cfg.store.clone(), persist_rx, probe_events) {
             let (shared, stop, width) = (Arc::clone(&shared), Arc::clone(&stop), cfg.bin_width_ns);
             // Rollups wait for the probes' loss timeout only when some link is probed.
             let loss_timeout = cfg
@@ -217,7 +223,7 @@ impl Daemon {
                 .any(|l| l.probe.is_some())
                 .then_some(cfg.probe.loss_timeout_ns);
             threads.push(spawn("lp-persist", move || {
-                persist::run(sc, rx, shared, width, loss_timeout, stop)
+                persist::run(sc, rx, events, shared, width, loss_timeout, stop)
             })?);
         }
         {

@@ -27,6 +27,9 @@ use crate::{
 
 /// Rollups kept in memory while the store is not available: 2 minutes of 16 links at 500 ms.
 const MAX_PENDING: usize = 16 * 2 * 120;
+/// Probe samples and outcomes queued for `lp-persist` (it drains every 20 ms: two per probe,
+/// 16 links at 10 kHz fill ~6 400 of them in that time).
+pub const PROBE_EVENTS: usize = 1 << 14;
 /// Rows per put (one transaction, one WAL write).
 const BATCH: usize = 500;
 
@@ -46,15 +49,16 @@ pub struct StoreCounters {
 pub fn run(
     cfg: StoreConfig,
     mut rx: rtrb::Consumer<Frame>,
+    mut samples: rtrb::Consumer<crate::probe::ProbeEvent>,
     shared: Arc<Shared>,
     bin_ns: u64,
     loss_timeout_ns: Option<u64>,
     stop: Arc<AtomicBool>,
 ) {
     let mut builder = RollupBuilder::new(cfg.window_ns, bin_ns, clock::realtime_ns());
-    // Probes' RTT per window of their send time: windows wait for the loss timeout (held).
+    // Probes (RTT, sent, lost) per window of their send time: windows wait for the loss
+    // timeout (held).
     let mut probes = ProbeWindows::new(cfg.window_ns, loss_timeout_ns, SAMPLES_PER_SLOT);
-    let mut samples = shared.probe.subscribe_persist(1 << 14);
     let mut held: VecDeque<Rollup> = VecDeque::with_capacity(1024);
     // UTC − TAI and the newest bin's UTC start, from the frames.
     let (mut tai_to_utc, mut now_utc) = (None, i64::MIN);
@@ -142,14 +146,19 @@ pub fn run(
 }
 
 fn drain_samples(
-    samples: &mut rtrb::Consumer<crate::probe::Sample>,
+    samples: &mut rtrb::Consumer<crate::probe::ProbeEvent>,
     probes: &mut ProbeWindows,
     tai_to_utc: Option<i64>,
 ) {
+    use crate::probe::ProbeEvent;
     // Before the first frame the offset is unknown: the samples wait in their queue.
     let Some(off) = tai_to_utc else { return };
-    while let Ok(s) = samples.pop() {
-        probes.add(&s, off);
+    let mono_to_tai = clock::tai_ns() as i64 - clock::monotonic_ns() as i64;
+    while let Ok(e) = samples.pop() {
+        match e {
+            ProbeEvent::Sample(s) => probes.add(&s, off),
+            ProbeEvent::Outcome(o) => probes.add_outcome(&o, off, mono_to_tai),
+        }
     }
 }
 

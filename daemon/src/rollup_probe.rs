@@ -1,16 +1,20 @@
-//! RTT of the probes in the rollups: each probe counts in the window it was SENT in (its
-//! kernel T1), whenever its reply arrives. A reply can come up to the loss timeout after T1, so
+//! Probes in the rollups: each probe counts in the window it was SENT in (its kernel T1),
+//! whenever its reply arrives or its loss is settled: RTT, probes sent and lost per direction. A reply can come up to the loss timeout after T1, so
 //! `lp-persist` holds each window back until `window end + loss timeout + margin` (frames' UTC)
 //! before it writes it; a sample for a window already written is counted as late and dropped.
 //!
 //! Per link a small ring of window slots (enough for the hold), each with exact count, min, max
 //! and sum, and up to [`SAMPLES_PER_SLOT`] RTTs for the p50/p99 (beyond that the percentiles
-//! come from the first ones of the window; min/mean/max stay exact). All buffers are sized at
-//! start: adding a sample allocates nothing.
+//! come from the first ones of the window; min/mean/max stay exact), and the window's probes:
+//! sent, lost up, lost down, and lost with the direction still unknown. A lost probe's
+//! direction is known only when a later probe is answered (`probe::session`): at ≥ ~2 Hz that
+//! comes within the hold; otherwise the window is written with the probe lost, direction
+//! unknown (counted in `probes_sent_fwd`, in neither `probes_lost_fwd` nor `probes_sent_bwd`).
+//! All buffers are sized at start: adding a sample allocates nothing.
 use linkpulse_common::MAX_LINKS;
 use linkpulse_sink::store::Rollup;
 
-use crate::probe::Sample;
+use crate::probe::{Fate, Outcome, Sample};
 
 /// RTTs kept per window and link for the percentiles (all of them up to 4 kHz at 500 ms).
 pub const SAMPLES_PER_SLOT: usize = 2048;
@@ -28,6 +32,11 @@ struct Slot {
     max: u64,
     sum: u64,
     rtts: Vec<u64>,
+    /// Probes sent in the window and settled so far, and the lost ones by direction.
+    sent: u32,
+    lost_up: u32,
+    lost_down: u32,
+    lost_unknown: u32,
 }
 
 impl Slot {
@@ -39,6 +48,10 @@ impl Slot {
         self.max = 0;
         self.sum = 0;
         self.rtts.clear();
+        self.sent = 0;
+        self.lost_up = 0;
+        self.lost_down = 0;
+        self.lost_unknown = 0;
     }
 }
 
@@ -69,6 +82,10 @@ impl ProbeWindows {
                 max: 0,
                 sum: 0,
                 rtts: Vec::with_capacity(cap),
+                sent: 0,
+                lost_up: 0,
+                lost_down: 0,
+                lost_unknown: 0,
             })
             .collect();
         Self {
@@ -90,22 +107,58 @@ impl ProbeWindows {
         &mut self.slots[link * self.per_link + i as usize]
     }
 
-    /// A sample; `tai_to_utc_ns` = UTC − TAI (from the frames).
-    pub fn add(&mut self, s: &Sample, tai_to_utc_ns: i64) {
-        let link = s.link as usize;
+    /// The slot of `link`'s window holding UTC time `t_utc`, opened if need be; None (counted
+    /// late) when that window was written already.
+    fn open(&mut self, link: usize, t_utc: i64) -> Option<&mut Slot> {
         if link >= MAX_LINKS {
-            return;
+            return None;
         }
-        let t1 = s.t1_tai_ns as i64 + tai_to_utc_ns;
-        let start = t1 - t1.rem_euclid(self.window_ns as i64);
+        let start = t_utc - t_utc.rem_euclid(self.window_ns as i64);
         let slot = self.slot(link, start);
         if slot.start < start {
             // Older contents were written (or never had a rollup): reuse the slot.
             slot.reset(start);
         } else if slot.start > start || slot.written {
             self.late += 1;
-            return;
+            return None;
         }
+        Some(self.slot(link, start))
+    }
+
+    /// A probe's fate; `tai_to_utc_ns` = UTC − TAI (from the frames), `mono_to_tai_ns` = TAI −
+    /// CLOCK_MONOTONIC (now), for a probe whose kernel T1 never came.
+    pub fn add_outcome(&mut self, o: &Outcome, tai_to_utc_ns: i64, mono_to_tai_ns: i64) {
+        let t1_tai = if o.t1_tai_ns != 0 {
+            o.t1_tai_ns as i64
+        } else {
+            o.sent_mono_ns as i64 + mono_to_tai_ns
+        };
+        let Some(slot) = self.open(o.link as usize, t1_tai + tai_to_utc_ns) else {
+            return;
+        };
+        match o.fate {
+            Fate::Answered => slot.sent += 1,
+            Fate::Lost => {
+                slot.sent += 1;
+                slot.lost_unknown += 1;
+            }
+            Fate::LostUp | Fate::LostDown => {
+                slot.lost_unknown = slot.lost_unknown.saturating_sub(1);
+                if o.fate == Fate::LostUp {
+                    slot.lost_up += 1;
+                } else {
+                    slot.lost_down += 1;
+                }
+            }
+        }
+    }
+
+    /// A sample; `tai_to_utc_ns` = UTC − TAI (from the frames).
+    pub fn add(&mut self, s: &Sample, tai_to_utc_ns: i64) {
+        let t1 = s.t1_tai_ns as i64 + tai_to_utc_ns;
+        let Some(slot) = self.open(s.link as usize, t1) else {
+            return;
+        };
         slot.count += 1;
         slot.min = slot.min.min(s.rtt_ns);
         slot.max = slot.max.max(s.rtt_ns);
@@ -120,8 +173,9 @@ impl ProbeWindows {
         now_utc_ns >= start + (self.window_ns + self.hold_ns) as i64
     }
 
-    /// Fills `r`'s RTT fields from its window's samples (None when no probe of that window
-    /// was answered) and frees the slot; later samples for it count as late.
+    /// Fills `r`'s probe fields from its window: probes sent and lost per direction, RTT from
+    /// the samples (None when no probe of that window was answered); frees the slot, later
+    /// samples and outcomes for it count as late.
     pub fn fill(&mut self, r: &mut Rollup) {
         let link = r.link_id as usize;
         if link >= MAX_LINKS {
@@ -129,12 +183,25 @@ impl ProbeWindows {
         }
         let start = r.window_start_ns as i64;
         let slot = self.slot(link, start);
-        if slot.start != start || slot.count == 0 {
-            if slot.start <= start {
+        if slot.start != start {
+            if slot.start < start {
                 // Mark it written: a straggler for this window is late, not a new window.
                 slot.reset(start);
                 slot.written = true;
             }
+            return;
+        }
+        r.probes_sent_fwd = slot.sent;
+        r.probes_lost_fwd = slot.lost_up;
+        // What the reflector sent back: the probes that reached it, as far as known.
+        r.probes_sent_bwd = slot
+            .sent
+            .saturating_sub(slot.lost_up)
+            .saturating_sub(slot.lost_unknown);
+        r.probes_lost_bwd = slot.lost_down;
+        if slot.count == 0 {
+            slot.reset(start);
+            slot.written = true;
             return;
         }
         r.rtt_min_ns = Some(slot.min);
@@ -245,5 +312,67 @@ mod tests {
         );
         assert_eq!(r.rtt_mean_ns, Some(212_200_000));
         assert_eq!(r.rtt_p50_ns, Some(20_000_000));
+    }
+
+    fn outcome(link: u16, seq: u32, t1_utc_ms: i64, fate: Fate) -> Outcome {
+        Outcome {
+            link,
+            seq,
+            fate,
+            t1_tai_ns: (t1_utc_ms * 1_000_000 - OFF) as u64,
+            sent_mono_ns: 0,
+        }
+    }
+
+    #[test]
+    fn probes_sent_and_lost_count_in_the_window_of_their_send_time() {
+        let mut p = ProbeWindows::new(W, Some(1_000_000_000), 4);
+        // Window 50.0: 0 answered, 1 lost up, 2 lost down, 3 lost and its direction never
+        // settled; 4 (sent at 50.499) lost up, its direction settled long after: window 50.0.
+        // Window 50.5: 5 answered, 6 sent without a kernel T1 (its send time says 50.6).
+        for (seq, t, fate) in [
+            (0, 50_000, Fate::Answered),
+            (1, 50_100, Fate::Lost),
+            (2, 50_200, Fate::Lost),
+            (3, 50_300, Fate::Lost),
+            (4, 50_499, Fate::Lost),
+            (1, 50_100, Fate::LostUp),
+            (2, 50_200, Fate::LostDown),
+            (5, 50_501, Fate::Answered),
+            (4, 50_499, Fate::LostUp),
+        ] {
+            p.add_outcome(&outcome(0, seq, t, fate), OFF, 0);
+        }
+        // No T1: CLOCK_MONOTONIC 600 ms + (TAI − MONOTONIC) = 50.6 s UTC.
+        let mono_to_tai = 50_000 * 1_000_000 - OFF;
+        let mut o = outcome(0, 6, 0, Fate::Answered);
+        (o.t1_tai_ns, o.sent_mono_ns) = (0, 600_000_000);
+        p.add_outcome(&o, OFF, mono_to_tai);
+        let mut r = rollup(0, 50_000);
+        p.fill(&mut r);
+        assert_eq!(
+            (
+                r.probes_sent_fwd,
+                r.probes_lost_fwd,
+                r.probes_sent_bwd,
+                r.probes_lost_bwd
+            ),
+            // 5 sent; 2 lost up; the reflector answered 0 and 2 (3 unknown); 1 lost down.
+            (5, 2, 2, 1)
+        );
+        assert_eq!(r.rtt_mean_ns, None, "outcomes alone make no RTT");
+        let mut r = rollup(0, 50_500);
+        p.fill(&mut r);
+        assert_eq!(
+            (r.probes_sent_fwd, r.probes_lost_fwd, r.probes_sent_bwd),
+            (2, 0, 2)
+        );
+        // After the write: late, not counted anywhere.
+        p.add_outcome(&outcome(0, 3, 50_300, Fate::LostDown), OFF, 0);
+        assert_eq!(p.late, 1);
+        // An unprobed link's window stays at 0.
+        let mut r = rollup(1, 50_000);
+        p.fill(&mut r);
+        assert_eq!((r.probes_sent_fwd, r.probes_sent_bwd), (0, 0));
     }
 }

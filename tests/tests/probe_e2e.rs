@@ -9,12 +9,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{modem, Run};
+use common::{modem, Run, TempDir};
 use linkpulse::{
     probe::{Health, Sample},
     shared::Shared,
     stamp::{Reflector, ReflectorConfig, ReflectorHandle},
 };
+use linkpulse_sink::store::{LocalConfig, Store};
 use linkpulse_testbed::{
     emulator::LinkProfile,
     netns, rtt,
@@ -93,13 +94,15 @@ fn probe_rtt_and_loss_match_ground_truth() {
     };
     // The reflector answers from the first probe on: its sequence then counts every probe.
     let mut refl = None;
+    // The store is on: the rollups' probe counts are checked against the truth too.
+    let store_dir = TempDir::new("pbtru-db");
     let mut run = Run::start_config(
         name,
         vec![modem("wwan0", ModemKind::Veth, up, down)],
         &[],
         TestbedOptions::default(),
         None,
-        None,
+        Some(store_dir.0.clone()),
         &bed_probe,
         &mut |bed| refl = Some(reflector(bed, 0)),
     );
@@ -255,6 +258,86 @@ fn probe_rtt_and_loss_match_ground_truth() {
     assert!(
         t4_p99 <= 20_000,
         "T4 outside its delivery by {t4_p99} ns at p99"
+    );
+
+    // The rollups: each stored window's probes sent and lost per direction equal the fates
+    // the emulator gave the probes sent in it (T1 = the truth's arrival stamp − the hop).
+    let store = Store::start_local(LocalConfig::new(&store_dir.0)).expect("reopen the store");
+    let rows = store.read_after(0, 100_000).expect("read rollups");
+    store.stop();
+    const W: i64 = 500_000_000;
+    let reply = rtt::reply_index(&ups);
+    // Per window: (sent, lost up, lost down); and windows the truth cannot judge exactly.
+    let mut truth_w: std::collections::BTreeMap<i64, (u32, u32, u32)> = Default::default();
+    let mut unsure = std::collections::BTreeSet::new();
+    let mut no_direction = std::collections::BTreeSet::new();
+    let t1_of = |i: usize| ups[i].t_in_ns as i64 - hop;
+    let window_of = |t: i64| t - t.rem_euclid(W);
+    let mut run_windows: Vec<(i64, bool)> = Vec::new();
+    for i in 0..n {
+        let t = t1_of(i);
+        let w = window_of(t);
+        // Within 50 µs of a boundary the truth cannot place T1 (the hop varies by a few µs).
+        if t - w < 50_000 || w + W - t < 50_000 {
+            unsure.insert(w);
+            unsure.insert(w - W);
+            unsure.insert(w + W);
+        }
+        let e = truth_w.entry(w).or_default();
+        e.0 += 1;
+        let lost_up = !ups[i].delivered();
+        let lost_down = !lost_up && reply[i].is_some_and(|k| !downs[k].delivered());
+        e.1 += u32::from(lost_up);
+        e.2 += u32::from(lost_down);
+        // A run of consecutive losses that goes both ways and crosses a boundary: the
+        // reflector's numbering tells how many of it went up, not which (the daemon counts
+        // its first ones up), so only its total is exact per window.
+        if lost_up || lost_down {
+            run_windows.push((w, lost_up));
+        } else {
+            let mixed = run_windows.iter().any(|r| r.1) && run_windows.iter().any(|r| !r.1);
+            if mixed && run_windows.first().map(|r| r.0) != run_windows.last().map(|r| r.0) {
+                no_direction.extend(run_windows.iter().map(|r| r.0));
+            }
+            run_windows.clear();
+        }
+    }
+    // Windows whose probes are all settled (0..n), with a margin for the stop.
+    let last = window_of(t1_of(n - 1)) - 4 * W;
+    let mut compared = 0;
+    for r in rows.iter().filter(|r| r.link_id == 0) {
+        let w = r.window_start_ns as i64;
+        if w > last || unsure.contains(&w) {
+            continue;
+        }
+        let (sent, up_lost, down_lost) = truth_w.get(&w).copied().unwrap_or_default();
+        assert_eq!(r.probes_sent_fwd, sent, "probes sent in window {w}: {r:?}");
+        assert_eq!(
+            r.probes_lost_fwd + r.probes_lost_bwd,
+            up_lost + down_lost,
+            "probes lost in window {w}: {r:?}"
+        );
+        if !no_direction.contains(&w) {
+            assert_eq!(
+                (r.probes_lost_fwd, r.probes_sent_bwd, r.probes_lost_bwd),
+                (up_lost, sent - up_lost, down_lost),
+                "loss per direction in window {w}: {r:?}"
+            );
+        }
+        compared += 1;
+    }
+    eprintln!(
+        "rollups: {compared} windows compared with the truth ({} too close to call, {} without a per-direction split)",
+        unsure.len(),
+        no_direction.len()
+    );
+    assert!(compared >= 10, "only {compared} windows compared");
+    assert!(
+        rows.iter()
+            .filter(|r| r.link_id == 0)
+            .any(|r| r.probes_lost_fwd > 0)
+            && rows.iter().any(|r| r.probes_lost_bwd > 0),
+        "losses both ways reach the rollups"
     );
 }
 

@@ -22,7 +22,14 @@ use serde::Serialize;
 
 pub use config::{LinkProbeConfig, ProbeConfig};
 pub use health::Health;
-pub use session::{Bad, Sample};
+pub use session::{Bad, Fate, Outcome, Sample};
+
+/// What `lp-probe` tells the rollups (`lp-persist`): RTT samples and each probe's fate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeEvent {
+    Sample(Sample),
+    Outcome(Outcome),
+}
 
 /// Per-link figures the probe thread publishes (relaxed atomics; read by HTTP).
 #[derive(Default)]
@@ -65,10 +72,13 @@ pub struct ProbeShared {
     pub ring_full: AtomicU64,
     /// Packets on a probe port too short for the kernel to read their STAMP sequence.
     pub kernel_short: AtomicU64,
+    /// Samples and outcomes the rollups' feed could not take (lp-persist behind): those
+    /// windows miss them.
+    pub persist_dropped: AtomicU64,
     /// Where samples go when a test or the bench listens (picked up once a second).
     tap: Mutex<Option<rtrb::Producer<Sample>>>,
-    /// The rollups' own feed of samples (`lp-persist`), apart from the test/bench tap.
-    persist_tap: Mutex<Option<rtrb::Producer<Sample>>>,
+    /// The rollups' own feed (`lp-persist`), apart from the test/bench tap.
+    persist_tap: Mutex<Option<rtrb::Producer<ProbeEvent>>>,
 }
 
 impl Default for ProbeShared {
@@ -81,6 +91,7 @@ impl Default for ProbeShared {
             bad: std::array::from_fn(|_| AtomicU64::new(0)),
             ring_full: AtomicU64::new(0),
             kernel_short: AtomicU64::new(0),
+            persist_dropped: AtomicU64::new(0),
             tap: Mutex::new(None),
             persist_tap: Mutex::new(None),
         }
@@ -126,15 +137,16 @@ impl ProbeShared {
         self.tap.try_lock().ok()?.take()
     }
 
-    /// The samples for the rollups (`lp-persist`): like [`ProbeShared::subscribe`], on a
-    /// second feed so tests and the bench can listen at the same time.
-    pub fn subscribe_persist(&self, capacity: usize) -> rtrb::Consumer<Sample> {
+    /// The samples and probe outcomes for the rollups (`lp-persist`): like
+    /// [`ProbeShared::subscribe`], on a second feed so tests and the bench can listen at the
+    /// same time.
+    pub fn subscribe_persist(&self, capacity: usize) -> rtrb::Consumer<ProbeEvent> {
         let (p, c) = rtrb::RingBuffer::new(capacity);
         *self.persist_tap.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
         c
     }
 
-    pub(crate) fn take_persist_tap(&self) -> Option<rtrb::Producer<Sample>> {
+    pub(crate) fn take_persist_tap(&self) -> Option<rtrb::Producer<ProbeEvent>> {
         self.persist_tap.try_lock().ok()?.take()
     }
 
@@ -275,5 +287,6 @@ impl ProbeShared {
             r(&self.kernel_short)
         );
         let _ = writeln!(o, "# HELP linkpulse_probe_ring_full_total Probe stamps lost because the kernel's probe ring was full (those probes give no RTT sample).\n# TYPE linkpulse_probe_ring_full_total counter\nlinkpulse_probe_ring_full_total {}", r(&self.ring_full));
+        let _ = writeln!(o, "# HELP linkpulse_probe_rollup_dropped_total Probe samples and outcomes the rollups' queue could not take (their windows miss them).\n# TYPE linkpulse_probe_rollup_dropped_total counter\nlinkpulse_probe_rollup_dropped_total {}", r(&self.persist_dropped));
     }
 }

@@ -132,7 +132,7 @@ pub struct Sender {
     maps: ProbeMaps,
     shared: Arc<Shared>,
     tap: Option<rtrb::Producer<Sample>>,
-    persist_tap: Option<rtrb::Producer<Sample>>,
+    persist_tap: Option<rtrb::Producer<super::ProbeEvent>>,
     error_estimate: ErrorEstimate,
     buf: [u8; 2048],
 }
@@ -184,6 +184,8 @@ impl Sender {
                 .probed
                 .store(1, Ordering::Relaxed);
         }
+        // The rollups' feed is there from the start (see Daemon::start).
+        let persist_tap = shared.probe.take_persist_tap();
         Sender {
             links,
             by_index,
@@ -191,7 +193,7 @@ impl Sender {
             maps,
             shared,
             tap: None,
-            persist_tap: None,
+            persist_tap,
             error_estimate: ErrorEstimate::from_error_ns(false, TimestampFormat::Ntp, 0),
             buf: [0; 2048],
         }
@@ -213,8 +215,17 @@ impl Sender {
             self.drain();
             let now = clock::monotonic_ns();
             let mut wake = (now + MAX_SLEEP_NS).min(next_second);
+            let (tap, ps) = (&mut self.persist_tap, &self.shared.probe);
             for l in &mut self.links {
-                l.session.expire(now, self.pcfg.loss_timeout_ns);
+                // Each settled probe (and a lost one's direction) to the rollups.
+                l.session
+                    .expire_with(now, self.pcfg.loss_timeout_ns, &mut |o| {
+                        if let Some(t) = tap.as_mut() {
+                            if t.push(super::ProbeEvent::Outcome(o)).is_err() {
+                                ps.persist_dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
                 if l.sock.is_some() {
                     wake = wake.min(l.next_at);
                 }
@@ -295,7 +306,7 @@ impl Sender {
                 l.session.on_t4(rec.sender_seq, rec.refl_seq, rec.t_ns)
             };
             if let Some(s) = s {
-                Self::record([&mut self.tap, &mut self.persist_tap], l, s);
+                Self::record(&mut self.tap, &mut self.persist_tap, &self.shared, l, s);
             }
         }
         let now = clock::monotonic_ns();
@@ -313,7 +324,7 @@ impl Sender {
                     Ok(ReplyOutcome::Accepted(s)) => {
                         l.last_reply_mono = Some(now);
                         if let Some(s) = s {
-                            Self::record([&mut self.tap, &mut self.persist_tap], l, s);
+                            Self::record(&mut self.tap, &mut self.persist_tap, &self.shared, l, s);
                         }
                     }
                     Ok(_) => {}
@@ -327,14 +338,25 @@ impl Sender {
         }
     }
 
-    fn record(taps: [&mut Option<rtrb::Producer<Sample>>; 2], l: &mut Link, s: Sample) {
+    fn record(
+        tap: &mut Option<rtrb::Producer<Sample>>,
+        persist: &mut Option<rtrb::Producer<super::ProbeEvent>>,
+        shared: &Shared,
+        l: &mut Link,
+        s: Sample,
+    ) {
         l.sec_n += 1;
         l.sec_sum += s.rtt_ns;
         l.sec_min = l.sec_min.min(s.rtt_ns);
         l.sec_max = l.sec_max.max(s.rtt_ns);
-        for t in taps.into_iter().flatten() {
-            // A slow listener loses samples, the prober never waits.
+        // A slow listener loses samples, the prober never waits.
+        if let Some(t) = tap.as_mut() {
             let _ = t.push(s);
+        }
+        if let Some(t) = persist.as_mut() {
+            if t.push(super::ProbeEvent::Sample(s)).is_err() {
+                shared.probe.persist_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

@@ -52,6 +52,31 @@ pub struct Sample {
     pub rtt_ns: u64,
 }
 
+/// How a probe ended, for the rollups (each probe counts in the window of its T1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// A reply came within the loss timeout.
+    Answered,
+    /// No reply within the loss timeout. Its direction follows as `LostUp` / `LostDown` for
+    /// the same probe once a later probe is answered (never if the reflector's numbering
+    /// restarted in between: then it stays unknown).
+    Lost,
+    LostUp,
+    LostDown,
+}
+
+/// A probe settled (answered or lost), or the direction of a lost one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub link: u16,
+    pub seq: u32,
+    pub fate: Fate,
+    /// Kernel T1 (TAI ns); 0 when its stamp never came (ring full).
+    pub t1_tai_ns: u64,
+    /// When the socket took the probe (CLOCK_MONOTONIC ns): its time when T1 is missing.
+    pub sent_mono_ns: u64,
+}
+
 /// Why a packet on the sender's socket was refused (label of
 /// `linkpulse_probe_bad_packets_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +153,11 @@ pub struct Session {
     base: i64,
     last_refl: Option<u32>,
     max_replied: Option<u32>,
+    /// The newest lost probes whose direction is pending (a ring as large as the in-flight
+    /// table; when a run of losses is longer, its oldest stay of unknown direction).
+    lost_ring: Box<[Outcome]>,
+    lost_head: usize,
+    lost_len: usize,
     pub counters: SessionCounters,
 }
 
@@ -146,6 +176,19 @@ impl Session {
             base: 0,
             last_refl: None,
             max_replied: None,
+            lost_ring: vec![
+                Outcome {
+                    link,
+                    seq: 0,
+                    fate: Fate::Lost,
+                    t1_tai_ns: 0,
+                    sent_mono_ns: 0,
+                };
+                cap
+            ]
+            .into_boxed_slice(),
+            lost_head: 0,
+            lost_len: 0,
             counters: SessionCounters::default(),
         }
     }
@@ -281,14 +324,44 @@ impl Session {
     /// Settles probes in sequence order: answered ones at once, unanswered ones once
     /// `timeout_ns` has passed since they were sent.
     pub fn expire(&mut self, now_mono_ns: u64, timeout_ns: u64) {
+        self.expire_with(now_mono_ns, timeout_ns, &mut |_| {});
+    }
+
+    /// [`Session::expire`], telling `out` each probe's [`Outcome`] as it is settled.
+    pub fn expire_with(
+        &mut self,
+        now_mono_ns: u64,
+        timeout_ns: u64,
+        out: &mut impl FnMut(Outcome),
+    ) {
         while self.cursor != self.next_seq {
             let i = (self.cursor & self.mask) as usize;
             let e = self.entries[i];
+            let mut o = Outcome {
+                link: self.link,
+                seq: e.seq,
+                fate: Fate::Answered,
+                t1_tai_ns: e.t1,
+                sent_mono_ns: e.sent_mono_ns,
+            };
             match e.state {
-                REPLIED => self.settle(e.seq, e.refl_seq),
+                REPLIED => {
+                    self.settle(e.seq, e.refl_seq, out);
+                    out(o);
+                }
                 SENT if now_mono_ns.saturating_sub(e.sent_mono_ns) >= timeout_ns => {
                     self.entries[i].state = LOST;
                     self.lost_pending += 1;
+                    o.fate = Fate::Lost;
+                    let cap = self.lost_ring.len();
+                    if self.lost_len == cap {
+                        // The run outgrew the ring: its oldest stays of unknown direction.
+                        self.lost_head = (self.lost_head + 1) % cap;
+                        self.lost_len -= 1;
+                    }
+                    self.lost_ring[(self.lost_head + self.lost_len) % cap] = o;
+                    self.lost_len += 1;
+                    out(o);
                 }
                 _ => break,
             }
@@ -296,7 +369,7 @@ impl Session {
         }
     }
 
-    fn settle(&mut self, s: u32, r: u32) {
+    fn settle(&mut self, s: u32, r: u32, out: &mut impl FnMut(Outcome)) {
         let restarted = self.last_refl.is_some_and(|last| r <= last);
         if restarted {
             // The reflector numbers from 0 again: rebase; the direction of the losses since
@@ -309,7 +382,23 @@ impl Session {
             self.up_total += up;
             self.counters.lost_up += up as u64;
             self.counters.lost_down += self.lost_pending - up as u64;
+            // Which of the run went which way is not in the numbering (only how many went
+            // up): by convention its first `up` probes were lost up. Exact per window unless
+            // a run with losses both ways straddles a window boundary.
+            let cap = self.lost_ring.len();
+            let first = self.lost_pending - self.lost_len as u64;
+            for k in 0..self.lost_len {
+                let mut o = self.lost_ring[(self.lost_head + k) % cap];
+                o.fate = if first + (k as u64) < up as u64 {
+                    Fate::LostUp
+                } else {
+                    Fate::LostDown
+                };
+                out(o);
+            }
         }
+        self.lost_head = 0;
+        self.lost_len = 0;
         self.lost_pending = 0;
         self.last_refl = Some(r);
         self.counters.settled_through = self.counters.settled_through.max(s as u64 + 1);

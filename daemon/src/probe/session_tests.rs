@@ -148,3 +148,56 @@ fn reflector_restart_rebases_without_inventing_losses() {
     assert_eq!(s.counters.lost_unattributed, 1);
     assert_eq!(s.counters.lost_up + s.counters.lost_down, 0);
 }
+
+#[test]
+fn outcomes_tell_each_probe_and_a_lost_run_by_direction() {
+    let mut s = Session::new(2, 64);
+    send(&mut s, 8);
+    for seq in 0..8 {
+        s.on_t1(seq, 1000 + seq as u64);
+    }
+    // The reflector saw 0 → 0, 3 → 1 (reply lost), 4 → 2, 5 → 3, 6 → 4 (reply lost), 7 → 5:
+    // 1 and 2 were lost up, 3 and 6 down.
+    for (seq, r) in [(0, 0), (4, 2), (5, 3), (7, 5)] {
+        assert!(matches!(
+            s.on_reply(&reply(seq, r, 0)),
+            Ok(ReplyOutcome::Accepted(_))
+        ));
+    }
+    let mut got = Vec::new();
+    s.expire_with(4 * MS, 1000 * MS, &mut |o| got.push((o.seq, o.fate)));
+    // Only 0 is settled: 1 is not yet timed out.
+    assert_eq!(got, vec![(0, Fate::Answered)]);
+    got.clear();
+    s.expire_with(2000 * MS, 1000 * MS, &mut |o| got.push((o.seq, o.fate)));
+    assert_eq!(
+        got,
+        vec![
+            (1, Fate::Lost),
+            (2, Fate::Lost),
+            (3, Fate::Lost),
+            // Settled by 4's answer: 4 − 2 = 2 lost up so far, the first two of the run.
+            (1, Fate::LostUp),
+            (2, Fate::LostUp),
+            (3, Fate::LostDown),
+            (4, Fate::Answered),
+            (5, Fate::Answered),
+            (6, Fate::Lost),
+            (6, Fate::LostDown),
+            (7, Fate::Answered),
+        ]
+    );
+    assert_eq!((s.counters.lost_up, s.counters.lost_down), (2, 2));
+}
+
+#[test]
+fn outcomes_carry_t1_or_the_send_time() {
+    let mut s = Session::new(0, 64);
+    send(&mut s, 2);
+    s.on_t1(0, 777);
+    let mut got = Vec::new();
+    s.expire_with(5000 * MS, 1000 * MS, &mut |o| got.push(o));
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].t1_tai_ns, got[0].sent_mono_ns), (777, 0));
+    assert_eq!((got[1].t1_tai_ns, got[1].sent_mono_ns), (0, MS));
+}
