@@ -124,6 +124,7 @@ fn ticks(shared: &Shared) -> (u64, u64) {
 struct IrttTrip {
     seqno: usize,
     client_send_wall_ns: i64,
+    client_receive_wall_ns: i64,
     server_send_wall_ns: i64,
     rtt_ns: i64,
 }
@@ -140,9 +141,10 @@ fn read_irtt(path: &Path) -> anyhow::Result<(Vec<IrttTrip>, Value)> {
             continue;
         }
         let n = |p: &str| rt.pointer(p).and_then(Value::as_i64);
-        let (Some(seqno), Some(send), Some(srv_send), Some(rtt)) = (
+        let (Some(seqno), Some(send), Some(recv), Some(srv_send), Some(rtt)) = (
             n("/seqno"),
             n("/timestamps/client/send/wall"),
+            n("/timestamps/client/receive/wall"),
             n("/timestamps/server/send/wall"),
             n("/delay/rtt"),
         ) else {
@@ -151,6 +153,7 @@ fn read_irtt(path: &Path) -> anyhow::Result<(Vec<IrttTrip>, Value)> {
         trips.push(IrttTrip {
             seqno: usize::try_from(seqno)?,
             client_send_wall_ns: send,
+            client_receive_wall_ns: recv,
             server_send_wall_ns: srv_send,
             rtt_ns: rtt,
         });
@@ -380,6 +383,11 @@ fn compare(bed: &Testbed, m: &Measured, irtt_json: &Path) -> anyhow::Result<Vec<
         ir_up.len()
     );
     let mut ir_res = Vec::new();
+    // For offline analysis (LINKPULSE_RTT_DUMP=FILE): one CSV line per irtt round trip.
+    let mut dump = match std::env::var_os("LINKPULSE_RTT_DUMP") {
+        Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p)?)),
+        None => None,
+    };
     for t in &irtt_trips {
         let (u, d) = match ir_reply.get(t.seqno) {
             Some(Some(k)) => (
@@ -395,12 +403,24 @@ fn compare(bed: &Testbed, m: &Measured, irtt_json: &Path) -> anyhow::Result<Vec<
             "irtt round trip {} does not match the truth",
             t.seqno
         );
-        ir_res.push(rtt::residual_ns(
-            t.rtt_ns,
-            u,
-            d,
-            Some(t.server_send_wall_ns),
-        ));
+        let res = rtt::residual_ns(t.rtt_ns, u, d, Some(t.server_send_wall_ns));
+        if let Some(w) = dump.as_mut() {
+            use std::io::Write as _;
+            // seqno, residual, rtt, holds, emulator wake-up (reply), client send → truth
+            // arrival, truth delivery of the reply → client receive stamp.
+            writeln!(
+                w,
+                "{},{res},{},{},{},{},{},{}",
+                t.seqno,
+                t.rtt_ns,
+                rtt::hold_ns(u),
+                rtt::hold_ns(d),
+                d.t_in_ns as i64 - t.server_send_wall_ns,
+                u.t_in_ns as i64 - t.client_send_wall_ns,
+                t.client_receive_wall_ns - d.t_out_ns as i64
+            )?;
+        }
+        ir_res.push(res);
     }
     let lp = rtt::error_spread(&mut lp_res).context("no linkpulse samples in irtt's window")?;
     let ir = rtt::error_spread(&mut ir_res).context("no irtt round trips")?;
