@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: measures linkpulse against each target of DESIGN.md, beside its peer
 //! (measured in the same run, or a labelled constant with its source), prints a table and
 //! writes target/bench/summary.json. Needs root (namespaces, eBPF, bpf_stats).
+mod durability;
 mod gen;
 mod net;
 mod report;
@@ -26,6 +27,9 @@ use report::Metric;
 #[command(about = "linkpulse benchmarks: every figure beside its peer")]
 struct Args {
     /// Run only the sections whose name contains this (ebpf, lost, hotplug, footprint, stream, rtt).
+pub struct Args {
+    /// Run only the sections whose name contains this (ebpf, lost, hotplug, footprint, stream,
+    /// durability).
     #[arg(long)]
     only: Option<String>,
     /// Where to write the summary.
@@ -58,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         ("footprint", footprint),
         ("stream", stream_latency),
         ("rtt", rtt::rtt),
+        ("durability", durability::durability),
     ];
     let mut all = Vec::new();
     let mut failed = Vec::new();

@@ -31,8 +31,10 @@
 //! bed.down()?;
 //! # Ok(()) }
 //! ```
+pub mod chaos;
 pub mod cli;
 pub mod emulator;
+pub mod influx;
 pub mod netns;
 pub mod rtt;
 pub mod sys;
