@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: measures linkpulse against each target of DESIGN.md, beside its peer
 //! (measured in the same run, or a labelled constant with its source), prints a table and
 //! writes target/bench/summary.json. Needs root (namespaces, eBPF, bpf_stats).
+mod backfill;
 mod durability;
 mod gen;
 mod net;
@@ -29,7 +30,7 @@ struct Args {
     /// Run only the sections whose name contains this (ebpf, lost, hotplug, footprint, stream, rtt).
 pub struct Args {
     /// Run only the sections whose name contains this (ebpf, lost, hotplug, footprint, stream,
-    /// durability).
+    /// durability, backfill).
     #[arg(long)]
     only: Option<String>,
     /// Where to write the summary.
@@ -55,7 +56,7 @@ fn main() -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("the benchmarks need root (network namespaces, eBPF, bpf_stats): run `sudo cargo xtask bench`");
     }
-    let sections: [(&str, Section); 6] = [
+    let sections: [(&str, Section); 7] = [
         ("ebpf", ebpf_cost),
         ("lost", bins_lost_16_links),
         ("hotplug", hotplug),
@@ -63,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         ("stream", stream_latency),
         ("rtt", rtt::rtt),
         ("durability", durability::durability),
+        ("backfill", backfill::backfill),
     ];
     let mut all = Vec::new();
     let mut failed = Vec::new();
