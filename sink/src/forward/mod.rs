@@ -14,7 +14,10 @@
 //!
 //! Replays are idempotent: a point's identity (measurement, tags, timestamp) comes from the row's
 //! identity, so re-sending a range overwrites the same points with the same values. The backlog
-//! is the store itself (on disk); the forwarder holds one batch.
+//! is the store itself (on disk); the forwarder holds one batch, two during a backlog: while a
+//! full batch is on the wire, a helper thread reads, encodes and gzips the next one (used only
+//! if the cursor is then where it read from), so that the store, the encoder and InfluxDB work
+//! at the same time.
 
 mod gzip;
 mod http;
@@ -536,10 +539,12 @@ pub struct Forwarder {
     store: Arc<Store>,
     transport: http::Transport,
     encoder: Encoder,
-    gzip: gzip::Gzip,
     // Reused across batches: the batch loop allocates nothing per point.
-    lines: Vec<u8>,
-    body: Vec<u8>,
+    buf: Buffers,
+    /// During a backlog (after a full batch) the next batch is read, encoded and gzip'ed into
+    /// `spare` by a helper thread while the current one is on the wire; `next` describes it.
+    spare: Buffers,
+    next: Option<Prepared>,
     parked: parked::ParkedLog,
     stats: Arc<ForwardStats>,
     kicker: Kicker,
@@ -551,6 +556,62 @@ pub struct Forwarder {
     /// sets it from the uplink capacity it measures.
     pace_override: Arc<AtomicU64>,
     outbox: Arc<Outbox>,
+}
+
+/// Buffers of one batch (line protocol, gzip'ed body, compressor), reused.
+#[derive(Default)]
+struct Buffers {
+    gzip: gzip::Gzip,
+    lines: Vec<u8>,
+    body: Vec<u8>,
+}
+
+/// A batch read after the cursor `after`, encoded into its buffers' `lines` and, when it has
+/// points, gzip'ed into their `body`.
+#[derive(Debug, Clone, Copy)]
+struct Prepared {
+    after: u64,
+    first_seq: u64,
+    last_seq: u64,
+    rows: usize,
+    enc: EncodeStats,
+    newest_window: u64,
+}
+
+/// Reads up to `limit` rows after `after` and encodes them into `buf`; `None` when there are
+/// none. Runs on the forwarder's thread or, for the next batch, on a helper during a POST.
+fn prepare(
+    store: &Store,
+    encoder: &Encoder,
+    limit: u32,
+    after: u64,
+    buf: &mut Buffers,
+) -> Result<Option<Prepared>, StoreError> {
+    let rows = store.read_after(after, limit)?;
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        return Ok(None);
+    };
+    buf.lines.clear();
+    let mut enc = EncodeStats::default();
+    for r in &rows {
+        encoder.encode(r, &mut buf.lines, &mut enc);
+    }
+    buf.body.clear();
+    if enc.points > 0 {
+        // In-memory compression fails only through a bug in flate2; the empty body left then
+        // is reported by the caller.
+        if buf.gzip.compress(&buf.lines, &mut buf.body).is_err() {
+            buf.body.clear();
+        }
+    }
+    Ok(Some(Prepared {
+        after,
+        first_seq: first.seq,
+        last_seq: last.seq,
+        rows: rows.len(),
+        enc,
+        newest_window: rows.iter().map(|r| r.window_start_ns).max().unwrap_or(0),
+    }))
 }
 
 /// Lua for the newest `seq` in the store (the primary key of `rollups`), for the backlog gauge.
@@ -591,9 +652,9 @@ impl Forwarder {
             .store(known.iter().map(|r| r.points).sum(), Ordering::Relaxed);
         Ok(Forwarder {
             encoder: Encoder::new(&cfg.router, &cfg.site),
-            gzip: gzip::Gzip::new(),
-            lines: Vec::new(),
-            body: Vec::new(),
+            buf: Buffers::default(),
+            spare: Buffers::default(),
+            next: None,
             parked: parked::ParkedLog::new(parked_path),
             stats,
             kicker: Kicker {
@@ -661,27 +722,35 @@ impl Forwarder {
             .map_err(|e| self.store_err(e))?
             .unwrap_or(0);
         self.stats.cursor.store(cursor, Ordering::Relaxed);
-        let rows = self
-            .store
-            .read_after(cursor, self.cfg.batch_points)
-            .map_err(|e| self.store_err(e))?;
-        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        // The batch prefetched during the last request, if it follows this cursor (a failed
+        // request or a resync moved it elsewhere: read again).
+        let prepared = match self.next.take() {
+            Some(p) if p.after == cursor => {
+                std::mem::swap(&mut self.buf, &mut self.spare);
+                Some(p)
+            }
+            _ => prepare(
+                &self.store,
+                &self.encoder,
+                self.cfg.batch_points,
+                cursor,
+                &mut self.buf,
+            )
+            .map_err(|e| self.store_err(e))?,
+        };
+        let Some(p) = prepared else {
             self.stats.backlog.store(0, Ordering::Relaxed);
             return Ok(Step::Idle);
         };
-        let (first_seq, last_seq) = (first.seq, last.seq);
-        let backlog = if rows.len() < self.cfg.batch_points as usize {
-            last_seq - cursor
-        } else {
+        let (first_seq, last_seq) = (p.first_seq, p.last_seq);
+        let full = p.rows >= self.cfg.batch_points as usize;
+        let backlog = if full {
             self.top_seq()?.max(last_seq) - cursor
+        } else {
+            last_seq - cursor
         };
         self.stats.backlog.store(backlog, Ordering::Relaxed);
-
-        self.lines.clear();
-        let mut enc = EncodeStats::default();
-        for r in &rows {
-            self.encoder.encode(r, &mut self.lines, &mut enc);
-        }
+        let enc = p.enc;
         self.stats
             .values_clamped
             .fetch_add(enc.clamped, Ordering::Relaxed);
@@ -692,20 +761,22 @@ impl Forwarder {
             .points_skipped
             .fetch_add(enc.skipped_points, Ordering::Relaxed);
         let points = enc.points;
-        let newest_window = rows.iter().map(|r| r.window_start_ns).max().unwrap_or(0);
-        drop(rows);
+        let newest_window = p.newest_window;
 
         if points > 0 {
-            // In-memory compression: an error here would be a bug in flate2, not an input issue.
-            if let Err(e) = self.gzip.compress(&self.lines, &mut self.body) {
+            if self.buf.body.is_empty() {
                 return Err(ForwardError::Config {
                     name: self.cfg.name.clone(),
-                    reason: format!("gzip of the batch failed: {e}"),
+                    reason: "gzip of the batch failed".into(),
                 });
             }
-            self.next_send = Instant::now() + self.pace(self.body.len());
+            self.next_send = Instant::now() + self.pace(self.buf.body.len());
             self.stats.in_flight.store(true, Ordering::Relaxed);
-            let posted = self.transport.post_gzip(&self.body);
+            let posted = if full {
+                self.post_and_prefetch(last_seq)
+            } else {
+                self.transport.post_gzip(&self.buf.body)
+            };
             self.stats.in_flight.store(false, Ordering::Relaxed);
             let reply = match posted {
                 Ok(r) => r,
@@ -732,12 +803,12 @@ impl Forwarder {
         s.points_sent.fetch_add(points, Ordering::Relaxed);
         s.batches_sent.fetch_add(1, Ordering::Relaxed);
         s.bytes_raw
-            .fetch_add(self.lines.len() as u64, Ordering::Relaxed);
+            .fetch_add(self.buf.lines.len() as u64, Ordering::Relaxed);
         s.bytes_gzip
-            .fetch_add(self.body.len() as u64, Ordering::Relaxed);
+            .fetch_add(self.buf.body.len() as u64, Ordering::Relaxed);
         s.last_window_ns.fetch_max(newest_window, Ordering::Relaxed);
         tracing::debug!(destination = %self.cfg.name, points, first_seq, last_seq,
-            gzip_bytes = self.body.len(), "batch acknowledged");
+            gzip_bytes = self.buf.body.len(), "batch acknowledged");
         Ok(Step::Sent {
             points,
             first_seq,
@@ -745,18 +816,43 @@ impl Forwarder {
         })
     }
 
+    /// POSTs the current batch while a helper thread prepares the one after `last_seq` in the
+    /// spare buffers: reading the store, encoding and gzip overlap the request (the backfill's
+    /// time was their sum). A failed prefetch is dropped; the next step reads again.
+    fn post_and_prefetch(&mut self, last_seq: u64) -> Result<http::Reply, ureq::Error> {
+        let (store, encoder, limit) = (&*self.store, &self.encoder, self.cfg.batch_points);
+        let spare = &mut self.spare;
+        let (transport, body) = (&self.transport, &self.buf.body);
+        let (posted, next) = std::thread::scope(|s| {
+            let helper = std::thread::Builder::new()
+                .name(format!("fwd-{}-next", self.cfg.name))
+                .spawn_scoped(s, move || prepare(store, encoder, limit, last_seq, spare));
+            let posted = transport.post_gzip(body);
+            let next = match helper {
+                Ok(h) => h.join().ok().and_then(Result::ok).flatten(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no prefetch thread; reading after the request");
+                    None
+                }
+            };
+            (posted, next)
+        });
+        self.next = next;
+        posted
+    }
+
     /// Sends the outbox's points, if any, before the rollups.
     fn send_outbox(&mut self) -> Result<(), ForwardError> {
         let Some((gen, lines)) = self.outbox.take() else {
             return Ok(());
         };
-        if let Err(e) = self.gzip.compress(&lines, &mut self.body) {
+        if let Err(e) = self.buf.gzip.compress(&lines, &mut self.buf.body) {
             return Err(ForwardError::Config {
                 name: self.cfg.name.clone(),
                 reason: format!("gzip of the outbox failed: {e}"),
             });
         }
-        let reply = match self.transport.post_gzip(&self.body) {
+        let reply = match self.transport.post_gzip(&self.buf.body) {
             Ok(r) => r,
             Err(e) => {
                 self.outbox.put_back(gen, lines);
