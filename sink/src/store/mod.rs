@@ -35,8 +35,9 @@ pub struct LocalConfig {
     /// vinyl's page cache for reads (forwarder scans, exports).
     ///
     /// Measured on the dev machine with the defaults (32/16/8): the instance's RSS is 29 MiB idle
-    /// and levels off at ~65 MiB after ~350k rollups (~50 MiB with vinyl 4 MiB / cache 2 MiB);
-    /// it does not grow further with history, which is on disk.
+    /// and ~63 MiB after 8 h of 16 links (0.9M rollups); beyond that it grows only by vinyl's
+    /// page indexes and bloom filters of the history on disk, ~0.16 MiB per hour of 16 links
+    /// (schema v2, `sink/tests/ram_flat.rs`).
     pub vinyl_cache_mib: u32,
     /// Bound on a start: recovery of a large xlog after kill -9 takes seconds.
     pub start_timeout: Duration,

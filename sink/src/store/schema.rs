@@ -15,6 +15,15 @@
 //!   ~300k rows/s; puts cost ~40k rows/s either way (vinyl reads on each write).
 //! - `cursors` (memtx): `{destination string, seq unsigned}`, the last `seq` a destination
 //!   acknowledged.
+//!
+//! Schema v2 (RAM): vinyl keeps the page index and the bloom filters of every run on disk in
+//! memory, so they grow with history. The primary index (`seq`) is scanned by range, which
+//! never consults a bloom filter, and looked up by key only to delete a row put again: v2 drops
+//! its bloom filter (`bloom_fpr = 1`) and makes its pages 64 KiB (a range scan reads them
+//! whole anyway). The identity index keeps both: every put looks an identity up, and the bloom
+//! filter answers "absent" without a disk read. Measured with 9 h of 16 links (1.04M rows):
+//! page indexes + bloom filters 3.1 MiB in v1 (~0.35 MiB per hour of 16 links), 1.4 MiB in v2
+//! (~0.16 MiB per hour). Both options apply to runs written from then on (no rebuild).
 
 use serde::{Deserialize, Serialize};
 
@@ -121,7 +130,7 @@ const SEQ_FIELD: usize = 1;
 const WINDOW_FIELD: usize = 3;
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Creates `_linkpulse_meta` if needed and returns the schema version (0 on a fresh instance).
 /// Idempotent; run before the migrations.
@@ -140,8 +149,14 @@ pub(crate) const SET_VERSION_LUA: &str =
 /// Migration `i` brings the schema from version `i` to `i + 1`. Each is idempotent Lua: a run cut
 /// short by a crash is simply run again.
 pub(crate) fn migrations() -> Vec<String> {
-    vec![migration_v1()]
+    vec![migration_v1(), MIGRATION_V2.to_owned()]
 }
+
+/// See the module doc (schema v2).
+const MIGRATION_V2: &str = r#"
+box.space.rollups.index.primary:alter({page_size = 65536, bloom_fpr = 1})
+return true
+"#;
 
 fn migration_v1() -> String {
     let format: Vec<String> = FIELDS
