@@ -26,11 +26,9 @@ use report::Metric;
 
 #[derive(Parser)]
 #[command(about = "linkpulse benchmarks: every figure beside its peer")]
-struct Args {
-    /// Run only the sections whose name contains this (ebpf, lost, hotplug, footprint, stream, rtt).
 pub struct Args {
     /// Run only the sections whose name contains this (ebpf, lost, hotplug, footprint, stream,
-    /// durability, backfill).
+    /// rtt, durability, backfill, web).
     #[arg(long)]
     only: Option<String>,
     /// Where to write the summary.
@@ -56,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("the benchmarks need root (network namespaces, eBPF, bpf_stats): run `sudo cargo xtask bench`");
     }
-    let sections: [(&str, Section); 7] = [
+    let sections: [(&str, Section); 8] = [
         ("ebpf", ebpf_cost),
         ("lost", bins_lost_16_links),
         ("hotplug", hotplug),
