@@ -594,6 +594,11 @@ fn wake_loop_cpu_pct(d: Duration) -> anyhow::Result<f64> {
     Ok((cpu()? - c0) as f64 / 1e9 / t0.elapsed().as_secs_f64() * 100.0)
 }
 
+/// CPU ns of all threads of `pid` (see [`thread_cpu_ns`]).
+fn cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    Ok(thread_cpu_ns(pid)?.iter().map(|(_, ns)| ns).sum())
+}
+
 /// (thread name, CPU ns) of every thread of `pid`, from the scheduler (/proc/PID/task/*/schedstat):
 /// exact, unlike the tick-sampled utime/stime, which misattribute threads that wake 10k times
 /// a second.

@@ -97,20 +97,11 @@ fn probe_config(bed: &Testbed, rate_hz: u32) -> anyhow::Result<Config> {
 }
 
 /// CPU time (ns, from the scheduler) of this process's thread named `name`.
-fn thread_cpu_ns(name: &str) -> anyhow::Result<u64> {
-    for t in std::fs::read_dir("/proc/self/task")? {
-        let p = t?.path();
-        if std::fs::read_to_string(p.join("comm")).is_ok_and(|c| c.trim() == name) {
-            let s = std::fs::read_to_string(p.join("schedstat"))?;
-            return s
-                .split_whitespace()
-                .next()
-                .context("schedstat format")?
-                .parse()
-                .context("schedstat value");
-        }
-    }
-    anyhow::bail!("no thread named {name}")
+fn named_thread_cpu_ns(name: &str) -> anyhow::Result<u64> {
+    crate::thread_cpu_ns(std::process::id())?
+        .into_iter()
+        .find_map(|(n, ns)| (n == name).then_some(ns))
+        .with_context(|| format!("no thread named {name}"))
 }
 
 fn ticks(shared: &Shared) -> (u64, u64) {
@@ -252,13 +243,17 @@ fn rtt_vs_irtt(_args: &Args) -> anyhow::Result<Vec<Metric>> {
         anyhow::ensure!(comm.trim() == "irtt", "pid {pid} is {comm:?}, not irtt");
         // CPU and ticks over the same window, while both send.
         let (lp0, ir0, tk0, t0) = (
-            thread_cpu_ns("lp-probe")?,
+            named_thread_cpu_ns("lp-probe")?,
             cpu_ns(pid)?,
             ticks(&shared),
             Instant::now(),
         );
         std::thread::sleep(Duration::from_secs(IRTT_SECS - 5));
-        let (lp1, ir1, tk1) = (thread_cpu_ns("lp-probe")?, cpu_ns(pid)?, ticks(&shared));
+        let (lp1, ir1, tk1) = (
+            named_thread_cpu_ns("lp-probe")?,
+            cpu_ns(pid)?,
+            ticks(&shared),
+        );
         let secs = t0.elapsed().as_secs_f64();
         let deadline = Instant::now() + Duration::from_secs(30);
         let status = loop {
