@@ -247,6 +247,10 @@ pub fn trim(
         }
     }
     let t = s.trim(before_ns)?;
+    let buckets = s.trim_tiers(before_ns)?;
+    if buckets > 0 {
+        tracing::info!(buckets, before_ns, "retention trimmed the aggregate tiers");
+    }
     shared
         .forward
         .trimmed_rows

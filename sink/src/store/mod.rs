@@ -7,8 +7,10 @@
 
 mod schema;
 mod supervisor;
+mod tiers;
 
 pub use schema::{Rollup, FIELDS, SCHEMA_VERSION};
+pub use tiers::{TierRow, TIERS_NS, TIER_FIELDS};
 pub use supervisor::TARANTOOL_PACKAGE_HINT;
 
 use crate::tarantool::{self, Client, ClientConfig};
@@ -180,7 +182,38 @@ pub(crate) fn migrate(client: &Client) -> Result<u32, StoreError> {
         tracing::info!(from = version, to, "store schema migrated");
         version = to;
     }
+    build_tiers(client)?;
     Ok(version)
+}
+
+/// Rows per `lp_tier_build` call: ~0.1 s of work, far below the request timeout.
+const TIER_BUILD_CHUNK: u32 = 20_000;
+
+/// Builds the tiers of the rows stored before schema v3, in chunks (resumed after a crash: the
+/// progress is committed with each chunk's tiers). A no-op once done.
+fn build_tiers(client: &Client) -> Result<(), StoreError> {
+    let start = Instant::now();
+    let mut rows = 0u64;
+    loop {
+        let (done, n): (bool, u64) = client
+            .call("lp_tier_build", &(TIER_BUILD_CHUNK,))
+            .map_err(|source| StoreError::Migration {
+                version: 2,
+                source,
+            })?;
+        rows += n;
+        if done {
+            break;
+        }
+    }
+    if rows > 0 {
+        tracing::info!(
+            rows,
+            secs = start.elapsed().as_secs_f64(),
+            "store: aggregate tiers built from the rows stored before schema v3"
+        );
+    }
+    Ok(())
 }
 
 /// Result of a put.
@@ -355,6 +388,39 @@ impl Store {
             c.call("lp_read_range", &(link_id, from_ns, to_ns, limit))
         })?;
         Ok(rows)
+    }
+
+    /// About `limit` buckets of tier `tier_ns` (one of [`TIERS_NS`]) of one link with
+    /// `from_ns <= start_ns < to_ns`, ordered by start then boot tag; pages like
+    /// [`Store::read_range`] (never ends inside one start).
+    pub fn read_tier(
+        &self,
+        tier_ns: u64,
+        link_id: u32,
+        from_ns: u64,
+        to_ns: u64,
+        limit: u32,
+    ) -> Result<Vec<TierRow>, StoreError> {
+        let (rows,): (Vec<TierRow>,) = self.retry("lp_read_tier", |c| {
+            c.call("lp_read_tier", &(tier_ns, link_id, from_ns, to_ns, limit))
+        })?;
+        Ok(rows)
+    }
+
+    /// Retention of the tiers: deletes every bucket that ends at or before `before_ns` (a bucket
+    /// straddling the cut stays whole). Returns the buckets deleted.
+    pub fn trim_tiers(&self, before_ns: u64) -> Result<u64, StoreError> {
+        const CHUNK: u64 = 10_000;
+        let mut rows = 0;
+        loop {
+            let (n,): (u64,) = self.retry("lp_trim_tiers", |c| {
+                c.call("lp_trim_tiers", &(before_ns, CHUNK))
+            })?;
+            rows += n;
+            if n < CHUNK {
+                return Ok(rows);
+            }
+        }
     }
 
     /// Persists `seq` as the last one `destination` acknowledged (fsync'ed before this returns).

@@ -1,6 +1,8 @@
 //! The store's schema: the rollup tuple, the migrations that create it, and the stored functions
 //! all data access goes through.
 //!
+//! Schema v3 = v2 + the aggregate tiers (`tiers`, `tiers_build`; see tiers.rs).
+//!
 //! Schema v1:
 //! - `_linkpulse_meta` (memtx): `{key string, value any}`: `schema_version`, `boots` (starts of the
 //!   supervised instance), `seq_hwm` (see [`Rollup::seq`]), `trimmed_upto` (the highest seq
@@ -129,8 +131,9 @@ const SEQ_FIELD: usize = 1;
 /// 1-based position of `window_start_ns`.
 const WINDOW_FIELD: usize = 3;
 
-/// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 2;
+/// The schema version this build writes and reads (v2: leaner seq index, v3: aggregate tiers,
+/// see tiers.rs).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Creates `_linkpulse_meta` if needed and returns the schema version (0 on a fresh instance).
 /// Idempotent; run before the migrations.
@@ -149,7 +152,11 @@ pub(crate) const SET_VERSION_LUA: &str =
 /// Migration `i` brings the schema from version `i` to `i + 1`. Each is idempotent Lua: a run cut
 /// short by a crash is simply run again.
 pub(crate) fn migrations() -> Vec<String> {
-    vec![migration_v1(), MIGRATION_V2.to_owned()]
+    vec![
+        migration_v1(),
+        MIGRATION_V2.to_owned(),
+        super::tiers::migration_v3(),
+    ]
 }
 
 /// See the module doc (schema v2).

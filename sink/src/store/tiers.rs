@@ -1,0 +1,507 @@
+//! Aggregate tiers: per link, boot tag and epoch-aligned bucket of 10 s, 5 min and 1 h, the
+//! mergeable sums of the rollups whose window starts in the bucket. They let a 30-day series read
+//! ~1k rows instead of 5 M.
+//!
+//! Schema v3 adds:
+//! - `tiers` (vinyl): one tuple per `(tier_ns, link_id, start_ns, boot_tag)` (the primary key),
+//!   fields in [`TIER_FIELDS`]. Only mergeable figures are kept (counts, sums, min, max), so any
+//!   step that is a multiple of a tier's width gives exactly what the raw rows give.
+//! - `tiers_build` (vinyl): progress of the migration that builds tiers from rows stored before v3.
+//!
+//! Maintenance happens in `lp_put_rollups`, in the same transaction as the rows: a new identity
+//! adds its row to its buckets; a replay of an identity with the same content changes nothing; a
+//! changed row (same identity, other figures) makes its buckets recomputed from the rows below
+//! (10 s from the rollups, 5 min from 10 s, 1 h from 5 min), since a max cannot be subtracted. The
+//! boot tag is part of the key, so windows measured after a backward clock step land in their own
+//! buckets and never rewrite older ones. Retention (`lp_trim_tiers`) deletes buckets whose whole
+//! span is before the cut: the bucket straddling the cut keeps the rows retention removed.
+//!
+//! Percentiles do not merge. A tier keeps the highest window p99 (RTT and rates), which is what
+//! the API serves at any step: an upper bound of the windows' p99s, not the p99 of the step.
+
+use serde::{Deserialize, Serialize};
+
+use super::Rollup;
+
+/// Tier widths in nanoseconds, finest first; each divides the next.
+pub const TIERS_NS: [u64; 3] = [10_000_000_000, 300_000_000_000, 3_600_000_000_000];
+
+/// The mergeable aggregate of the rollups of one link and boot tag whose window starts in
+/// `[start_ns, start_ns + tier_ns)`. Field order is the tuple layout of `tiers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TierRow {
+    /// Width of the bucket (one of [`TIERS_NS`]; the window width for a single rollup).
+    pub tier_ns: u64,
+    pub link_id: u32,
+    /// Bucket start, UTC ns, a multiple of `tier_ns`.
+    pub start_ns: u64,
+    pub boot_tag: u64,
+    /// Rollups in the bucket, and how many of them are complete.
+    pub windows: u64,
+    pub windows_complete: u64,
+    /// Sum of the rollups' `window_ns` (the weight of the rate means).
+    pub width_ns: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    /// Σ rate mean × window_ns.
+    pub rx_rate_wsum: f64,
+    pub tx_rate_wsum: f64,
+    /// Highest bin rate of any window.
+    pub rx_rate_peak_bps: f64,
+    pub tx_rate_peak_bps: f64,
+    /// Highest window p99 of the bin rates.
+    pub rx_rate_p99_max_bps: f64,
+    pub tx_rate_p99_max_bps: f64,
+    pub rtt_min_ns: Option<u64>,
+    pub rtt_max_ns: Option<u64>,
+    /// Highest window RTT p99.
+    pub rtt_p99_max_ns: Option<u64>,
+    /// Σ probes back per window with an RTT mean (at least 1 per such window), and Σ mean × that.
+    pub rtt_weight: u64,
+    pub rtt_wsum: f64,
+    /// Probes sent towards the reflector; probes lost either way.
+    pub probes_sent: u64,
+    pub probes_lost: u64,
+}
+
+/// Tuple layout of `tiers`: name, Tarantool field type, nullable.
+pub const TIER_FIELDS: &[(&str, &str, bool)] = &[
+    ("tier_ns", "unsigned", false),
+    ("link_id", "unsigned", false),
+    ("start_ns", "unsigned", false),
+    ("boot_tag", "unsigned", false),
+    ("windows", "unsigned", false),
+    ("windows_complete", "unsigned", false),
+    ("width_ns", "unsigned", false),
+    ("rx_bytes", "unsigned", false),
+    ("tx_bytes", "unsigned", false),
+    ("rx_packets", "unsigned", false),
+    ("tx_packets", "unsigned", false),
+    ("rx_rate_wsum", "number", false),
+    ("tx_rate_wsum", "number", false),
+    ("rx_rate_peak_bps", "number", false),
+    ("tx_rate_peak_bps", "number", false),
+    ("rx_rate_p99_max_bps", "number", false),
+    ("tx_rate_p99_max_bps", "number", false),
+    ("rtt_min_ns", "unsigned", true),
+    ("rtt_max_ns", "unsigned", true),
+    ("rtt_p99_max_ns", "unsigned", true),
+    ("rtt_weight", "unsigned", false),
+    ("rtt_wsum", "number", false),
+    ("probes_sent", "unsigned", false),
+    ("probes_lost", "unsigned", false),
+];
+
+fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl TierRow {
+    /// One rollup as an aggregate of itself (the same definitions as `lp_put_rollups` uses).
+    pub fn from_rollup(r: &Rollup) -> TierRow {
+        let w = r.window_ns as f64;
+        let rtt = r.rtt_mean_ns.map(|m| {
+            // Weighted by the probes that came back in the window (at least 1).
+            let back = r
+                .probes_sent_fwd
+                .saturating_sub(r.probes_lost_fwd)
+                .saturating_sub(r.probes_lost_bwd)
+                .max(1) as u64;
+            (back, m as f64 * back as f64)
+        });
+        TierRow {
+            tier_ns: r.window_ns,
+            link_id: r.link_id,
+            start_ns: r.window_start_ns,
+            boot_tag: r.boot_tag,
+            windows: 1,
+            windows_complete: u64::from(r.complete),
+            width_ns: r.window_ns,
+            rx_bytes: r.rx_bytes,
+            tx_bytes: r.tx_bytes,
+            rx_packets: r.rx_packets,
+            tx_packets: r.tx_packets,
+            rx_rate_wsum: r.rx_rate_mean_bps * w,
+            tx_rate_wsum: r.tx_rate_mean_bps * w,
+            rx_rate_peak_bps: r.rx_rate_peak_bps,
+            tx_rate_peak_bps: r.tx_rate_peak_bps,
+            rx_rate_p99_max_bps: r.rx_rate_p99_bps,
+            tx_rate_p99_max_bps: r.tx_rate_p99_bps,
+            rtt_min_ns: r.rtt_min_ns,
+            rtt_max_ns: r.rtt_max_ns,
+            rtt_p99_max_ns: r.rtt_p99_ns,
+            rtt_weight: rtt.map_or(0, |r| r.0),
+            rtt_wsum: rtt.map_or(0.0, |r| r.1),
+            probes_sent: u64::from(r.probes_sent_fwd),
+            probes_lost: u64::from(r.probes_lost_fwd) + u64::from(r.probes_lost_bwd),
+        }
+    }
+
+    /// Adds `o`'s figures (the key fields are left alone).
+    pub fn merge(&mut self, o: &TierRow) {
+        self.windows += o.windows;
+        self.windows_complete += o.windows_complete;
+        self.width_ns += o.width_ns;
+        self.rx_bytes += o.rx_bytes;
+        self.tx_bytes += o.tx_bytes;
+        self.rx_packets += o.rx_packets;
+        self.tx_packets += o.tx_packets;
+        self.rx_rate_wsum += o.rx_rate_wsum;
+        self.tx_rate_wsum += o.tx_rate_wsum;
+        self.rx_rate_peak_bps = self.rx_rate_peak_bps.max(o.rx_rate_peak_bps);
+        self.tx_rate_peak_bps = self.tx_rate_peak_bps.max(o.tx_rate_peak_bps);
+        self.rx_rate_p99_max_bps = self.rx_rate_p99_max_bps.max(o.rx_rate_p99_max_bps);
+        self.tx_rate_p99_max_bps = self.tx_rate_p99_max_bps.max(o.tx_rate_p99_max_bps);
+        self.rtt_min_ns = min_opt(self.rtt_min_ns, o.rtt_min_ns);
+        self.rtt_max_ns = max_opt(self.rtt_max_ns, o.rtt_max_ns);
+        self.rtt_p99_max_ns = max_opt(self.rtt_p99_max_ns, o.rtt_p99_max_ns);
+        self.rtt_weight += o.rtt_weight;
+        self.rtt_wsum += o.rtt_wsum;
+        self.probes_sent += o.probes_sent;
+        self.probes_lost += o.probes_lost;
+    }
+
+    /// The figures that merge exactly (everything but the float sums), for comparisons.
+    #[allow(clippy::type_complexity)]
+    pub fn exact_part(
+        &self,
+    ) -> (
+        [u64; 9],
+        [f64; 4],
+        [Option<u64>; 3],
+        (u64, u64, u64, u64),
+    ) {
+        (
+            [
+                self.windows,
+                self.windows_complete,
+                self.width_ns,
+                self.rx_bytes,
+                self.tx_bytes,
+                self.rx_packets,
+                self.tx_packets,
+                self.rtt_weight,
+                self.probes_sent,
+            ],
+            [
+                self.rx_rate_peak_bps,
+                self.tx_rate_peak_bps,
+                self.rx_rate_p99_max_bps,
+                self.tx_rate_p99_max_bps,
+            ],
+            [self.rtt_min_ns, self.rtt_max_ns, self.rtt_p99_max_ns],
+            (self.probes_lost, self.link_id.into(), self.start_ns, self.boot_tag),
+        )
+    }
+}
+
+/// Lua shared by the stored functions of v3 (pasted into each body: stored functions cannot share
+/// locals, and globals vanish on restart; making ~15 closures per call costs microseconds). Rollup tuple indexes: see `FIELDS` in schema.rs.
+const TIER_LIB: &str = r#"
+local TIERS = {@TIERS@}
+local function minn(a, b)
+    if a == nil then return b elseif b == nil then return a elseif b < a then return b end
+    return a
+end
+local function maxn(a, b)
+    if a == nil then return b elseif b == nil then return a elseif b > a then return b end
+    return a
+end
+local function empty(w, link, start, boot)
+    return {w, link, start, boot, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        box.NULL, box.NULL, box.NULL, 0, 0, 0, 0}
+end
+-- adds rollup r (tuple or table) to aggregate a
+local function add_row(a, r)
+    a[5] = a[5] + 1
+    if r[6] then a[6] = a[6] + 1 end
+    a[7] = a[7] + r[5]
+    a[8] = a[8] + r[10]; a[9] = a[9] + r[11]; a[10] = a[10] + r[12]; a[11] = a[11] + r[13]
+    a[12] = a[12] + r[14] * r[5]; a[13] = a[13] + r[19] * r[5]
+    a[14] = maxn(a[14], r[15]); a[15] = maxn(a[15], r[20])
+    a[16] = maxn(a[16], r[18]); a[17] = maxn(a[17], r[23])
+    a[18] = minn(a[18], r[24]); a[19] = maxn(a[19], r[26]); a[20] = maxn(a[20], r[28])
+    if r[25] ~= nil then
+        local back = r[29] - r[30] - r[32]
+        if back < 1 then back = 1 end
+        a[21] = a[21] + back; a[22] = a[22] + r[25] * back
+    end
+    a[23] = a[23] + r[29]; a[24] = a[24] + r[30] + r[32]
+end
+-- adds aggregate b to aggregate a
+local function merge(a, b)
+    for i = 5, 13 do a[i] = a[i] + b[i] end
+    for i = 14, 17 do a[i] = maxn(a[i], b[i]) end
+    a[18] = minn(a[18], b[18]); a[19] = maxn(a[19], b[19]); a[20] = maxn(a[20], b[20])
+    for i = 21, 24 do a[i] = a[i] + b[i] end
+end
+local function key(link, start, boot)
+    return tostring(link) .. ':' .. tostring(start) .. ':' .. tostring(boot)
+end
+local function add_delta(delta, r)
+    local w = TIERS[1]
+    local start = r[3] - r[3] % w
+    local k = key(r[2], start, r[4])
+    local a = delta[k]
+    if a == nil then a = empty(w, r[2], start, r[4]); delta[k] = a end
+    add_row(a, r)
+end
+local function mark(dirty, w, link, start, boot)
+    local s = start - start % w
+    dirty[key(link, s, boot)] = {link, s, boot}
+end
+-- the aggregate of one bucket from the level below
+local function recompute(lvl, link, start, boot)
+    local w = TIERS[lvl]
+    local a = empty(w, link, start, boot)
+    local stop = start + w
+    if lvl == 1 then
+        for _, t in box.space.rollups.index.identity:pairs({link, start}, {iterator = 'GE'}) do
+            if t[2] ~= link or t[3] >= stop then break end
+            if t[4] == boot then add_row(a, t) end
+        end
+    else
+        local below = TIERS[lvl - 1]
+        for _, t in box.space.tiers.index.primary:pairs({below, link, start}, {iterator = 'GE'}) do
+            if t[1] ~= below or t[2] ~= link or t[3] >= stop then break end
+            if t[4] == boot then merge(a, t) end
+        end
+    end
+    return a
+end
+-- applies level-1 deltas (new rows) and dirty buckets (changed rows), level by level
+local function apply(delta, dirty)
+    local sp = box.space.tiers
+    for lvl = 1, #TIERS do
+        local up = TIERS[lvl + 1]
+        local next_delta, next_dirty = {}, {}
+        for _, d in pairs(dirty) do
+            local a = recompute(lvl, d[1], d[2], d[3])
+            if a[5] == 0 then sp:delete({a[1], a[2], a[3], a[4]}) else sp:replace(a) end
+            if up ~= nil then mark(next_dirty, up, d[1], d[2], d[3]) end
+        end
+        for k, a in pairs(delta) do
+            if dirty[k] == nil then
+                local cur = sp:get({a[1], a[2], a[3], a[4]})
+                if cur ~= nil then
+                    local m = cur:totable()
+                    merge(m, a)
+                    sp:replace(m)
+                else
+                    sp:replace(a)
+                end
+                if up ~= nil then
+                    local s = a[3] - a[3] % up
+                    local pk = key(a[2], s, a[4])
+                    local p = next_delta[pk]
+                    if p == nil then p = empty(up, a[2], s, a[4]); next_delta[pk] = p end
+                    merge(p, a)
+                end
+            end
+        end
+        delta, dirty = next_delta, next_dirty
+    end
+end
+local function same(a, b)
+    for i = 2, 32 do
+        if a[i] ~= b[i] then return false end
+    end
+    return true
+end
+"#;
+
+fn lib() -> String {
+    let tiers: Vec<String> = TIERS_NS.iter().map(u64::to_string).collect();
+    TIER_LIB.replace("@TIERS@", &tiers.join(", "))
+}
+
+/// Schema v2 → v3: the tier spaces, and the stored functions that maintain and read them
+/// (`lp_put_rollups` is replaced by one that also maintains the tiers). The tiers of rows stored
+/// before are built afterwards by `lp_tier_build` (see `build_tiers` in mod.rs), in chunks.
+pub(crate) fn migration_v3() -> String {
+    let format: Vec<String> = TIER_FIELDS
+        .iter()
+        .map(|(name, ty, nullable)| {
+            format!("{{name = '{name}', type = '{ty}', is_nullable = {nullable}}}")
+        })
+        .collect();
+    // The helpers are made inside the called function: closures made while a persistent
+    // function's body is loaded do not see the globals (tostring, box), closures made by a call do.
+    let body = |f: &str| format!("function(...)\n{}\nlocal main = {f}\nreturn main(...)\nend", lib());
+    let put = body(
+        r#"function(batch)
+    local s = box.space.rollups
+    local ident = s.index.identity
+    local n = #batch
+    local base = box.func.lp_seq_base:call()
+    -- reserve the range before the first yield, so concurrent puts never share a seq
+    rawset(_G, '__lp_seq', base + n)
+    box.begin()
+    local ok, err = pcall(function()
+        local delta, dirty = {}, {}
+        for i = 1, n do
+            local row = batch[i]
+            row[1] = base + i
+            local old = ident:select({row[2], row[3], row[4]}, {limit = 1})[1]
+            if old ~= nil then s:delete(old[1]) end
+            s:replace(row)
+            if old == nil then
+                add_delta(delta, row)
+            elseif not same(old, row) then
+                mark(dirty, TIERS[1], row[2], row[3], row[4])
+            end
+        end
+        apply(delta, dirty)
+    end)
+    if not ok then
+        box.rollback()
+        error(err)
+    end
+    box.commit()
+    return n, base + n
+end"#,
+    );
+    let build = body(
+        r#"function(limit)
+    local b = box.space.tiers_build
+    local st = b:get('stop')
+    if st == nil then
+        local top = box.space.rollups.index.primary:max()
+        b:replace{'stop', top and top[1] or 0}
+        st = b:get('stop')
+    end
+    local stop = st[2]
+    local done = b:get('done')
+    done = done and done[2] or 0
+    if done >= stop then return true, 0 end
+    local rows = box.space.rollups.index.primary:select({done}, {iterator = 'GT', limit = limit})
+    local last, count = stop, 0
+    box.begin()
+    local ok, err = pcall(function()
+        local delta = {}
+        for _, t in ipairs(rows) do
+            if t[1] > stop then break end
+            add_delta(delta, t)
+            count = count + 1
+        end
+        if count == limit then last = rows[count][1] end
+        apply(delta, {})
+        b:replace{'done', last}
+    end)
+    if not ok then
+        box.rollback()
+        error(err)
+    end
+    box.commit()
+    return last >= stop, count
+end"#,
+    );
+    let read = r#"function(tier, link, from_ns, to_ns, limit)
+    local out = {}
+    for _, t in box.space.tiers.index.primary:pairs({tier, link, from_ns}, {iterator = 'GE'}) do
+        if t[1] ~= tier or t[2] ~= link or t[3] >= to_ns then break end
+        if #out >= limit and out[#out][3] ~= t[3] then break end
+        out[#out + 1] = t
+    end
+    return out
+end"#;
+    let trim = body(
+        r#"function(before_ns, limit)
+    local sp = box.space.tiers
+    local deleted = 0
+    for _, w in ipairs(TIERS) do
+        local link = 0
+        while deleted < limit do
+            local first = sp.index.primary:select({w, link}, {iterator = 'GE', limit = 1})[1]
+            if first == nil or first[1] ~= w then break end
+            link = first[2]
+            local keys = {}
+            for _, t in sp.index.primary:pairs({w, link}, {iterator = 'GE'}) do
+                if t[1] ~= w or t[2] ~= link or t[3] + w > before_ns
+                    or #keys >= math.min(1000, limit - deleted) then break end
+                keys[#keys + 1] = {t[1], t[2], t[3], t[4]}
+            end
+            if #keys == 0 then
+                link = link + 1
+            else
+                box.begin()
+                for _, k in ipairs(keys) do sp:delete(k) end
+                box.commit()
+                deleted = deleted + #keys
+            end
+        end
+    end
+    return deleted
+end"#,
+    );
+    format!(
+        r#"
+local function define(name, body)
+    if box.schema.func.exists(name) then box.schema.func.drop(name) end
+    box.schema.func.create(name, {{language = 'LUA', body = body}})
+end
+local t = box.schema.space.create('tiers', {{engine = 'vinyl', if_not_exists = true, format = {{
+    {format}
+}}}})
+t:create_index('primary', {{parts = {{{{1, 'unsigned'}}, {{2, 'unsigned'}}, {{3, 'unsigned'}},
+    {{4, 'unsigned'}}}}, if_not_exists = true}})
+local b = box.schema.space.create('tiers_build', {{engine = 'vinyl', if_not_exists = true,
+    format = {{{{'key', 'string'}}, {{'seq', 'unsigned'}}}}}})
+b:create_index('primary', {{parts = {{{{1, 'string'}}}}, if_not_exists = true}})
+define('lp_put_rollups', {put:?})
+define('lp_tier_build', {build:?})
+define('lp_read_tier', {read:?})
+define('lp_trim_tiers', {trim:?})
+return true
+"#,
+        format = format.join(",\n    "),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_field_order_matches_tuple_format() {
+        let named = rmp_serde::to_vec_named(&TierRow::default()).expect("encode");
+        let mut rd = named.as_slice();
+        let n = rmp::decode::read_map_len(&mut rd).expect("map") as usize;
+        let mut names = Vec::new();
+        for _ in 0..n {
+            let len = rmp::decode::read_str_len(&mut rd).expect("key") as usize;
+            names.push(String::from_utf8(rd[..len].to_vec()).expect("utf8"));
+            rd = &rd[len..];
+            rd = crate::tarantool::skip_value(rd).expect("value");
+        }
+        let expected: Vec<&str> = TIER_FIELDS.iter().map(|f| f.0).collect();
+        assert_eq!(names, expected);
+    }
+
+    #[test]
+    fn each_tier_divides_the_next() {
+        for w in TIERS_NS.windows(2) {
+            assert_eq!(w[1] % w[0], 0);
+        }
+    }
+
+    #[test]
+    fn lua_strings_are_plain_lua_literals() {
+        // `{:?}` of a Rust string is a valid Lua string literal only without non-ASCII and
+        // escapes Lua does not know; the bodies are ASCII.
+        assert!(migration_v3().is_ascii());
+        assert!(!migration_v3().contains("\\u{"));
+    }
+}
