@@ -312,8 +312,15 @@ fn web_api_series_equal_the_frames_and_bad_parameters_are_refused() {
             "not an integer",
         ),
         (
-            format!("link=0&from={}&to={to}&step=600000", to - 30 * day),
+            format!(
+                "link=0&from={}&to={to}&step=600000&source=raw",
+                to - 30 * day
+            ),
             "narrow the range",
+        ),
+        (
+            format!("link=0&from={from}&to={to}&step=1000&source=tiers"),
+            "source",
         ),
         (
             format!("link=0&from={}&to={to}&step=500", to - day),
@@ -334,6 +341,47 @@ fn web_api_series_equal_the_frames_and_bad_parameters_are_refused() {
             assert!(e.contains(says), "{q}: {e}");
         }
     }
+    // A step served by the 10 s tier gives the points the rollups give (source=raw), partial ones
+    // included, over a range the daemon has finished writing (a whole 10 s step of the run, 5 s
+    // back); 30 days at 2 h (the page's step) come from the 1 h tier.
+    let f10 = from - from.rem_euclid(10_000);
+    let t10 = started - started.rem_euclid(10_000) + 20_000;
+    while now_ms() < t10 + 5000 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let q = format!("/api/v1/series?link=0&from={f10}&to={t10}&step=10000&partial=true");
+    let tier = get(&run, &q).json();
+    let raw = get(&run, &format!("{q}&source=raw")).json();
+    assert_eq!(tier["source_ms"], 10_000, "{tier}");
+    assert_eq!(raw["source_ms"], 500, "{raw}");
+    let tp = tier["points"].as_array().expect("points");
+    assert!(!tp.is_empty(), "{tier}");
+    assert_eq!(tp.len(), raw["points"].as_array().expect("points").len());
+    for (a, b) in tp.iter().zip(raw["points"].as_array().expect("points")) {
+        for (k, v) in a.as_object().expect("point") {
+            if k.ends_with("_mean_bps") || k == "rtt_mean_ms" {
+                let (x, y) = (v.as_f64(), b[k].as_f64());
+                assert_eq!(x.is_some(), y.is_some(), "{k}: {a} vs {b}");
+                let (x, y) = (x.unwrap_or(0.0), y.unwrap_or(0.0));
+                assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{k}: {a} vs {b}");
+            } else {
+                assert_eq!(v, &b[k], "{k}: {a} vs {b}");
+            }
+        }
+    }
+    let month = get(
+        &run,
+        &format!(
+            "/api/v1/series?link=0&from={}&to={}&step=7200000&partial=true",
+            to - 30 * 86_400_000 - to.rem_euclid(7_200_000),
+            to + 7_200_000 - to.rem_euclid(7_200_000)
+        ),
+    );
+    assert_eq!(month.status, 200, "{}", month.body);
+    assert_eq!(month.json()["source_ms"], 3_600_000);
+    let n = month.json()["points"].as_array().map_or(0, Vec::len);
+    assert!((1..=2).contains(&n), "the run's step(s): {}", month.body);
+
     let r = get(&run, "/api/v1/nope");
     assert_eq!(r.status, 404);
 }

@@ -1,5 +1,10 @@
 //! `GET /api/v1/series` (and `/api/v1/series.csv`): one link's rollups from the local store,
 //! aggregated over epoch-aligned steps, and the page's view of `/api/v1/links`.
+//!
+//! A step that is a multiple of an aggregate tier's width (10 s, 5 min, 1 h; see the sink's
+//! `store::tiers`) is served from the coarsest such tier, else from the rollups. Both go through
+//! the same merge ([`TierRow::merge`]), so counts, sums, min, max and complete flags are the same
+//! whichever serves; means differ only by float rounding.
 use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use axum::{
@@ -8,7 +13,7 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use linkpulse_sink::store::Rollup;
+use linkpulse_sink::store::{TierRow, TIERS_NS};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -16,8 +21,9 @@ use super::web::Web;
 
 /// Points one request may return.
 pub const MAX_POINTS: u64 = 10_000;
-/// Stored windows one request may read (27.7 h of one link at 500 ms): reading is ~28k
-/// windows/s from the store's identity index, so this bounds a request to seconds.
+/// Rollups one request may read when no tier serves the step (27.7 h of one link at 500 ms):
+/// reading is ~28k windows/s from the store's identity index, so this bounds a request to
+/// seconds. Tiers need no bound: a tier row per step at most (MAX_POINTS).
 pub const MAX_WINDOWS: u64 = 200_000;
 /// Windows per store call (a page; pages never split a window start).
 const PAGE: u32 = 20_000;
@@ -39,6 +45,7 @@ pub struct SeriesQuery {
     to: Option<String>,
     step: Option<String>,
     partial: Option<String>,
+    source: Option<String>,
 }
 
 /// One point: the windows whose start lies in `[start_ms, end_ms)`.
@@ -60,9 +67,15 @@ pub struct Point {
     /// Highest bin rate of any window.
     pub down_rate_peak_bps: f64,
     pub up_rate_peak_bps: f64,
+    /// Highest of the windows' p99 bin rates: an upper bound of them, not the step's p99
+    /// (percentiles do not merge).
+    pub down_rate_p99_max_bps: f64,
+    pub up_rate_p99_max_bps: f64,
     pub rtt_min_ms: Option<f64>,
     pub rtt_mean_ms: Option<f64>,
     pub rtt_max_ms: Option<f64>,
+    /// Highest of the windows' RTT p99s (same caveat).
+    pub rtt_p99_max_ms: Option<f64>,
     /// Probes lost / sent (both ways), when probes were sent.
     pub loss_ratio: Option<f64>,
 }
@@ -75,6 +88,9 @@ pub struct Series {
     pub to_ms: i64,
     pub step_ms: i64,
     pub window_ms: i64,
+    /// Width of the stored rows that served the request: `window_ms` for the rollups, else the
+    /// tier's width.
+    pub source_ms: i64,
     pub partial: bool,
     pub points: Vec<Point>,
 }
@@ -87,6 +103,14 @@ pub struct Params {
     pub to_ms: i64,
     pub step_ms: i64,
     pub partial: bool,
+    /// The tier that serves the step (ns), `None` for the rollups.
+    pub tier_ns: Option<u64>,
+}
+
+/// The coarsest tier whose width divides the step.
+pub fn tier_for(step_ms: i64) -> Option<u64> {
+    let step_ns = step_ms as u64 * 1_000_000;
+    TIERS_NS.iter().rev().copied().find(|w| step_ns.is_multiple_of(*w))
 }
 
 fn int(name: &str, v: Option<&String>) -> Result<i64, String> {
@@ -145,12 +169,19 @@ pub fn params(
             window_ms * 120
         ));
     }
+    let raw = match q.source.as_deref() {
+        None | Some("auto") => false,
+        Some("raw") => true,
+        Some(v) => return Err(format!("source = {v:?}: use auto (default) or raw")),
+    };
+    let tier_ns = if raw { None } else { tier_for(step_ms) };
     let span = to_ms - from_ms;
     let windows = (span as u64).div_ceil(window_ms as u64);
-    if windows > MAX_WINDOWS {
+    if tier_ns.is_none() && windows > MAX_WINDOWS {
         return Err(format!(
-            "the range spans {windows} rollup windows; one request reads at most {MAX_WINDOWS} ({} h at {window_ms} ms): narrow the range",
-            MAX_WINDOWS as i64 * window_ms / 3_600_000
+            "the range spans {windows} rollup windows; one request reads at most {MAX_WINDOWS} ({} h at {window_ms} ms) unless the step is a multiple of {} s (served from the aggregate tiers, source=auto): narrow the range or use such a step",
+            MAX_WINDOWS as i64 * window_ms / 3_600_000,
+            TIERS_NS[0] / 1_000_000_000
         ));
     }
     let points = (span as u64).div_ceil(step_ms as u64) + 1;
@@ -171,79 +202,70 @@ pub fn params(
         to_ms,
         step_ms,
         partial,
+        tier_ns,
     })
 }
 
-/// Aggregates windows (in time order) into epoch-aligned steps. Points are stamped at their
-/// start, so the same range gives the same points on every request.
-pub fn aggregate(rows: &[Rollup], p: &Params, window_ms: i64) -> Vec<Point> {
+/// Aggregates stored rows (rollups as [`TierRow::from_rollup`], or tier buckets), in time
+/// order, into epoch-aligned steps. Points are stamped at their start, so the same range gives the
+/// same points on every request. A point is complete when every window of the step is stored and
+/// complete; without `partial` only complete points are returned.
+pub fn aggregate(rows: &[TierRow], p: &Params, window_ms: i64) -> Vec<Point> {
     let step_ns = p.step_ms as u64 * 1_000_000;
     let expected = (p.step_ms / window_ms) as u32;
     let mut out: Vec<Point> = Vec::new();
-    // Per point: width-weighted sums of means, RTT mean weights, probes.
-    let (mut w_ns, mut dm, mut um, mut rtt_w, mut rtt_sum) = (0f64, 0f64, 0f64, 0f64, 0f64);
-    let (mut sent, mut lost) = (0u64, 0u64);
-    let finish = |pt: &mut Point, w_ns: f64, dm: f64, um: f64, rw: f64, rs: f64, s: u64, l: u64| {
-        if w_ns > 0.0 {
-            pt.down_rate_mean_bps = dm / w_ns;
-            pt.up_rate_mean_bps = um / w_ns;
+    let mut acc: Option<TierRow> = None;
+    let point = |a: &TierRow| -> Point {
+        let start_ms = (a.start_ns / 1_000_000) as i64;
+        let windows = u32::try_from(a.windows).unwrap_or(u32::MAX);
+        let ms = |v: u64| v as f64 / 1e6;
+        let mean = |sum: f64| {
+            if a.width_ns > 0 {
+                sum / a.width_ns as f64
+            } else {
+                0.0
+            }
+        };
+        Point {
+            start_ms,
+            end_ms: start_ms + p.step_ms,
+            complete: a.windows_complete == a.windows && windows == expected,
+            windows,
+            windows_expected: expected,
+            down_bytes: a.rx_bytes,
+            up_bytes: a.tx_bytes,
+            down_packets: a.rx_packets,
+            up_packets: a.tx_packets,
+            down_rate_mean_bps: mean(a.rx_rate_wsum),
+            up_rate_mean_bps: mean(a.tx_rate_wsum),
+            down_rate_peak_bps: a.rx_rate_peak_bps,
+            up_rate_peak_bps: a.tx_rate_peak_bps,
+            down_rate_p99_max_bps: a.rx_rate_p99_max_bps,
+            up_rate_p99_max_bps: a.tx_rate_p99_max_bps,
+            rtt_min_ms: a.rtt_min_ns.map(ms),
+            rtt_mean_ms: (a.rtt_weight > 0).then(|| a.rtt_wsum / a.rtt_weight as f64 / 1e6),
+            rtt_max_ms: a.rtt_max_ns.map(ms),
+            rtt_p99_max_ms: a.rtt_p99_max_ns.map(ms),
+            loss_ratio: (a.probes_sent > 0).then(|| a.probes_lost as f64 / a.probes_sent as f64),
         }
-        pt.rtt_mean_ms = (rw > 0.0).then(|| rs / rw / 1e6);
-        pt.loss_ratio = (s > 0).then(|| l as f64 / s as f64);
-        pt.complete = pt.complete && pt.windows == pt.windows_expected;
     };
     for r in rows {
-        if !p.partial && !r.complete {
-            continue;
-        }
-        let start_ns = r.window_start_ns - r.window_start_ns % step_ns;
-        let start_ms = (start_ns / 1_000_000) as i64;
-        if out.last().is_none_or(|l| l.start_ms != start_ms) {
-            if let Some(last) = out.last_mut() {
-                finish(last, w_ns, dm, um, rtt_w, rtt_sum, sent, lost);
+        let start_ns = r.start_ns - r.start_ns % step_ns;
+        match acc.as_mut() {
+            Some(a) if a.start_ns == start_ns => a.merge(r),
+            _ => {
+                if let Some(a) = acc.take() {
+                    out.push(point(&a));
+                }
+                acc = Some(TierRow {
+                    start_ns,
+                    ..r.clone()
+                });
             }
-            (w_ns, dm, um, rtt_w, rtt_sum, sent, lost) = (0.0, 0.0, 0.0, 0.0, 0.0, 0, 0);
-            out.push(Point {
-                start_ms,
-                end_ms: start_ms + p.step_ms,
-                complete: true,
-                windows_expected: expected,
-                ..Point::default()
-            });
         }
-        let Some(pt) = out.last_mut() else { continue };
-        pt.windows += 1;
-        pt.complete &= r.complete;
-        pt.down_bytes += r.rx_bytes;
-        pt.up_bytes += r.tx_bytes;
-        pt.down_packets += r.rx_packets;
-        pt.up_packets += r.tx_packets;
-        let w = r.window_ns as f64;
-        w_ns += w;
-        dm += r.rx_rate_mean_bps * w;
-        um += r.tx_rate_mean_bps * w;
-        pt.down_rate_peak_bps = pt.down_rate_peak_bps.max(r.rx_rate_peak_bps);
-        pt.up_rate_peak_bps = pt.up_rate_peak_bps.max(r.tx_rate_peak_bps);
-        let ms = |v: u64| v as f64 / 1e6;
-        if let Some(v) = r.rtt_min_ns {
-            pt.rtt_min_ms = Some(pt.rtt_min_ms.map_or(ms(v), |m| m.min(ms(v))));
-        }
-        if let Some(v) = r.rtt_max_ns {
-            pt.rtt_max_ms = Some(pt.rtt_max_ms.map_or(ms(v), |m| m.max(ms(v))));
-        }
-        if let Some(v) = r.rtt_mean_ns {
-            // Weighted by the probes that came back in the window (at least 1).
-            let back = (r.probes_sent_fwd.saturating_sub(r.probes_lost_fwd))
-                .saturating_sub(r.probes_lost_bwd)
-                .max(1) as f64;
-            rtt_w += back;
-            rtt_sum += v as f64 * back;
-        }
-        sent += u64::from(r.probes_sent_fwd);
-        lost += u64::from(r.probes_lost_fwd) + u64::from(r.probes_lost_bwd);
     }
-    if let Some(last) = out.last_mut() {
-        finish(last, w_ns, dm, um, rtt_w, rtt_sum, sent, lost);
+    if let Some(a) = acc {
+        out.push(point(&a));
     }
     if !p.partial {
         out.retain(|pt| pt.complete);
@@ -283,16 +305,30 @@ async fn query(web: &Arc<Web>, q: &SeriesQuery) -> Result<Series, Response> {
     let to_ns =
         (p.to_ms + (p.step_ms - p.to_ms.rem_euclid(p.step_ms)) % p.step_ms) as u64 * 1_000_000;
     let link_id = p.link as u32;
+    let tier_ns = p.tier_ns;
     let read = tokio::task::spawn_blocking(move || {
         let mut rows = Vec::new();
         let mut from = from_ns;
         loop {
-            let page = store.read_range(link_id, from, to_ns, PAGE)?;
-            let n = page.len();
-            if let Some(last) = page.last() {
-                from = last.window_start_ns + 1;
-            }
-            rows.extend(page);
+            let n = match tier_ns {
+                Some(w) => {
+                    let page = store.read_tier(w, link_id, from, to_ns, PAGE)?;
+                    if let Some(last) = page.last() {
+                        from = last.start_ns + 1;
+                    }
+                    let n = page.len();
+                    rows.extend(page);
+                    n
+                }
+                None => {
+                    let page = store.read_range(link_id, from, to_ns, PAGE)?;
+                    if let Some(last) = page.last() {
+                        from = last.window_start_ns + 1;
+                    }
+                    rows.extend(page.iter().map(TierRow::from_rollup));
+                    page.len()
+                }
+            };
             if n < PAGE as usize || rows.len() as u64 > MAX_WINDOWS * 2 {
                 return Ok::<_, linkpulse_sink::store::StoreError>(rows);
             }
@@ -330,6 +366,7 @@ async fn query(web: &Arc<Web>, q: &SeriesQuery) -> Result<Series, Response> {
         to_ms: p.to_ms,
         step_ms: p.step_ms,
         window_ms,
+        source_ms: p.tier_ns.map_or(window_ms, |w| (w / 1_000_000) as i64),
         partial: p.partial,
         points: aggregate(&rows, &p, window_ms),
     })
@@ -348,6 +385,7 @@ fn series_query(q: Pairs) -> Result<SeriesQuery, String> {
         to: None,
         step: None,
         partial: None,
+        source: None,
     };
     for (k, v) in pairs {
         let slot = match k.as_str() {
@@ -356,9 +394,10 @@ fn series_query(q: Pairs) -> Result<SeriesQuery, String> {
             "to" => &mut sq.to,
             "step" => &mut sq.step,
             "partial" => &mut sq.partial,
+            "source" => &mut sq.source,
             _ => {
                 return Err(format!(
-                    "unknown parameter `{k}`: use link, from, to, step and partial"
+                    "unknown parameter `{k}`: use link, from, to, step, partial and source"
                 ))
             }
         };
@@ -383,14 +422,14 @@ pub async fn series(State(web): State<Arc<Web>>, q: Pairs) -> Response {
 /// The CSV header and one line per point.
 pub fn csv(s: &Series) -> String {
     let mut o = String::with_capacity(64 + s.points.len() * 160);
-    o.push_str("link,label,start_ms,end_ms,complete,windows,windows_expected,down_bytes,up_bytes,down_packets,up_packets,down_rate_mean_bps,up_rate_mean_bps,down_rate_peak_bps,up_rate_peak_bps,rtt_min_ms,rtt_mean_ms,rtt_max_ms,loss_ratio\n");
+    o.push_str("link,label,start_ms,end_ms,complete,windows,windows_expected,down_bytes,up_bytes,down_packets,up_packets,down_rate_mean_bps,up_rate_mean_bps,down_rate_peak_bps,up_rate_peak_bps,rtt_min_ms,rtt_mean_ms,rtt_max_ms,loss_ratio,down_rate_p99_max_bps,up_rate_p99_max_bps,rtt_p99_max_ms\n");
     let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
     // Labels are config text: quote them, doubling quotes.
     let label = format!("\"{}\"", s.label.replace('"', "\"\""));
     for p in &s.points {
         let _ = writeln!(
             o,
-            "{},{label},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{label},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             s.link,
             p.start_ms,
             p.end_ms,
@@ -409,6 +448,9 @@ pub fn csv(s: &Series) -> String {
             opt(p.rtt_mean_ms),
             opt(p.rtt_max_ms),
             opt(p.loss_ratio),
+            p.down_rate_p99_max_bps,
+            p.up_rate_p99_max_bps,
+            opt(p.rtt_p99_max_ms),
         );
     }
     o
@@ -499,6 +541,7 @@ mod tests {
             to: Some(to.into()),
             step: Some(step.into()),
             partial: None,
+            source: None,
         }
     }
 
@@ -517,13 +560,32 @@ mod tests {
         assert!(e(q("0", "0", "1000", "700")).contains("multiple of the rollup width"));
         assert!(e(q("0", "0", "1000", "0")).contains("multiple"));
         assert!(e(q("0", "x", "1000", "500")).contains("not an integer"));
-        assert!(e(q("0", "0", "2592000000", "600000")).contains("narrow the range"));
+        // 30 days: fine from a tier, refused from the rollups.
+        let ok = params(&q("0", "0", "2592000000", "600000"), &links(), 500).expect("tier");
+        assert_eq!(ok.tier_ns, Some(300_000_000_000));
+        let raw = SeriesQuery {
+            source: Some("raw".into()),
+            ..q("0", "0", "2592000000", "600000")
+        };
+        assert!(e(raw).contains("narrow the range"));
+        assert!(e(q("0", "0", "2592000000", "1500")).contains("narrow the range"));
+        let bad_source = SeriesQuery {
+            source: Some("tier".into()),
+            ..q("0", "0", "1000", "500")
+        };
+        assert!(e(bad_source).contains("auto"));
+        assert_eq!(tier_for(500), None);
+        assert_eq!(tier_for(20_000), Some(10_000_000_000));
+        assert_eq!(tier_for(600_000), Some(300_000_000_000));
+        assert_eq!(tier_for(7_200_000), Some(3_600_000_000_000));
         assert!(e(q("0", "0", "86400000", "500")).contains("use a step of at least"));
         let ok = params(&q("wwan1", "0", "1000", "500"), &links(), 500).expect("ok");
         assert_eq!(ok.link, 1);
         let ok = params(&q("B", "0", "1000", "1000"), &links(), 500).expect("ok");
         assert_eq!((ok.link, ok.step_ms), (1, 1000));
     }
+
+    use linkpulse_sink::store::Rollup;
 
     fn win(start_ms: u64, complete: bool, rx: u64, mean: f64, peak: f64) -> Rollup {
         Rollup {
@@ -542,18 +604,22 @@ mod tests {
 
     #[test]
     fn aggregation_is_exact_and_aligned() {
-        let rows = vec![
+        let rows: Vec<TierRow> = [
             win(1000, true, 10, 100.0, 500.0),
             win(1500, true, 20, 300.0, 900.0),
             win(2000, true, 5, 50.0, 60.0),
             win(2500, false, 7, 70.0, 80.0),
-        ];
+        ]
+        .iter()
+        .map(TierRow::from_rollup)
+        .collect();
         let mut p = Params {
             link: 0,
             from_ms: 1000,
             to_ms: 3000,
             step_ms: 1000,
             partial: true,
+            tier_ns: None,
         };
         let pts = aggregate(&rows, &p, 500);
         assert_eq!(pts.len(), 2);
@@ -579,5 +645,82 @@ mod tests {
         let pts = aggregate(&rows[1..], &Params { partial: true, ..p }, 500);
         assert_eq!(pts[0].windows, 1);
         assert!(!pts[0].complete);
+    }
+
+    /// Steps served by a tier equal the same steps from the rollups (the store's test checks
+    /// that its tiers equal these buckets).
+    #[test]
+    fn tier_buckets_give_the_points_the_rollups_give() {
+        let t0 = 1_790_000_123_000u64; // not aligned to any tier
+        let rows: Vec<Rollup> = (0..30_000u64)
+            .map(|i| Rollup {
+                rtt_mean_ns: (i % 5 != 0).then_some(20_000_000 + i * 13),
+                rtt_p99_ns: (i % 3 != 0).then_some(40_000_000 + i % 977),
+                probes_sent_fwd: 10,
+                probes_lost_fwd: (i % 4) as u32,
+                tx_bytes: i * 3,
+                tx_rate_mean_bps: (i % 101) as f64 * 0.37,
+                ..win(
+                    t0 + i * 500,
+                    i % 9001 != 0,
+                    i,
+                    (i % 7) as f64 * 1.3,
+                    (i % 11) as f64,
+                )
+            })
+            .collect();
+        let raw: Vec<TierRow> = rows.iter().map(TierRow::from_rollup).collect();
+        for (step_ms, tier) in [(10_000i64, 10_000_000_000u64), (600_000, 300_000_000_000)] {
+            let mut buckets: Vec<TierRow> = Vec::new();
+            for r in &raw {
+                let start = r.start_ns - r.start_ns % tier;
+                match buckets.last_mut() {
+                    Some(b) if b.start_ns == start => b.merge(r),
+                    _ => buckets.push(TierRow {
+                        start_ns: start,
+                        tier_ns: tier,
+                        ..r.clone()
+                    }),
+                }
+            }
+            for partial in [false, true] {
+                let p = Params {
+                    link: 0,
+                    from_ms: 0,
+                    to_ms: 0,
+                    step_ms,
+                    partial,
+                    tier_ns: Some(tier),
+                };
+                let a = aggregate(&raw, &p, 500);
+                let b = aggregate(&buckets, &p, 500);
+                assert!(a.len() > 10, "{step_ms} {partial}: {}", a.len());
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(&b) {
+                    let close = |u: f64, v: f64| (u - v).abs() <= 1e-9 * u.abs().max(1.0);
+                    assert!(close(x.down_rate_mean_bps, y.down_rate_mean_bps));
+                    assert!(close(x.up_rate_mean_bps, y.up_rate_mean_bps));
+                    assert_eq!(x.rtt_mean_ms.is_some(), y.rtt_mean_ms.is_some());
+                    assert!(close(
+                        x.rtt_mean_ms.unwrap_or(0.0),
+                        y.rtt_mean_ms.unwrap_or(0.0)
+                    ));
+                    let exact = |p: &Point| Point {
+                        down_rate_mean_bps: 0.0,
+                        up_rate_mean_bps: 0.0,
+                        rtt_mean_ms: None,
+                        ..p.clone()
+                    };
+                    assert_eq!(exact(x), exact(y));
+                }
+                if !partial {
+                    assert!(a
+                        .iter()
+                        .all(|p| p.complete && p.windows == p.windows_expected));
+                } else {
+                    assert!(a.iter().any(|p| !p.complete), "partial points stay visible");
+                }
+            }
+        }
     }
 }

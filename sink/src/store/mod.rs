@@ -10,8 +10,8 @@ mod supervisor;
 mod tiers;
 
 pub use schema::{Rollup, FIELDS, SCHEMA_VERSION};
-pub use tiers::{TierRow, TIERS_NS, TIER_FIELDS};
 pub use supervisor::TARANTOOL_PACKAGE_HINT;
+pub use tiers::{TierRow, TIERS_NS, TIER_FIELDS};
 
 use crate::tarantool::{self, Client, ClientConfig};
 use std::fs::File;
@@ -197,10 +197,7 @@ fn build_tiers(client: &Client) -> Result<(), StoreError> {
     loop {
         let (done, n): (bool, u64) = client
             .call("lp_tier_build", &(TIER_BUILD_CHUNK,))
-            .map_err(|source| StoreError::Migration {
-                version: 2,
-                source,
-            })?;
+            .map_err(|source| StoreError::Migration { version: 2, source })?;
         rows += n;
         if done {
             break;

@@ -175,14 +175,7 @@ impl TierRow {
 
     /// The figures that merge exactly (everything but the float sums), for comparisons.
     #[allow(clippy::type_complexity)]
-    pub fn exact_part(
-        &self,
-    ) -> (
-        [u64; 9],
-        [f64; 4],
-        [Option<u64>; 3],
-        (u64, u64, u64, u64),
-    ) {
+    pub fn exact_part(&self) -> ([u64; 9], [f64; 4], [Option<u64>; 3], (u64, u64, u64, u64)) {
         (
             [
                 self.windows,
@@ -202,7 +195,12 @@ impl TierRow {
                 self.tx_rate_p99_max_bps,
             ],
             [self.rtt_min_ns, self.rtt_max_ns, self.rtt_p99_max_ns],
-            (self.probes_lost, self.link_id.into(), self.start_ns, self.boot_tag),
+            (
+                self.probes_lost,
+                self.link_id.into(),
+                self.start_ns,
+                self.boot_tag,
+            ),
         )
     }
 }
@@ -339,7 +337,12 @@ pub(crate) fn migration_v3() -> String {
         .collect();
     // The helpers are made inside the called function: closures made while a persistent
     // function's body is loaded do not see the globals (tostring, box), closures made by a call do.
-    let body = |f: &str| format!("function(...)\n{}\nlocal main = {f}\nreturn main(...)\nend", lib());
+    let body = |f: &str| {
+        format!(
+            "function(...)\n{}\nlocal main = {f}\nreturn main(...)\nend",
+            lib()
+        )
+    };
     let put = body(
         r#"function(batch)
     local s = box.space.rollups
