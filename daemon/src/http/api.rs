@@ -110,7 +110,11 @@ pub struct Params {
 /// The coarsest tier whose width divides the step.
 pub fn tier_for(step_ms: i64) -> Option<u64> {
     let step_ns = step_ms as u64 * 1_000_000;
-    TIERS_NS.iter().rev().copied().find(|w| step_ns.is_multiple_of(*w))
+    TIERS_NS
+        .iter()
+        .rev()
+        .copied()
+        .find(|w| step_ns.is_multiple_of(*w))
 }
 
 fn int(name: &str, v: Option<&String>) -> Result<i64, String> {
