@@ -7,6 +7,7 @@ mod gen;
 mod net;
 mod report;
 mod rtt;
+mod web;
 
 use std::{
     path::PathBuf,
@@ -40,6 +41,13 @@ pub struct Args {
     /// Seconds of flood for the 16-link loss measurement.
     #[arg(long, default_value_t = 5)]
     flood_secs: u64,
+    /// Days of history for api.series_30d_ms.
+    #[arg(long, default_value_t = 30)]
+    web_days: u32,
+    /// The filled store of the web section, kept between runs (refilled when --web-days changes
+    /// or the directory is removed).
+    #[arg(long, default_value_os_t = web::default_store())]
+    web_store: PathBuf,
 }
 
 fn default_out() -> PathBuf {
@@ -54,7 +62,7 @@ fn main() -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("the benchmarks need root (network namespaces, eBPF, bpf_stats): run `sudo cargo xtask bench`");
     }
-    let sections: [(&str, Section); 8] = [
+    let sections: [(&str, Section); 9] = [
         ("ebpf", ebpf_cost),
         ("lost", bins_lost_16_links),
         ("hotplug", hotplug),
@@ -63,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         ("rtt", rtt::rtt),
         ("durability", durability::durability),
         ("backfill", backfill::backfill),
+        ("web", web::web),
     ];
     let mut all = Vec::new();
     let mut failed = Vec::new();
