@@ -16,6 +16,12 @@
 //! buckets and never rewrite older ones. Retention (`lp_trim_tiers`) deletes buckets whose whole
 //! span is before the cut: the bucket straddling the cut keeps the rows retention removed.
 //!
+//! Building from older rows (`lp_tier_build`) walks the rollups in `seq` order up to the highest
+//! `seq` at its first call, in chunks; each chunk's buckets and the progress mark commit together,
+//! so a crash resumes without counting a row twice. It runs before the store is handed out; puts
+//! that meet a build resumed after a crash write rows above its stop mark, which it leaves alone
+//! (only a changed re-put of a not yet built old row could count that bucket's other rows twice).
+//!
 //! Percentiles do not merge. A tier keeps the highest window p99 (RTT and rates), which is what
 //! the API serves at any step: an upper bound of the windows' p99s, not the p99 of the step.
 
