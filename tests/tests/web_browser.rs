@@ -1,8 +1,8 @@
 //! The page in real headless Chromium (Debian's `chromium`), driven over the DevTools protocol,
 //! against the daemon on a testbed, listening off loopback with a token and its local store:
 //! login, every modem shown, the live graph advances, a history range renders and a reload
-//! gives identical data, the CSV export downloads, the layout fits a phone. Screenshots go to
-//! target/test-artifacts/.
+//! gives identical data, the CSV export downloads, the layout fits a phone, the 30-day range
+//! renders from the 1 h tier. Screenshots go to target/test-artifacts/.
 mod common;
 
 use std::{
@@ -338,5 +338,33 @@ fn web_page_in_headless_chromium() {
         "page width on a phone: {w}"
     );
     page.screenshot(&dir.join("web-page-phone.png"));
+    page.call("Emulation.clearDeviceMetricsOverride", json!({}));
+
+    // 30 days: 2 h steps served from the 1 h tier, drawn (the run's own data in the last step(s)).
+    let loads = page
+        .eval("window.linkpulse.histLoads")
+        .as_u64()
+        .expect("loads");
+    page.eval(
+        "(() => { const s = document.getElementById('range'); s.value = '2592000000';          s.dispatchEvent(new Event('change')); return true; })()",
+    );
+    page.wait(
+        "30-day history",
+        &format!("window.linkpulse.histLoads > {loads}"),
+        Duration::from_secs(30),
+    );
+    let month = page.eval(
+        "(() => { const h = JSON.parse(window.linkpulse.histJson);          return [h.length, h[0].step_ms, h[0].source_ms, h[0].points.length,          document.getElementById('hist-status').textContent]; })()",
+    );
+    let m = month.as_array().expect("30-day summary");
+    assert_eq!(m[0], 2, "{month}");
+    assert_eq!(m[1], 7_200_000, "{month}");
+    assert_eq!(m[2], 3_600_000, "{month}");
+    assert!(m[3].as_u64().is_some_and(|n| n >= 1), "{month}");
+    assert!(
+        m[4].as_str().is_some_and(|t| t.contains("step 7200 s")),
+        "{month}"
+    );
+    page.screenshot(&dir.join("web-page-30d.png"));
     flow.stop().expect("flow");
 }

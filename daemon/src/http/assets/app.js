@@ -88,8 +88,10 @@ function draw(c, series, t0, t1, cursor) {
   const x = (t) => ((t - t0) / (t1 - t0)) * W, y = (v) => H - axis - (v / max) * (H - axis - pad);
   ctx.font = `${10 * r}px sans-serif`; ctx.fillStyle = "#6a737d";
   ctx.fillText(bps(max), 2 * r, 11 * r);
-  ctx.fillText(new Date(t0).toLocaleTimeString(), 2 * r, H - 2 * r);
-  const right = new Date(t1).toLocaleTimeString();
+  // Ranges longer than a day name the date too.
+  const stamp = (t) => (t1 - t0 > 86400000 ? new Date(t).toLocaleString() : new Date(t).toLocaleTimeString());
+  ctx.fillText(stamp(t0), 2 * r, H - 2 * r);
+  const right = stamp(t1);
   ctx.fillText(right, W - ctx.measureText(right).width - 2 * r, H - 2 * r);
   for (const [key, colour] of [["down", "#0969da"], ["up", "#8250df"]]) {
     ctx.lineWidth = 1.5 * r;
@@ -186,8 +188,11 @@ function pickRange(keep) {
   const step = STEPS_MS.find((s) => s >= want && s % win === 0) ||
     Math.max(win, Math.ceil(want / win) * win);
   // Ends a few seconds back: the newest windows are still on their way to the store (the live
-  // graph shows them), and a range must give the same values on every reload.
-  const to = Math.floor((Date.now() - 3000) / step) * step;
+  // graph shows them), and a range must give the same values on every reload. With steps of an
+  // hour and more (30 days) that would hide up to a step of recent data: the range then ends
+  // with the current step, drawn as partial, the only point that can change on a reload.
+  const back = Date.now() - 3000;
+  const to = (step >= 3600000 ? Math.ceil(back / step) : Math.floor(back / step)) * step;
   return { from: to - span, to, step };
 }
 async function loadHistory(keep) {
