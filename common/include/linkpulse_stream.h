@@ -31,6 +31,7 @@
 #define LP_FLAG_CLOCK_STEP   (1u << 2) /* a clock step happened just before */
 #define LP_FLAG_GAP          (1u << 3) /* some link was not attached for the whole window */
 #define LP_FLAG_SKIPPED      (1u << 4) /* the daemon skipped bins before this one */
+#define LP_FLAG_RTT_LATE     (1u << 5) /* carries probe samples/sends whose bin was already published */
 
 /* lp_link_record.valid */
 #define LP_VALID_TRAFFIC (1u << 0)
@@ -95,12 +96,15 @@ struct lp_link_record {
     uint32_t valid;
     uint64_t packets[2];
     uint64_t bytes[2];
+    /* With LP_VALID_RTT (probed link): probe RTT samples whose reply arrived (kernel stamp
+       T4) in the window; min/max are 0 when rtt_count is 0 (probed, no reply). */
     uint32_t rtt_count;
+    /* With LP_VALID_PROBES: probes that left (kernel stamp T1) in the window. */
     uint32_t probes_sent;
     uint64_t rtt_min_ns;
     uint64_t rtt_max_ns;
     uint64_t rtt_sum_ns;
-    uint32_t probes_lost[2];
+    uint32_t probes_lost[2];  /* not filled yet (0) */
 };
 
 _Static_assert(sizeof(struct lp_subscribe) == 24, "lp_subscribe layout");

@@ -89,6 +89,10 @@ pub const FLAG_CLOCK_STEP: u32 = 1 << 2;
 pub const FLAG_GAP: u32 = 1 << 3;
 /// The daemon fell behind (or the clock jumped) and skipped bins before this one.
 pub const FLAG_SKIPPED: u32 = 1 << 4;
+/// Probe RTT samples (or sent probes) whose bin (by T4, or T1) was already published are in
+/// this frame instead: the prober handed them over after that bin's deadline. Totals over any
+/// interval stay exact; those records also carry [`VALID_LATE`].
+pub const FLAG_RTT_LATE: u32 = 1 << 5;
 
 /// One frame's header, followed by `link_count` [`LinkRecord`]s.
 #[repr(C)]
@@ -120,6 +124,11 @@ pub const VALID_PROBES: u32 = 1 << 2;
 pub const VALID_LATE: u32 = 1 << 31;
 
 /// One link in one frame. Directions: index 0 = down (router ingress), 1 = up (egress).
+///
+/// RTT fields (with [`VALID_RTT`], set for probed links): the probe RTT samples whose reply
+/// arrived (kernel stamp T4) in the frame's window: count, min, max, sum (min/max are 0 when
+/// the count is 0: probed, no reply in that window). `probes_sent` (with [`VALID_PROBES`]):
+/// probes that left (kernel stamp T1) in the window. Decimated frames aggregate them exactly.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkRecord {
@@ -132,7 +141,43 @@ pub struct LinkRecord {
     pub rtt_min_ns: u64,
     pub rtt_max_ns: u64,
     pub rtt_sum_ns: u64,
+    /// Not filled yet (always 0): loss is settled after the loss timeout, in the rollups.
     pub probes_lost: [u32; 2],
+}
+
+impl LinkRecord {
+    /// The link is probed: the RTT fields are measured (a count of 0 means no reply arrived).
+    pub fn has_rtt(&self) -> bool {
+        self.valid & VALID_RTT != 0
+    }
+
+    /// `probes_sent` is measured.
+    pub fn has_probes(&self) -> bool {
+        self.valid & VALID_PROBES != 0
+    }
+
+    /// Smallest RTT sample in the window, if any.
+    pub fn rtt_min(&self) -> Option<u64> {
+        (self.has_rtt() && self.rtt_count > 0).then_some(self.rtt_min_ns)
+    }
+
+    /// Largest RTT sample in the window, if any.
+    pub fn rtt_max(&self) -> Option<u64> {
+        (self.has_rtt() && self.rtt_count > 0).then_some(self.rtt_max_ns)
+    }
+
+    /// Mean RTT in the window (sum / count), if any sample.
+    pub fn rtt_mean(&self) -> Option<u64> {
+        if !self.has_rtt() {
+            return None;
+        }
+        self.rtt_sum_ns.checked_div(u64::from(self.rtt_count))
+    }
+
+    /// Probes sent in the window, when the link is probed.
+    pub fn probes(&self) -> Option<u32> {
+        self.has_probes().then_some(self.probes_sent)
+    }
 }
 
 const _: () = assert!(core::mem::size_of::<Subscribe>() == 24);

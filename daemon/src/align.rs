@@ -10,13 +10,21 @@
 //! - anything that arrives for a bin already published (late) is carried into the next
 //!   published bin and counted: totals over any interval equal what the kernel counted.
 //!
+//! - probe RTT samples (by their reply's T4) and sent probes (by their T1) come from `lp-probe`
+//!   through an SPSC queue drained each tick; one for a bin already published goes into the
+//!   next frame, flagged `FLAG_RTT_LATE`.
+//!
 //! Pure logic: the kernel is behind [`SlotSource`] and plain [`BinRecord`]s, so every rule is
 //! unit-tested without privileges. Nothing here allocates after [`Aligner::new`].
 use linkpulse_common::{bin_start, BinRecord, Slot, DIRS, MAX_LINKS, SLOTS_PER_CPU};
 
 use crate::{
     clock::ClockState,
-    frame::{Frame, FLAG_CLOCK_STEP, FLAG_CLOCK_UNSYNC, FLAG_GAP, FLAG_LATE, FLAG_SKIPPED},
+    frame::{
+        Frame, RttBin, FLAG_CLOCK_STEP, FLAG_CLOCK_UNSYNC, FLAG_GAP, FLAG_LATE, FLAG_RTT_LATE,
+        FLAG_SKIPPED,
+    },
+    probe::GridEvent,
 };
 
 /// Read access to the kernel's per-CPU slots (mmapped in the daemon, a Vec in tests).
@@ -60,6 +68,9 @@ pub struct AlignStats {
     pub skipped_bins: u64,
     /// Packets counted by the kernel as malformed (headers unreadable).
     pub malformed: u64,
+    /// Probe samples and sent probes that arrived for a bin already published (each carried
+    /// into the next frame).
+    pub rtt_late_events: u64,
 }
 
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
@@ -108,6 +119,11 @@ pub struct Aligner {
     taken: Box<[Taken]>,
     seen: Box<[Seen]>,
     carry: [Counts; SLOTS_PER_CPU],
+    /// Probe figures of the same bins as `pending` (empty until [`Aligner::set_probes`]).
+    rtt_pending: Box<[[RttBin; MAX_LINKS]]>,
+    rtt_carry: [RttBin; MAX_LINKS],
+    probed_mask: u64,
+    probe_feed: Option<rtrb::Consumer<GridEvent>>,
     seq: u64,
     pending_step: bool,
     pending_skip: bool,
@@ -132,6 +148,10 @@ impl Aligner {
             taken: vec![Taken::default(); slots].into_boxed_slice(),
             seen: vec![Seen::default(); slots].into_boxed_slice(),
             carry: [Counts::default(); SLOTS_PER_CPU],
+            rtt_pending: Box::new([]),
+            rtt_carry: [RttBin::default(); MAX_LINKS],
+            probed_mask: 0,
+            probe_feed: None,
             seq: 0,
             pending_step: false,
             pending_skip: false,
@@ -157,6 +177,57 @@ impl Aligner {
     /// Starts the grid at the bin containing `now_tai` (called once, before records flow).
     pub fn start(&mut self, now_tai: u64) {
         self.next_bin = bin_start(now_tai, self.width);
+    }
+
+    /// The probed links (bit i = link i) and the prober's feed; allocates the per-bin probe
+    /// accumulators (once, before the first tick).
+    pub fn set_probes(&mut self, probed_mask: u64, feed: Option<rtrb::Consumer<GridEvent>>) {
+        self.probed_mask = probed_mask;
+        self.probe_feed = feed;
+        if probed_mask != 0 && self.rtt_pending.is_empty() {
+            self.rtt_pending = vec![[RttBin::default(); MAX_LINKS]; self.window].into_boxed_slice();
+        }
+    }
+
+    /// Takes everything the prober queued (each tick, before closing bins).
+    pub fn drain_probes(&mut self) {
+        // Taken out for the loop (the accumulators are updated inside); no allocation.
+        let Some(mut feed) = self.probe_feed.take() else {
+            return;
+        };
+        while let Ok(e) = feed.pop() {
+            self.on_probe_event(&e);
+        }
+        self.probe_feed = Some(feed);
+    }
+
+    /// One sample (into the bin containing its T4) or sent probe (the bin containing its T1).
+    pub fn on_probe_event(&mut self, e: &GridEvent) {
+        let (link, t, rtt) = match *e {
+            GridEvent::Sample {
+                link,
+                t4_tai_ns,
+                rtt_ns,
+            } => (link as usize, t4_tai_ns, Some(rtt_ns)),
+            GridEvent::Sent { link, t1_tai_ns } => (link as usize, t1_tai_ns, None),
+        };
+        if link >= MAX_LINKS || self.rtt_pending.is_empty() {
+            self.stats.bad_records += 1;
+            return;
+        }
+        let end = self.next_bin + self.window as u64 * self.width;
+        let acc = if t < self.next_bin || t >= end {
+            // Its bin is published (or beyond the window: a clock jump): the next frame.
+            self.stats.rtt_late_events += 1;
+            &mut self.rtt_carry[link]
+        } else {
+            let k = ((t / self.width) as usize) & (self.window - 1);
+            &mut self.rtt_pending[k][link]
+        };
+        match rtt {
+            Some(r) => acc.add_sample(r),
+            None => acc.probes_sent = acc.probes_sent.saturating_add(1),
+        }
     }
 
     /// A completed per-CPU bin from the ring buffer.
@@ -281,6 +352,12 @@ impl Aligner {
                 *c = Counts::default();
             }
         }
+        for bin in self.rtt_pending.iter_mut() {
+            for (l, r) in bin.iter_mut().enumerate() {
+                self.rtt_carry[l].merge(r);
+                *r = RttBin::default();
+            }
+        }
     }
 
     fn publish_next(&mut self, ctx: &TickContext) {
@@ -296,6 +373,9 @@ impl Aligner {
         f.flags = 0;
         f.valid_mask = 0;
         f.late_mask = 0;
+        f.probed_mask = self.probed_mask;
+        let mut traffic_late = false;
+        let mut rtt_late = false;
         for l in 0..MAX_LINKS {
             let mut lb = crate::frame::LinkBin::default();
             for d in 0..DIRS {
@@ -304,6 +384,7 @@ impl Aligner {
                 let carry = self.carry[s];
                 if !carry.is_zero() {
                     f.late_mask |= 1 << l;
+                    traffic_late = true;
                 }
                 lb.packets[d] = c.packets + carry.packets;
                 lb.bytes[d] = c.bytes + carry.bytes;
@@ -311,6 +392,19 @@ impl Aligner {
                 self.carry[s] = Counts::default();
             }
             f.links[l] = lb;
+            let mut r = RttBin::default();
+            if let Some(p) = self.rtt_pending.get_mut(k) {
+                r = p[l];
+                p[l] = RttBin::default();
+            }
+            let carry = self.rtt_carry[l];
+            if !carry.is_empty() {
+                r.merge(&carry);
+                self.rtt_carry[l] = RttBin::default();
+                f.late_mask |= 1 << l;
+                rtt_late = true;
+            }
+            f.rtt[l] = r;
             let since = ctx.attached_since[l];
             if l < links {
                 if since != 0 && since <= bin {
@@ -320,8 +414,11 @@ impl Aligner {
                 }
             }
         }
-        if f.late_mask != 0 {
+        if traffic_late {
             f.flags |= FLAG_LATE;
+        }
+        if rtt_late {
+            f.flags |= FLAG_RTT_LATE;
         }
         if !ctx.clock.synced {
             f.flags |= FLAG_CLOCK_UNSYNC;
@@ -649,5 +746,117 @@ mod tests {
         );
         assert!(out.len() > before);
         assert!(out.last().unwrap().bin_start_tai_ns < later - 500_000_000_000);
+    }
+
+    fn sample(link: u16, t4: u64, rtt: u64) -> GridEvent {
+        GridEvent::Sample {
+            link,
+            t4_tai_ns: t4,
+            rtt_ns: rtt,
+        }
+    }
+
+    fn sent(link: u16, t1: u64) -> GridEvent {
+        GridEvent::Sent {
+            link,
+            t1_tai_ns: t1,
+        }
+    }
+
+    #[test]
+    fn probe_samples_land_in_the_bin_of_their_t4_and_sends_in_the_bin_of_their_t1() {
+        let mut a = Aligner::new(W, G, 1);
+        let (mut tx, rx) = rtrb::RingBuffer::new(64);
+        a.set_probes(0b101, Some(rx));
+        a.start(T0);
+        // Bin 0: two samples on link 0, one sent; bin 2: a sample on link 2, two sent.
+        for e in [
+            sent(0, T0 + 10),
+            sample(0, T0 + 50, 700),
+            sample(0, T0 + W - 1, 300),
+            sample(2, T0 + 2 * W + 5, 1_000),
+            sent(2, T0 + 2 * W),
+            sent(2, T0 + 3 * W - 1),
+        ] {
+            tx.push(e).unwrap();
+        }
+        a.drain_probes();
+        let mut out = Vec::new();
+        a.close_due(&ctx(T0 + 3 * W + G, 3), |f| out.push(*f));
+        assert_eq!(out.len(), 3);
+        let f0 = &out[0];
+        assert_eq!(f0.probed_mask, 0b101);
+        assert_eq!(f0.rtt[0].rtt_count, 2);
+        assert_eq!(f0.rtt[0].probes_sent, 1);
+        assert_eq!(f0.rtt[0].rtt_min_ns, 300);
+        assert_eq!(f0.rtt[0].rtt_max_ns, 700);
+        assert_eq!(f0.rtt[0].rtt_sum_ns, 1_000);
+        assert_eq!(f0.rtt[2], RttBin::default());
+        assert_eq!(out[1].rtt[0], RttBin::default());
+        assert_eq!(out[1].rtt[2], RttBin::default());
+        assert_eq!(out[2].rtt[2].rtt_count, 1);
+        assert_eq!(out[2].rtt[2].probes_sent, 2);
+        assert_eq!(out[2].rtt[2].rtt_min_ns, 1_000);
+        for f in &out {
+            assert_eq!(f.flags & (FLAG_RTT_LATE | FLAG_LATE), 0);
+            assert_eq!(f.late_mask, 0);
+        }
+        // Nothing is kept: the window's slots are reused clean.
+        let mut more = Vec::new();
+        a.close_due(&ctx(T0 + 40 * W + G, 3), |f| more.push(*f));
+        assert!(more.iter().all(|f| f.rtt.iter().all(RttBin::is_empty)));
+        assert_eq!(a.stats.rtt_late_events, 0);
+    }
+
+    #[test]
+    fn a_late_probe_sample_goes_into_the_next_frame_flagged_never_lost() {
+        let mut a = Aligner::new(W, G, 1);
+        let (mut tx, rx) = rtrb::RingBuffer::new(64);
+        a.set_probes(0b1, Some(rx));
+        a.start(T0);
+        let mut out = Vec::new();
+        a.close_due(&ctx(T0 + 2 * W + G, 1), |f| out.push(*f));
+        assert_eq!(out.len(), 2);
+        // Two samples and a send for bin 0, already published; one sample for bin 2.
+        for e in [
+            sample(0, T0 + 5, 400),
+            sample(0, T0 + W + 5, 900),
+            sent(0, T0 + 1),
+            sample(0, T0 + 2 * W + 1, 100),
+        ] {
+            tx.push(e).unwrap();
+        }
+        a.drain_probes();
+        assert_eq!(a.stats.rtt_late_events, 3);
+        a.close_due(&ctx(T0 + 4 * W + G, 1), |f| out.push(*f));
+        let f = &out[2];
+        assert_eq!(f.bin_start_tai_ns, T0 + 2 * W);
+        assert_ne!(f.flags & FLAG_RTT_LATE, 0);
+        assert_eq!(f.flags & FLAG_LATE, 0, "no traffic was late");
+        assert_eq!(f.late_mask, 1);
+        assert_eq!(f.rtt[0].rtt_count, 3);
+        assert_eq!(f.rtt[0].probes_sent, 1);
+        assert_eq!(f.rtt[0].rtt_min_ns, 100);
+        assert_eq!(f.rtt[0].rtt_max_ns, 900);
+        assert_eq!(f.rtt[0].rtt_sum_ns, 1_400);
+        // The carry is consumed once.
+        assert_eq!(out[3].flags & FLAG_RTT_LATE, 0);
+        assert!(out[3].rtt[0].is_empty());
+        let total: u32 = out.iter().map(|f| f.rtt[0].rtt_count).sum();
+        assert_eq!(total, 3);
+    }
+
+    #[test]
+    fn probe_events_without_probes_set_or_out_of_range_are_counted_not_stored() {
+        let mut a = Aligner::new(W, G, 1);
+        a.start(T0);
+        a.on_probe_event(&sample(0, T0, 1));
+        a.set_probes(1, None);
+        a.on_probe_event(&sample(MAX_LINKS as u16, T0, 1));
+        assert_eq!(a.stats.bad_records, 2);
+        a.drain_probes(); // no feed: nothing to do
+        let mut out = Vec::new();
+        a.close_due(&ctx(T0 + W + G, 1), |f| out.push(*f));
+        assert!(out[0].rtt[0].is_empty());
     }
 }

@@ -169,16 +169,42 @@ impl Daemon {
             .store
             .is_some()
             .then(|| shared.probe.subscribe_persist(persist::PROBE_EVENTS));
+        // The frames' probe feed (lp-probe → lp-ingest): sized for two events (sample, sent)
+        // per probe at every link's highest rate, over the ingest thread's longest sleep
+        // (publish interval) plus 100 ms of slack.
+        let probed_mask = probe_setups
+            .iter()
+            .filter(|s| s.index < 64)
+            .fold(0u64, |m, s| m | (1 << s.index));
+        let grid_feed = (!probe_setups.is_empty()).then(|| {
+            let per_s: u64 = probe_setups
+                .iter()
+                .map(|s| u64::from(s.cfg.max_rate_hz) * 2)
+                .sum();
+            let over_ns = cfg.publish_interval_ns.max(cfg.grace_ns) + 100_000_000;
+            let cap = (per_s.saturating_mul(over_ns) / 1_000_000_000)
+                .clamp(1024, 1 << 20)
+                .next_power_of_two();
+            rtrb::RingBuffer::new(cap as usize)
+        });
+        let (grid_tx, grid_rx) = match grid_feed {
+            Some((tx, rx)) => (Some(tx), Some(rx)),
+            None => (None, None),
+        };
         let prober = if probe_setups.is_empty() {
             None
         } else {
             let maps = kernel.take_probe_maps()?;
-            Some(crate::probe::sender::Sender::new(
+            let mut s = crate::probe::sender::Sender::new(
                 probe_setups,
                 cfg.probe.clone(),
                 maps,
                 Arc::clone(&shared),
-            ))
+            );
+            if let Some(tx) = grid_tx {
+                s = s.with_grid(tx);
+            }
+            Some(s)
         };
         // One Arc for all: split per consumer when rendering is not worth the copies here.
         let mut manager = LinkManager::new(kernel, cfg, Arc::clone(&shared));
@@ -199,7 +225,8 @@ impl Daemon {
             })?);
         }
         {
-            let aligner = Aligner::new(cfg.bin_width_ns, cfg.grace_ns, data.slots_ncpu());
+            let mut aligner = Aligner::new(cfg.bin_width_ns, cfg.grace_ns, data.slots_ncpu());
+            aligner.set_probes(probed_mask, grid_rx);
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
             let crate::kernel::DataMaps { ring, slots } = data;
             let (interval, rt) = (cfg.publish_interval_ns, cfg.realtime_priority);

@@ -5,7 +5,7 @@ use linkpulse_common::{DIRS, MAX_LINKS};
 /// Frame flags: one definition, shared with the stream's wire layout (see
 /// `linkpulse_common::stream` for what each means).
 pub use linkpulse_common::stream::{
-    FLAG_CLOCK_STEP, FLAG_CLOCK_UNSYNC, FLAG_GAP, FLAG_LATE, FLAG_SKIPPED,
+    FLAG_CLOCK_STEP, FLAG_CLOCK_UNSYNC, FLAG_GAP, FLAG_LATE, FLAG_RTT_LATE, FLAG_SKIPPED,
 };
 
 /// Counts of one link in one bin; index 0 = ingress (download), 1 = egress (upload).
@@ -14,6 +14,54 @@ pub use linkpulse_common::stream::{
 pub struct LinkBin {
     pub packets: [u64; DIRS],
     pub bytes: [u64; DIRS],
+}
+
+/// Probe figures of one link in one bin: RTT samples by the bin of their reply's kernel stamp
+/// (T4), probes sent by the bin of their kernel stamp T1. `rtt_min_ns` is `u64::MAX` and
+/// `rtt_max_ns` 0 while `rtt_count` is 0, so merging is plain min/max.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RttBin {
+    pub rtt_count: u32,
+    pub probes_sent: u32,
+    pub rtt_min_ns: u64,
+    pub rtt_max_ns: u64,
+    pub rtt_sum_ns: u64,
+}
+
+impl Default for RttBin {
+    fn default() -> Self {
+        Self {
+            rtt_count: 0,
+            probes_sent: 0,
+            rtt_min_ns: u64::MAX,
+            rtt_max_ns: 0,
+            rtt_sum_ns: 0,
+        }
+    }
+}
+
+impl RttBin {
+    #[inline]
+    pub fn add_sample(&mut self, rtt_ns: u64) {
+        self.rtt_count = self.rtt_count.saturating_add(1);
+        self.rtt_sum_ns = self.rtt_sum_ns.saturating_add(rtt_ns);
+        self.rtt_min_ns = self.rtt_min_ns.min(rtt_ns);
+        self.rtt_max_ns = self.rtt_max_ns.max(rtt_ns);
+    }
+
+    #[inline]
+    pub fn merge(&mut self, o: &RttBin) {
+        self.rtt_count = self.rtt_count.saturating_add(o.rtt_count);
+        self.probes_sent = self.probes_sent.saturating_add(o.probes_sent);
+        self.rtt_sum_ns = self.rtt_sum_ns.saturating_add(o.rtt_sum_ns);
+        self.rtt_min_ns = self.rtt_min_ns.min(o.rtt_min_ns);
+        self.rtt_max_ns = self.rtt_max_ns.max(o.rtt_max_ns);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rtt_count == 0 && self.probes_sent == 0
+    }
 }
 
 #[repr(C)]
@@ -34,6 +82,10 @@ pub struct Frame {
     /// Bit i: link i's entry includes late data carried from earlier bins.
     pub late_mask: u64,
     pub links: [LinkBin; MAX_LINKS],
+    /// Bit i: link i is probed (its `rtt` entry is measured; zero counts mean none).
+    pub probed_mask: u64,
+    /// Per link: probe RTT samples and probes sent in this bin (see [`RttBin`]).
+    pub rtt: [RttBin; MAX_LINKS],
 }
 
 const _: () = assert!(MAX_LINKS <= 64, "masks are u64");
@@ -50,6 +102,8 @@ impl Default for Frame {
             valid_mask: 0,
             late_mask: 0,
             links: [LinkBin::default(); MAX_LINKS],
+            probed_mask: 0,
+            rtt: [RttBin::default(); MAX_LINKS],
         }
     }
 }

@@ -114,6 +114,7 @@ pub fn tick_once(
     ring.drain(|r| aligner.on_record(r));
     aligner.read_slots(slots, ctx.now_tai, ctx.link_count);
     ring.drain(|r| aligner.on_record(r));
+    aligner.drain_probes();
     if let Some(s) = &mut fanout.stream {
         s.poll_control();
     }

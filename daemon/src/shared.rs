@@ -110,6 +110,8 @@ pub struct DaemonCounters {
     pub ring_records: AtomicU64,
     pub bins_late: AtomicU64,
     pub late_packets: AtomicU64,
+    /// Probe samples and sent probes carried into a later frame (their bin was published).
+    pub rtt_late: AtomicU64,
     pub ring_full: AtomicU64,
     pub bad_records: AtomicU64,
     pub torn_reads: AtomicU64,
@@ -293,6 +295,7 @@ impl Shared {
         c.ring_records.store(s.records, Ordering::Relaxed);
         c.bins_late.store(s.late_events, Ordering::Relaxed);
         c.late_packets.store(s.late_packets, Ordering::Relaxed);
+        c.rtt_late.store(s.rtt_late_events, Ordering::Relaxed);
         c.ring_full.store(s.ring_full, Ordering::Relaxed);
         for (lc, v) in self.link_counters.iter().zip(s.ring_full_by_link.iter()) {
             lc.ring_full.store(*v, Ordering::Relaxed);

@@ -24,12 +24,17 @@ use linkpulse_common::{
     stream::{
         as_bytes, fixed_str, read, ErrorMsg, FrameHeader, Hello, LinkDesc, LinkRecord, Subscribe,
         ERR_BAD_REQUEST, ERR_NO_LINKS, ERR_TOO_MANY_CLIENTS, ERR_VERSION, MAGIC_FRAME, MAGIC_HELLO,
-        MAGIC_SUBSCRIBE, STREAM_VERSION, VALID_LATE, VALID_TRAFFIC,
+        MAGIC_SUBSCRIBE, STREAM_VERSION, VALID_LATE, VALID_PROBES, VALID_RTT, VALID_TRAFFIC,
     },
     DIRS, MAX_LINKS,
 };
 
-use crate::{clock, config::StreamConfig, frame::Frame, shared::Shared};
+use crate::{
+    clock,
+    config::StreamConfig,
+    frame::{Frame, RttBin},
+    shared::Shared,
+};
 
 /// A client must subscribe within this time after connecting.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,7 +80,11 @@ struct Sub {
     header: FrameHeader,
     valid: u64,
     late: u64,
+    /// Links probed in every bin of the aggregate.
+    probed: u64,
     links: [LinkRecord; MAX_LINKS],
+    /// Probe figures of the aggregate (min/max merge needs the empty state `RttBin` has).
+    rtt: [RttBin; MAX_LINKS],
     dropped: u64,
     buf: Vec<u8>,
 }
@@ -509,7 +518,9 @@ impl StreamServer {
             header: FrameHeader::default(),
             valid: 0,
             late: 0,
+            probed: 0,
             links: [LinkRecord::default(); MAX_LINKS],
+            rtt: [RttBin::default(); MAX_LINKS],
             dropped: 0,
             buf: Vec::with_capacity(
                 std::mem::size_of::<FrameHeader>() + n * std::mem::size_of::<LinkRecord>(),
@@ -615,13 +626,18 @@ impl Sub {
             };
             self.valid = u64::MAX;
             self.late = 0;
+            self.probed = u64::MAX;
             for l in self.links.iter_mut() {
                 *l = LinkRecord::default();
+            }
+            for r in self.rtt.iter_mut() {
+                *r = RttBin::default();
             }
         }
         self.header.flags |= f.flags;
         self.valid &= f.valid_mask;
         self.late |= f.late_mask;
+        self.probed &= f.probed_mask;
         for (i, rec) in self.links.iter_mut().enumerate() {
             if self.mask & (1 << i) == 0 {
                 continue;
@@ -630,6 +646,7 @@ impl Sub {
                 rec.packets[d] += f.links[i].packets[d];
                 rec.bytes[d] += f.links[i].bytes[d];
             }
+            self.rtt[i].merge(&f.rtt[i]);
         }
         self.count += 1;
         self.expect = Some(f.seq + 1);
@@ -661,6 +678,18 @@ impl Sub {
             if self.late & (1 << i) != 0 {
                 rec.valid |= VALID_LATE;
             }
+            let r = &self.rtt[i];
+            if self.probed & (1 << i) != 0 {
+                rec.valid |= VALID_RTT | VALID_PROBES;
+                rec.rtt_count = r.rtt_count;
+                rec.probes_sent = r.probes_sent;
+                rec.rtt_sum_ns = r.rtt_sum_ns;
+                (rec.rtt_min_ns, rec.rtt_max_ns) = if r.rtt_count > 0 {
+                    (r.rtt_min_ns, r.rtt_max_ns)
+                } else {
+                    (0, 0)
+                };
+            }
             self.buf.extend_from_slice(as_bytes(rec));
         }
     }
@@ -689,4 +718,96 @@ fn send(fd: &OwnedFd, b: &[u8]) -> io::Result<()> {
 
 fn send_error(fd: &OwnedFd, code: u32, text: &str) {
     let _ = send_bytes(fd, as_bytes(&ErrorMsg::new(code, text)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(mask: u64, decimation: u64) -> Sub {
+        Sub {
+            mask,
+            decimation,
+            expect: None,
+            count: 0,
+            header: FrameHeader::default(),
+            valid: 0,
+            late: 0,
+            probed: 0,
+            links: [LinkRecord::default(); MAX_LINKS],
+            rtt: [RttBin::default(); MAX_LINKS],
+            dropped: 0,
+            buf: Vec::with_capacity(64 + MAX_LINKS * 80),
+        }
+    }
+
+    fn frame(seq: u64, samples: &[u64], sent: u32) -> Frame {
+        let mut f = Frame {
+            bin_start_tai_ns: 1_000 * seq,
+            width_ns: 1_000,
+            seq,
+            valid_mask: 0b11,
+            probed_mask: 0b10,
+            ..Frame::default()
+        };
+        for &r in samples {
+            f.rtt[1].add_sample(r);
+        }
+        f.rtt[1].probes_sent = sent;
+        f
+    }
+
+    fn records(s: &Sub) -> Vec<LinkRecord> {
+        s.buf[std::mem::size_of::<FrameHeader>()..]
+            .chunks_exact(std::mem::size_of::<LinkRecord>())
+            .filter_map(read::<LinkRecord>)
+            .collect()
+    }
+
+    #[test]
+    fn decimation_aggregates_probe_figures_exactly() {
+        let mut s = sub(0b11, 4);
+        let bins = [
+            frame(0, &[500, 200], 2),
+            frame(1, &[], 1),
+            frame(2, &[900], 0),
+            frame(3, &[], 1),
+        ];
+        let done: Vec<bool> = bins.iter().map(|f| s.push(f)).collect();
+        assert_eq!(done, [false, false, false, true]);
+        s.encode();
+        let r = records(&s);
+        assert_eq!(r.len(), 2);
+        // Link 0 is not probed: no RTT fields.
+        assert_eq!(r[0].valid & (VALID_RTT | VALID_PROBES), 0);
+        assert_eq!(r[0].rtt_count, 0);
+        assert_eq!(
+            r[1].valid & (VALID_RTT | VALID_PROBES),
+            VALID_RTT | VALID_PROBES
+        );
+        assert_eq!(r[1].rtt_count, 3);
+        assert_eq!(r[1].probes_sent, 4);
+        assert_eq!(r[1].rtt_min_ns, 200);
+        assert_eq!(r[1].rtt_max_ns, 900);
+        assert_eq!(r[1].rtt_sum_ns, 1_600);
+        assert_eq!(r[1].rtt_mean(), Some(533));
+        // The next aggregate starts clean: probed, no reply = count 0, min/max 0.
+        for seq in 4..8 {
+            s.push(&frame(seq, &[], 0));
+        }
+        s.encode();
+        let r = records(&s);
+        assert!(r[1].has_rtt() && r[1].has_probes());
+        assert_eq!(
+            (
+                r[1].rtt_count,
+                r[1].probes_sent,
+                r[1].rtt_min_ns,
+                r[1].rtt_max_ns
+            ),
+            (0, 0, 0, 0)
+        );
+        assert_eq!(r[1].rtt_min(), None);
+        assert_eq!(r[1].rtt_mean(), None);
+    }
 }

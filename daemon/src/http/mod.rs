@@ -102,6 +102,12 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     );
     counter(
         &mut o,
+        "linkpulse_probe_frame_late_total",
+        "Probe samples and sent probes whose bin was already published when lp-ingest got them (carried into the next frame, flagged).",
+        c.rtt_late.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
         "linkpulse_ring_full_total",
         "Bin ends at which the kernel found the ring buffer full (the slot kept counting; the data arrives late, nothing is lost).",
         c.ring_full.load(Ordering::Relaxed),

@@ -31,6 +31,21 @@ pub enum ProbeEvent {
     Outcome(Outcome),
 }
 
+/// What `lp-probe` tells `lp-ingest` for the frames: each RTT sample, in the bin of its
+/// reply's kernel stamp T4, and each probe sent, in the bin of its kernel stamp T1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GridEvent {
+    Sample {
+        link: u16,
+        t4_tai_ns: u64,
+        rtt_ns: u64,
+    },
+    Sent {
+        link: u16,
+        t1_tai_ns: u64,
+    },
+}
+
 /// Per-link figures the probe thread publishes (relaxed atomics; read by HTTP).
 #[derive(Default)]
 pub struct LinkProbeCounters {
@@ -75,6 +90,9 @@ pub struct ProbeShared {
     /// Samples and outcomes the rollups' feed could not take (lp-persist behind): those
     /// windows miss them.
     pub persist_dropped: AtomicU64,
+    /// Samples and sent probes the frames' feed (`lp-ingest`) could not take: those frames
+    /// miss them.
+    pub grid_dropped: AtomicU64,
     /// Where samples go when a test or the bench listens (picked up once a second).
     tap: Mutex<Option<rtrb::Producer<Sample>>>,
     /// The rollups' own feed (`lp-persist`), apart from the test/bench tap.
@@ -92,6 +110,7 @@ impl Default for ProbeShared {
             ring_full: AtomicU64::new(0),
             kernel_short: AtomicU64::new(0),
             persist_dropped: AtomicU64::new(0),
+            grid_dropped: AtomicU64::new(0),
             tap: Mutex::new(None),
             persist_tap: Mutex::new(None),
         }
@@ -288,5 +307,6 @@ impl ProbeShared {
         );
         let _ = writeln!(o, "# HELP linkpulse_probe_ring_full_total Probe stamps lost because the kernel's probe ring was full (those probes give no RTT sample).\n# TYPE linkpulse_probe_ring_full_total counter\nlinkpulse_probe_ring_full_total {}", r(&self.ring_full));
         let _ = writeln!(o, "# HELP linkpulse_probe_rollup_dropped_total Probe samples and outcomes the rollups' queue could not take (their windows miss them).\n# TYPE linkpulse_probe_rollup_dropped_total counter\nlinkpulse_probe_rollup_dropped_total {}", r(&self.persist_dropped));
+        let _ = writeln!(o, "# HELP linkpulse_probe_frame_dropped_total Probe samples and sent probes the frames' queue (lp-ingest) could not take (those frames miss them).\n# TYPE linkpulse_probe_frame_dropped_total counter\nlinkpulse_probe_frame_dropped_total {}", r(&self.grid_dropped));
     }
 }

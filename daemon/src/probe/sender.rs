@@ -133,6 +133,8 @@ pub struct Sender {
     shared: Arc<Shared>,
     tap: Option<rtrb::Producer<Sample>>,
     persist_tap: Option<rtrb::Producer<super::ProbeEvent>>,
+    /// The frames' feed (`lp-ingest`): samples by T4, sent probes by T1.
+    grid: Option<rtrb::Producer<super::GridEvent>>,
     error_estimate: ErrorEstimate,
     buf: [u8; 2048],
 }
@@ -194,9 +196,16 @@ impl Sender {
             shared,
             tap: None,
             persist_tap,
+            grid: None,
             error_estimate: ErrorEstimate::from_error_ns(false, TimestampFormat::Ntp, 0),
             buf: [0; 2048],
         }
+    }
+
+    /// Feeds each sample and each sent probe to the frames (`lp-ingest`) through `p`.
+    pub fn with_grid(mut self, p: rtrb::Producer<super::GridEvent>) -> Self {
+        self.grid = Some(p);
+        self
     }
 
     /// Runs until `stop`.
@@ -301,12 +310,31 @@ impl Sender {
             };
             let l = &mut self.links[*k as usize];
             let s = if rec.dir == DIR_EGRESS {
+                if let Some(g) = self.grid.as_mut() {
+                    let e = super::GridEvent::Sent {
+                        link: rec.link as u16,
+                        t1_tai_ns: rec.t_ns,
+                    };
+                    if g.push(e).is_err() {
+                        self.shared
+                            .probe
+                            .grid_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 l.session.on_t1(rec.sender_seq, rec.t_ns)
             } else {
                 l.session.on_t4(rec.sender_seq, rec.refl_seq, rec.t_ns)
             };
             if let Some(s) = s {
-                Self::record(&mut self.tap, &mut self.persist_tap, &self.shared, l, s);
+                Self::record(
+                    &mut self.tap,
+                    &mut self.persist_tap,
+                    &mut self.grid,
+                    &self.shared,
+                    l,
+                    s,
+                );
             }
         }
         let now = clock::monotonic_ns();
@@ -324,7 +352,14 @@ impl Sender {
                     Ok(ReplyOutcome::Accepted(s)) => {
                         l.last_reply_mono = Some(now);
                         if let Some(s) = s {
-                            Self::record(&mut self.tap, &mut self.persist_tap, &self.shared, l, s);
+                            Self::record(
+                                &mut self.tap,
+                                &mut self.persist_tap,
+                                &mut self.grid,
+                                &self.shared,
+                                l,
+                                s,
+                            );
                         }
                     }
                     Ok(_) => {}
@@ -341,6 +376,7 @@ impl Sender {
     fn record(
         tap: &mut Option<rtrb::Producer<Sample>>,
         persist: &mut Option<rtrb::Producer<super::ProbeEvent>>,
+        grid: &mut Option<rtrb::Producer<super::GridEvent>>,
         shared: &Shared,
         l: &mut Link,
         s: Sample,
@@ -356,6 +392,16 @@ impl Sender {
         if let Some(t) = persist.as_mut() {
             if t.push(super::ProbeEvent::Sample(s)).is_err() {
                 shared.probe.persist_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(g) = grid.as_mut() {
+            let e = super::GridEvent::Sample {
+                link: s.link,
+                t4_tai_ns: s.t4_tai_ns,
+                rtt_ns: s.rtt_ns,
+            };
+            if g.push(e).is_err() {
+                shared.probe.grid_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
