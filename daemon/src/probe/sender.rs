@@ -1,6 +1,7 @@
 //! The `lp-probe` thread: one STAMP Session-Sender socket per probed link (bound to the modem
-//! with SO_BINDTODEVICE, connected to the reflector), sends on an absolute-deadline schedule
-//! (clock_nanosleep TIMER_ABSTIME on CLOCK_MONOTONIC), drains the kernel's probe stamps
+//! with SO_BINDTODEVICE, connected to the reflector), sends on a deadline schedule (ppoll on
+//! the sockets and the kernel's probe ring, timed out at the next send deadline, so replies
+//! are processed as they arrive), drains the kernel's probe stamps
 //! (T1/T4) and the replies, settles losses, and once a second publishes figures, judges link
 //! health and adapts the rate.
 //!
@@ -240,12 +241,59 @@ impl Sender {
                 }
             }
             if wake > now {
-                sleep_until_mono(wake);
+                self.wait_until_mono(wake);
             }
         }
         for l in &self.links {
             let _ = self.maps.conf.set(l.index as u32, ProbeConf::default(), 0);
             publish_counters(&self.shared.probe.links[l.index], &l.session.counters);
+        }
+    }
+
+    /// Sleeps until `t` (CLOCK_MONOTONIC) or until a reply or a kernel stamp arrives, so a
+    /// sample is complete (and fed to the frames) within µs of its reply, not at the next
+    /// send tick. The descriptors live on the stack: nothing allocated per tick.
+    fn wait_until_mono(&self, t: u64) {
+        let mut fds = [libc::pollfd {
+            fd: -1,
+            events: 0,
+            revents: 0,
+        }; MAX_LINKS + 1];
+        fds[0] = libc::pollfd {
+            fd: self.maps.ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let mut n = 1;
+        for l in &self.links {
+            if let Some(s) = &l.sock {
+                if n < fds.len() {
+                    fds[n] = libc::pollfd {
+                        fd: s.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    n += 1;
+                }
+            }
+        }
+        let now = clock::monotonic_ns();
+        if t <= now {
+            return;
+        }
+        let d = t - now;
+        let ts = libc::timespec {
+            tv_sec: (d / NS) as libc::time_t,
+            tv_nsec: (d % NS) as libc::c_long,
+        };
+        // SAFETY: `n` initialised pollfds, a valid timespec, no signal mask change. An
+        // interruption or an error just ends the wait early (the loop re-checks the time).
+        let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), n as libc::nfds_t, &ts, std::ptr::null()) };
+        if rc < 0 {
+            // Not EINTR: a poll that cannot work (e.g. no ring fd) must not spin.
+            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                sleep_until_mono(t);
+            }
         }
     }
 
