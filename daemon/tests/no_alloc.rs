@@ -13,7 +13,9 @@ use linkpulse::{
     align::{Aligner, SlotSource, TickContext},
     clock::ClockState,
     config::Config,
+    frame::FLAG_RTT_LATE,
     ingest::{tick_once, Fanout, RecordSource},
+    probe::GridEvent,
     shared::{LinkInfo, LinkState, Shared},
     stream::StreamServer,
 };
@@ -165,11 +167,33 @@ fn ingest_tick_allocates_nothing() {
         attached_since: [1; MAX_LINKS],
     };
     aligner.start(t0);
+    // The prober's feed: a sample on link 1 and a sent probe on link 0 per bin, and now and
+    // then a sample for a bin already published (the late path).
+    let (mut probe_tx, probe_rx) = rtrb::RingBuffer::new(1024);
+    aligner.set_probes(0b11, Some(probe_rx));
+    let (mut pushed, mut in_frames, mut late_frames) = (0u64, 0u64, 0u64);
 
     COUNTING.store(true, Ordering::SeqCst);
     let mut frames = 0u64;
     for i in 0..20_000u64 {
         let now = t0 + i * W;
+        let t4 = if i % 100 == 99 {
+            now - 50 * W
+        } else {
+            now - W + 10
+        };
+        let sample = GridEvent::Sample {
+            link: 1,
+            t4_tai_ns: t4,
+            rtt_ns: 20_000_000 + i,
+        };
+        let sent = GridEvent::Sent {
+            link: 0,
+            t1_tai_ns: now - W + 5,
+        };
+        if probe_tx.push(sample).is_ok() && probe_tx.push(sent).is_ok() {
+            pushed += 1;
+        }
         // 16 links × 2 directions of records for the bin that just ended, on alternating CPUs
         for (k, r) in ring.recs.iter_mut().take(32).enumerate() {
             *r = BinRecord {
@@ -192,8 +216,10 @@ fn ingest_tick_allocates_nothing() {
         };
         ctx.now_tai = now;
         tick_once(&mut aligner, &mut ring, &slots, &ctx, &mut fanout);
-        while c1.pop().is_ok() {
+        while let Ok(f) = c1.pop() {
             frames += 1;
+            in_frames += u64::from(f.rtt[1].rtt_count);
+            late_frames += u64::from(f.flags & FLAG_RTT_LATE != 0);
         }
     }
     COUNTING.store(false, Ordering::SeqCst);
@@ -211,6 +237,12 @@ fn ingest_tick_allocates_nothing() {
         frames > 19_000,
         "the loop really published frames: {frames}"
     );
+    // All but the samples of the bins still within the grace period are in frames.
+    assert!(
+        in_frames <= pushed && in_frames + 20 >= pushed,
+        "{in_frames} samples in frames of {pushed} fed"
+    );
+    assert!(late_frames >= 150, "the late path ran: {late_frames}");
     assert_eq!(
         ALLOCS.load(Ordering::SeqCst),
         0,

@@ -523,3 +523,170 @@ fn ten_khz_on_four_links_misses_few_ticks() {
         );
     }
 }
+
+/// The controller's stream carries every probe RTT sample in the bin of its reply's kernel
+/// stamp T4 (count, min, max, sum exactly as the samples say) and the probes sent, with a
+/// client subscribed to every bin; a sample whose bin was already published is in a later
+/// frame, flagged, never lost.
+#[test]
+fn stream_frames_carry_every_probe_sample_in_its_bin() {
+    let _alone = alone();
+    let up = LinkProfile {
+        delay_us: 20_000,
+        jitter_us: 5_000,
+        loss: 0.02,
+        seed: 21,
+        ..LinkProfile::unlimited()
+    };
+    let down = LinkProfile {
+        delay_us: 15_000,
+        jitter_us: 5_000,
+        loss: 0.04,
+        seed: 22,
+        ..LinkProfile::unlimited()
+    };
+    let name = "pbstrm";
+    let sock = std::env::temp_dir().join(format!("lp-{name}-{}.sock", std::process::id()));
+    let (_, srv) = linkpulse_testbed::topology::addr_v4(0);
+    let rate = 200u32;
+    // 1 ms bins: every bin reaches this test's client without its socket overflowing.
+    let text = probe_section(srv, rate, "[sampling]\nbin_width_us = 1000\n");
+    let run = Run::start_config(
+        name,
+        vec![modem("wwan0", ModemKind::Veth, up, down)],
+        &[],
+        TestbedOptions::default(),
+        Some(sock.clone()),
+        None,
+        &text,
+        &mut |_| {},
+    );
+    let shared: Arc<Shared> = Arc::clone(run.daemon().shared());
+    // Every sample from now on (the prober picks the tap up within a second, long before
+    // the reflector answers: no sample exists before that).
+    let mut tap = shared.probe.subscribe(1 << 16);
+    let mut client =
+        linkpulse_client::StreamClient::connect(&sock, linkpulse_client::Subscription::every_bin())
+            .expect("stream client");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    assert_eq!(client.hello().link_count, 1);
+
+    struct Bin {
+        start: u64,
+        width: u64,
+        flags: u32,
+        rec: linkpulse_client::LinkRecord,
+    }
+    let mut bins: Vec<Bin> = Vec::new();
+    let mut last_seq: Option<u64> = None;
+    let t0 = Instant::now();
+    let mut refl = None;
+    let mut stopped = false;
+    // 1.5 s without reflector, 4 s answered, then 2.5 s for the last replies, the loss
+    // timeout and the once-a-second counters.
+    while t0.elapsed() < Duration::from_millis(8_000) {
+        if refl.is_none() && !stopped && t0.elapsed() > Duration::from_millis(1_500) {
+            refl = Some(reflector(&run.bed, 0));
+        }
+        if !stopped && t0.elapsed() > Duration::from_millis(5_500) {
+            if let Some(r) = refl.take() {
+                r.stop().expect("reflector stops");
+            }
+            stopped = true;
+        }
+        let f = client.next_frame().expect("frame");
+        let h = f.header;
+        assert_eq!(
+            h.dropped_before, 0,
+            "the client lost frames: the test cannot count exactly"
+        );
+        if let Some(p) = last_seq {
+            assert_eq!(h.seq, p + 1, "the daemon skipped a bin");
+        }
+        last_seq = Some(h.seq);
+        let rec = f.records().next().expect("link 0's record");
+        bins.push(Bin {
+            start: h.bin_start_tai_ns,
+            width: h.width_ns,
+            flags: h.flags,
+            rec,
+        });
+    }
+    let missed = shared
+        .probe
+        .missed_ticks
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let view = shared.probe.view();
+    let v = view.first().expect("link 0 is probed").clone();
+    let mut samples: Vec<Sample> = Vec::new();
+    while let Ok(s) = tap.pop() {
+        samples.push(s);
+    }
+    drop(client);
+    drop(run);
+    let _ = std::fs::remove_file(&sock);
+
+    assert!(
+        bins.iter().all(|b| b.rec.has_rtt() && b.rec.has_probes()),
+        "a probed link's records carry VALID_RTT and VALID_PROBES"
+    );
+    let in_frames: u64 = bins.iter().map(|b| u64::from(b.rec.rtt_count)).sum();
+    assert!(samples.len() > 500, "only {} samples", samples.len());
+    assert_eq!(
+        samples.len() as u64,
+        v.rtt_samples,
+        "the tap saw every sample"
+    );
+    assert_eq!(
+        in_frames, v.rtt_samples,
+        "every sample is in exactly one frame"
+    );
+    // Bins not flagged late hold exactly the samples whose T4 is in them.
+    samples.sort_by_key(|s| s.t4_tai_ns);
+    let (lo, hi) = (
+        samples.iter().map(|s| s.rtt_ns).min().unwrap_or(0),
+        samples.iter().map(|s| s.rtt_ns).max().unwrap_or(0),
+    );
+    let mut late = 0;
+    let mut exact = 0;
+    for b in &bins {
+        let r = &b.rec;
+        if r.rtt_count > 0 {
+            let (min, max) = (r.rtt_min().unwrap_or(0), r.rtt_max().unwrap_or(0));
+            assert!(
+                lo <= min && min <= max && max <= hi,
+                "{r:?} outside [{lo}, {hi}]"
+            );
+        }
+        if b.flags & linkpulse_client::FLAG_RTT_LATE != 0 {
+            late += 1;
+            continue;
+        }
+        let a = samples.partition_point(|s| s.t4_tai_ns < b.start);
+        let z = samples.partition_point(|s| s.t4_tai_ns < b.start + b.width);
+        let these = &samples[a..z];
+        assert_eq!(r.rtt_count as usize, these.len(), "bin at {}", b.start);
+        if !these.is_empty() {
+            exact += 1;
+            assert_eq!(r.rtt_sum_ns, these.iter().map(|s| s.rtt_ns).sum::<u64>());
+            assert_eq!(r.rtt_min(), these.iter().map(|s| s.rtt_ns).min());
+            assert_eq!(r.rtt_max(), these.iter().map(|s| s.rtt_ns).max());
+        }
+    }
+    // Probes sent: one per period over the frames' span, less the missed ticks.
+    let span_ns: u64 = bins.iter().map(|b| b.width).sum();
+    let sent: u64 = bins.iter().map(|b| u64::from(b.rec.probes_sent)).sum();
+    let want = span_ns as f64 * f64::from(rate) / 1e9;
+    eprintln!(
+        "stream: {} frames, {in_frames} samples, {exact} bins checked exactly, {late} flagged \
+         RTT-late; {sent} probes sent in frames (expected {want:.0}, {missed} ticks missed)",
+        bins.len()
+    );
+    assert!(
+        (sent as f64 - want).abs() <= 3.0 + missed as f64,
+        "{sent} probes sent in {span_ns} ns of frames at {rate} Hz"
+    );
+    assert!(exact > 100, "only {exact} bins with samples were checked");
+}
