@@ -250,9 +250,11 @@ impl Sender {
         }
     }
 
-    /// Sleeps until `t` (CLOCK_MONOTONIC) or until a reply or a kernel stamp arrives, so a
-    /// sample is complete (and fed to the frames) within µs of its reply, not at the next
-    /// send tick. The descriptors live on the stack: nothing allocated per tick.
+    /// Sleeps until `t` (CLOCK_MONOTONIC) or until a reply arrives, so a sample is complete
+    /// (and fed to the frames) as its reply arrives, not at the next send tick. The kernel
+    /// submits probe stamps without wake-up (its T4 is in the ring before the reply reaches
+    /// the socket); the ring is polled only so stamps already waiting end the wait. The
+    /// descriptors live on the stack: nothing allocated per tick.
     fn wait_until_mono(&self, t: u64) {
         let mut fds = [libc::pollfd {
             fd: -1,
