@@ -581,6 +581,8 @@ fn stream_frames_carry_every_probe_sample_in_its_bin() {
     }
     let mut bins: Vec<Bin> = Vec::new();
     let mut last_seq: Option<u64> = None;
+    // Each second's longest T4 → sample ready (a figure, printed).
+    let mut ready_seconds: Vec<u64> = Vec::new();
     let t0 = Instant::now();
     let mut refl = None;
     let mut stopped = false;
@@ -607,6 +609,12 @@ fn stream_frames_carry_every_probe_sample_in_its_bin() {
         }
         last_seq = Some(h.seq);
         let rec = f.records().next().expect("link 0's record");
+        let ready = shared.probe.links[0]
+            .sample_ready_max_ns
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if ready != 0 && ready_seconds.last() != Some(&ready) {
+            ready_seconds.push(ready);
+        }
         bins.push(Bin {
             start: h.bin_start_tai_ns,
             width: h.width_ns,
@@ -696,8 +704,10 @@ fn stream_frames_carry_every_probe_sample_in_its_bin() {
     eprintln!(
         "stream: {} frames, {in_frames} samples, {exact} bins checked exactly, {late} flagged \
          RTT-late, {short} samples not in their T4 bin; {sent} probes sent in frames \
-         (expected {want:.0}, {missed} ticks missed or refused)",
-        bins.len()
+         (expected {want:.0}, {missed} ticks missed or refused); each second's longest T4 to \
+         sample ready (µs): {:?}",
+        bins.len(),
+        ready_seconds.iter().map(|n| n / 1000).collect::<Vec<_>>()
     );
     assert!(
         (sent as f64 - want).abs() <= 3.0 + missed as f64,

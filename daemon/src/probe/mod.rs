@@ -67,6 +67,9 @@ pub struct LinkProbeCounters {
     pub rtt_mean_ns: AtomicU64,
     pub rtt_max_ns: AtomicU64,
     pub rtt_second_samples: AtomicU64,
+    /// Over the last complete second: longest time from a reply's kernel stamp (T4) to its
+    /// sample being handed to the frames and the rollups (0 without samples).
+    pub sample_ready_max_ns: AtomicU64,
     /// Current probe rate, mHz.
     pub rate_mhz: AtomicU64,
     pub state: AtomicU8,
@@ -261,6 +264,17 @@ impl ProbeShared {
                     r(v) as f64 / 1e9
                 );
             }
+        }
+        let _ = writeln!(o, "# HELP linkpulse_link_probe_sample_delay_seconds Longest time from a reply's kernel stamp (T4) to its RTT sample being ready, over the last complete second.\n# TYPE linkpulse_link_probe_sample_delay_seconds gauge");
+        for (_, p, lb) in &probed {
+            if r(&p.rtt_second_samples) == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                o,
+                "linkpulse_link_probe_sample_delay_seconds{{{lb}}} {}",
+                r(&p.sample_ready_max_ns) as f64 / 1e9
+            );
         }
         let _ = writeln!(o, "# HELP linkpulse_link_probes_sent_total STAMP probes sent on the link.\n# TYPE linkpulse_link_probes_sent_total counter");
         for (_, p, lb) in &probed {

@@ -64,6 +64,8 @@ struct Link {
     sec_sum: u64,
     sec_min: u64,
     sec_max: u64,
+    /// This second's longest time from a reply's kernel stamp T4 to its sample being ready.
+    sec_ready_max: u64,
     sec_sent_base: u64,
     prev_lost: u64,
     prev_replies: u64,
@@ -175,6 +177,7 @@ impl Sender {
                     sec_sum: 0,
                     sec_min: u64::MAX,
                     sec_max: 0,
+                    sec_ready_max: 0,
                     sec_sent_base: 0,
                     prev_lost: 0,
                     prev_replies: 0,
@@ -435,6 +438,10 @@ impl Sender {
         l.sec_sum += s.rtt_ns;
         l.sec_min = l.sec_min.min(s.rtt_ns);
         l.sec_max = l.sec_max.max(s.rtt_ns);
+        // T4 is CLOCK_TAI: how long the sample took to reach the frames' feed.
+        l.sec_ready_max = l
+            .sec_ready_max
+            .max(clock::tai_ns().saturating_sub(s.t4_tai_ns));
         // A slow listener loses samples, the prober never waits.
         if let Some(t) = tap.as_mut() {
             let _ = t.push(s);
@@ -534,7 +541,10 @@ impl Sender {
                 lp.rtt_max_ns.store(l.sec_max, Ordering::Relaxed);
                 lp.rtt_mean_ns.store(mean, Ordering::Relaxed);
             }
+            lp.sample_ready_max_ns
+                .store(l.sec_ready_max, Ordering::Relaxed);
             (l.sec_n, l.sec_sum, l.sec_min, l.sec_max) = (0, 0, u64::MAX, 0);
+            l.sec_ready_max = 0;
             let changed = l.judge.step(&t, &view);
             if let Some(h) = changed {
                 let at = clock::realtime_ns() as i64;
