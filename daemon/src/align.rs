@@ -374,8 +374,8 @@ impl Aligner {
         f.valid_mask = 0;
         f.late_mask = 0;
         f.probed_mask = self.probed_mask;
+        f.rtt_late_mask = 0;
         let mut traffic_late = false;
-        let mut rtt_late = false;
         for l in 0..MAX_LINKS {
             let mut lb = crate::frame::LinkBin::default();
             for d in 0..DIRS {
@@ -401,8 +401,7 @@ impl Aligner {
             if !carry.is_empty() {
                 r.merge(&carry);
                 self.rtt_carry[l] = RttBin::default();
-                f.late_mask |= 1 << l;
-                rtt_late = true;
+                f.rtt_late_mask |= 1 << l;
             }
             f.rtt[l] = r;
             let since = ctx.attached_since[l];
@@ -417,7 +416,7 @@ impl Aligner {
         if traffic_late {
             f.flags |= FLAG_LATE;
         }
-        if rtt_late {
+        if f.rtt_late_mask != 0 {
             f.flags |= FLAG_RTT_LATE;
         }
         if !ctx.clock.synced {
@@ -799,7 +798,7 @@ mod tests {
         assert_eq!(out[2].rtt[2].rtt_min_ns, 1_000);
         for f in &out {
             assert_eq!(f.flags & (FLAG_RTT_LATE | FLAG_LATE), 0);
-            assert_eq!(f.late_mask, 0);
+            assert_eq!(f.late_mask | f.rtt_late_mask, 0);
         }
         // Nothing is kept: the window's slots are reused clean.
         let mut more = Vec::new();
@@ -833,7 +832,8 @@ mod tests {
         assert_eq!(f.bin_start_tai_ns, T0 + 2 * W);
         assert_ne!(f.flags & FLAG_RTT_LATE, 0);
         assert_eq!(f.flags & FLAG_LATE, 0, "no traffic was late");
-        assert_eq!(f.late_mask, 1);
+        assert_eq!(f.late_mask, 0, "traffic's late mask is the rollups'");
+        assert_eq!(f.rtt_late_mask, 1);
         assert_eq!(f.rtt[0].rtt_count, 3);
         assert_eq!(f.rtt[0].probes_sent, 1);
         assert_eq!(f.rtt[0].rtt_min_ns, 100);

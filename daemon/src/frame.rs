@@ -84,6 +84,9 @@ pub struct Frame {
     pub links: [LinkBin; MAX_LINKS],
     /// Bit i: link i is probed (its `rtt` entry is measured; zero counts mean none).
     pub probed_mask: u64,
+    /// Bit i: link i's `rtt` entry includes samples or sent probes carried from earlier bins
+    /// (apart from `late_mask`, which is about traffic: the rollups read it).
+    pub rtt_late_mask: u64,
     /// Per link: probe RTT samples and probes sent in this bin (see [`RttBin`]).
     pub rtt: [RttBin; MAX_LINKS],
 }
@@ -103,6 +106,7 @@ impl Default for Frame {
             late_mask: 0,
             links: [LinkBin::default(); MAX_LINKS],
             probed_mask: 0,
+            rtt_late_mask: 0,
             rtt: [RttBin::default(); MAX_LINKS],
         }
     }

@@ -636,7 +636,8 @@ impl Sub {
         }
         self.header.flags |= f.flags;
         self.valid &= f.valid_mask;
-        self.late |= f.late_mask;
+        // A record's VALID_LATE covers traffic and probe figures alike.
+        self.late |= f.late_mask | f.rtt_late_mask;
         self.probed &= f.probed_mask;
         for (i, rec) in self.links.iter_mut().enumerate() {
             if self.mask & (1 << i) == 0 {
