@@ -586,19 +586,7 @@ fn wake_loop_cpu_pct(d: Duration) -> anyhow::Result<f64> {
     let mut next = linkpulse::clock::monotonic_ns();
     while t0.elapsed() < d {
         next += 100_000;
-        let ts = libc::timespec {
-            tv_sec: (next / 1_000_000_000) as libc::time_t,
-            tv_nsec: (next % 1_000_000_000) as libc::c_long,
-        };
-        // SAFETY: valid timespec; an early (EINTR) return only shortens one sleep.
-        unsafe {
-            libc::clock_nanosleep(
-                libc::CLOCK_MONOTONIC,
-                libc::TIMER_ABSTIME,
-                &ts,
-                std::ptr::null_mut(),
-            )
-        };
+        linkpulse::clock::sleep_until_monotonic_ns(next);
     }
     Ok((cpu()? - c0) as f64 / 1e9 / t0.elapsed().as_secs_f64() * 100.0)
 }

@@ -81,6 +81,24 @@ pub fn sleep_ns(ns: u64) {
     unsafe { libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &ts, std::ptr::null_mut()) };
 }
 
+/// Sleeps until CLOCK_MONOTONIC reaches `t` ns (an absolute deadline: no drift from the time
+/// spent between deadlines).
+pub fn sleep_until_monotonic_ns(t: u64) {
+    let ts = libc::timespec {
+        tv_sec: (t / NS_PER_S) as libc::time_t,
+        tv_nsec: (t % NS_PER_S) as libc::c_long,
+    };
+    // SAFETY: valid timespec; an interruption just ends the sleep early, callers re-check.
+    unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
+    };
+}
+
 /// The kernel's view of time synchronisation, from adjtimex(2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct ClockState {

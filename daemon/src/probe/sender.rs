@@ -110,22 +110,6 @@ fn open(interface: &str, reflector: SocketAddr) -> io::Result<UdpSocket> {
     Ok(s)
 }
 
-fn sleep_until_mono(t: u64) {
-    let ts = libc::timespec {
-        tv_sec: (t / NS) as libc::time_t,
-        tv_nsec: (t % NS) as libc::c_long,
-    };
-    // SAFETY: valid timespec; an interruption just ends the sleep early.
-    unsafe {
-        libc::clock_nanosleep(
-            libc::CLOCK_MONOTONIC,
-            libc::TIMER_ABSTIME,
-            &ts,
-            std::ptr::null_mut(),
-        )
-    };
-}
-
 /// The probe thread's state.
 pub struct Sender {
     links: Vec<Link>,
@@ -297,7 +281,7 @@ impl Sender {
         if rc < 0 {
             // Not EINTR: a poll that cannot work (e.g. no ring fd) must not spin.
             if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                sleep_until_mono(t);
+                clock::sleep_until_monotonic_ns(t);
             }
         }
     }
