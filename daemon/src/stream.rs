@@ -510,23 +510,7 @@ impl StreamServer {
             };
             out.extend_from_slice(as_bytes(&d));
         }
-        let sub = Sub {
-            mask,
-            decimation: req.decimation as u64,
-            expect: None,
-            count: 0,
-            header: FrameHeader::default(),
-            valid: 0,
-            late: 0,
-            probed: 0,
-            links: [LinkRecord::default(); MAX_LINKS],
-            rtt: [RttBin::default(); MAX_LINKS],
-            dropped: 0,
-            buf: Vec::with_capacity(
-                std::mem::size_of::<FrameHeader>() + n * std::mem::size_of::<LinkRecord>(),
-            ),
-        };
-        Ok((sub, out))
+        Ok((Sub::new(mask, req.decimation as u64, n), out))
     }
 }
 
@@ -603,6 +587,27 @@ impl StreamSender {
 }
 
 impl Sub {
+    /// An empty subscription to the links of `mask` (`links` of them), every `decimation` bins;
+    /// its send buffer is sized here, once.
+    fn new(mask: u64, decimation: u64, links: usize) -> Sub {
+        Sub {
+            mask,
+            decimation,
+            expect: None,
+            count: 0,
+            header: FrameHeader::default(),
+            valid: 0,
+            late: 0,
+            probed: 0,
+            links: [LinkRecord::default(); MAX_LINKS],
+            rtt: [RttBin::default(); MAX_LINKS],
+            dropped: 0,
+            buf: Vec::with_capacity(
+                std::mem::size_of::<FrameHeader>() + links * std::mem::size_of::<LinkRecord>(),
+            ),
+        }
+    }
+
     /// Adds a frame to the aggregate; true when an aggregate is complete.
     fn push(&mut self, f: &Frame) -> bool {
         let idx = f.bin_start_tai_ns / f.width_ns.max(1);
@@ -726,20 +731,7 @@ mod tests {
     use super::*;
 
     fn sub(mask: u64, decimation: u64) -> Sub {
-        Sub {
-            mask,
-            decimation,
-            expect: None,
-            count: 0,
-            header: FrameHeader::default(),
-            valid: 0,
-            late: 0,
-            probed: 0,
-            links: [LinkRecord::default(); MAX_LINKS],
-            rtt: [RttBin::default(); MAX_LINKS],
-            dropped: 0,
-            buf: Vec::with_capacity(64 + MAX_LINKS * 80),
-        }
+        Sub::new(mask, decimation, mask.count_ones() as usize)
     }
 
     fn frame(seq: u64, samples: &[u64], sent: u32) -> Frame {
