@@ -389,56 +389,11 @@ impl Drop for Influx {
 }
 
 /// What a stored row must look like in InfluxDB, written out field by field (independently of
-/// the encoder under test).
+/// the encoder under test): the harness's definition, shared with the daemon's tests and bench.
 pub fn expected_point(r: &Rollup) -> BTreeMap<String, Value> {
-    use serde_json::json;
-    let mut m = BTreeMap::new();
-    let mut put = |k: &str, v: Value| {
-        m.insert(k.to_owned(), v);
-    };
-    put("time", json!(r.window_start_ns));
-    put("boot", json!(r.boot_tag.to_string()));
-    put("link", json!(r.link_id.to_string()));
-    put("router", json!(ROUTER));
-    put("site", json!(SITE));
-    put("window_ns", json!(r.window_ns));
-    put("complete", json!(r.complete));
-    put("link_state", json!(r.link_state));
-    put("clock_state", json!(r.clock_state));
-    put("clock_error_ns", json!(r.clock_error_ns));
-    put("rx_bytes", json!(r.rx_bytes));
-    put("tx_bytes", json!(r.tx_bytes));
-    put("rx_packets", json!(r.rx_packets));
-    put("tx_packets", json!(r.tx_packets));
-    put("rx_rate_mean_bps", json!(r.rx_rate_mean_bps));
-    put("rx_rate_peak_bps", json!(r.rx_rate_peak_bps));
-    put("rx_rate_p50_bps", json!(r.rx_rate_p50_bps));
-    put("rx_rate_p95_bps", json!(r.rx_rate_p95_bps));
-    put("rx_rate_p99_bps", json!(r.rx_rate_p99_bps));
-    put("tx_rate_mean_bps", json!(r.tx_rate_mean_bps));
-    put("tx_rate_peak_bps", json!(r.tx_rate_peak_bps));
-    put("tx_rate_p50_bps", json!(r.tx_rate_p50_bps));
-    put("tx_rate_p95_bps", json!(r.tx_rate_p95_bps));
-    put("tx_rate_p99_bps", json!(r.tx_rate_p99_bps));
-    for (k, v) in [
-        ("rtt_min_ns", r.rtt_min_ns),
-        ("rtt_mean_ns", r.rtt_mean_ns),
-        ("rtt_max_ns", r.rtt_max_ns),
-        ("rtt_p50_ns", r.rtt_p50_ns),
-        ("rtt_p99_ns", r.rtt_p99_ns),
-    ] {
-        if let Some(v) = v {
-            put(k, json!(v));
-        }
-    }
-    put("probes_sent_fwd", json!(r.probes_sent_fwd));
-    put("probes_lost_fwd", json!(r.probes_lost_fwd));
-    put("probes_sent_bwd", json!(r.probes_sent_bwd));
-    put("probes_lost_bwd", json!(r.probes_lost_bwd));
-    m
+    linkpulse_testbed::influx::expected_point(r, ROUTER, SITE)
 }
 
-/// Asserts that `db` holds exactly one point per row of `rows`, with equal values.
 pub fn assert_exactly(influx: &Influx, db: &str, rows: &[Rollup]) {
     let got = influx.points(db);
     let mut want = BTreeMap::new();
