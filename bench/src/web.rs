@@ -10,7 +10,7 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -450,25 +450,9 @@ fn load(page: &mut Cdp, url: &str) -> anyhow::Result<f64> {
 }
 
 fn first_render(net: &BenchNet, addr: SocketAddr, days: i64) -> anyhow::Result<Vec<Metric>> {
-    use std::os::unix::process::CommandExt as _;
     let profile = std::env::temp_dir().join(format!("lpbench-chromium-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&profile);
-    let child = Command::new("ip")
-        .args(["netns", "exec", &net.router, "chromium"])
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--remote-debugging-port=0",
-            "--window-size=1280,1600",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg("about:blank")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
+    let child = linkpulse_testbed::browser::spawn_headless(&net.router, &profile)
         .context("chromium: install it with `cargo xtask setup` (Debian package chromium)")?;
     let browser = Browser(child);
     let r = (|| -> anyhow::Result<Vec<Metric>> {

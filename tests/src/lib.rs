@@ -31,6 +31,7 @@
 //! bed.down()?;
 //! # Ok(()) }
 //! ```
+pub mod browser;
 pub mod chaos;
 pub mod cli;
 pub mod emulator;

@@ -8,7 +8,7 @@ mod common;
 use std::{
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Child,
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
@@ -29,23 +29,7 @@ struct Browser {
 
 impl Browser {
     fn start(ns: &str, profile: &Path) -> Browser {
-        use std::os::unix::process::CommandExt as _;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "chromium"])
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--remote-debugging-port=0",
-                "--window-size=1280,1600",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg("about:blank")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
+        let child = linkpulse_testbed::browser::spawn_headless(ns, profile)
             .expect("chromium: install it with `cargo xtask setup` (Debian package chromium)");
         Browser { child }
     }
