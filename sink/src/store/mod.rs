@@ -37,9 +37,10 @@ pub struct LocalConfig {
     /// vinyl's page cache for reads (forwarder scans, exports).
     ///
     /// Measured on the dev machine with the defaults (32/16/8): the instance's RSS is 29 MiB idle
-    /// and ~63 MiB after 8 h of 16 links (0.9M rollups); beyond that it grows only by vinyl's
-    /// page indexes and bloom filters of the history on disk, ~0.16 MiB per hour of 16 links
-    /// (schema v2, `sink/tests/ram_flat.rs`).
+    /// and ~67 MiB after 8 h of 16 links (0.9M rollups); beyond that it grows by vinyl's page
+    /// indexes and bloom filters of the history on disk (~0.19 MiB per hour of 16 links) and by
+    /// what compactions leave the allocator: 0.65-0.9 MiB per hour in all (schema v3,
+    /// `sink/tests/ram_flat.rs`).
     pub vinyl_cache_mib: u32,
     /// Bound on a start: recovery of a large xlog after kill -9 takes seconds.
     pub start_timeout: Duration,
