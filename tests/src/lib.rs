@@ -42,6 +42,7 @@ pub mod sys;
 pub mod topology;
 pub mod traffic;
 pub mod truth;
+pub mod tshark;
 
 pub use topology::{ModemKind, ModemSpec, Testbed, TestbedOptions, TestbedSpec};
 

@@ -9,18 +9,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{modem, Run, TempDir};
+use common::{modem, probe_section, reflector, Run, TempDir};
 use linkpulse::{
     probe::{Health, Sample},
     shared::Shared,
-    stamp::{Reflector, ReflectorConfig, ReflectorHandle},
 };
 use linkpulse_sink::store::{LocalConfig, Store};
 use linkpulse_testbed::{
     emulator::LinkProfile,
     netns, rtt,
     truth::{self, Dir, TruthRecord},
-    ModemKind, Testbed, TestbedOptions,
+    ModemKind, TestbedOptions,
 };
 
 /// The tests of this file run one at a time: the precision test compares kernel stamps at the
@@ -35,26 +34,6 @@ fn alone() -> MutexGuard<'static, ()> {
 
 /// IPv4 + UDP + 44-byte STAMP: how the probes and replies look in the truth log.
 const PROBE_L3: u32 = 20 + 8 + 44;
-
-fn reflector(bed: &Testbed, k: usize) -> ReflectorHandle {
-    let (_, srv) = bed.modem_addr_v4(k);
-    let cfg = ReflectorConfig {
-        listen: SocketAddr::new(srv.into(), 862),
-        ..ReflectorConfig::default()
-    };
-    netns::run_in(bed.server_ns(), || Reflector::bind(cfg))
-        .expect("enter server ns")
-        .expect("bind reflector")
-        .spawn()
-        .expect("reflector thread")
-}
-
-fn probe_section(srv: std::net::Ipv4Addr, rate: u32, extra: &str) -> String {
-    format!(
-        "[probe]\nreflector = \"{srv}\"\nmin_rate_hz = {rate}\nmax_rate_hz = {rate}\n\
-         budget_mb_per_day = 100000\n{extra}"
-    )
-}
 
 /// The probe packets (up) or replies (down) of modem 0 in the order the emulator got them.
 fn probes_in_truth(records: &[TruthRecord], dir: Dir) -> Vec<TruthRecord> {

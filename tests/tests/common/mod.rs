@@ -14,7 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use linkpulse::{shared::LinkState, Config, Daemon, Frame};
+use linkpulse::{
+    shared::LinkState,
+    stamp::{Reflector, ReflectorConfig, ReflectorHandle},
+    Config, Daemon, Frame,
+};
 use linkpulse_testbed::{
     emulator::LinkProfile, netns, ModemKind, ModemSpec, Testbed, TestbedOptions, TestbedSpec,
 };
@@ -461,4 +465,26 @@ pub fn http_get(run: &Run, path: &str) -> (u16, String) {
         (status, body)
     })
     .expect("enter router ns")
+}
+
+/// A STAMP reflector on port 862 of modem `k`'s server address, in the server namespace.
+pub fn reflector(bed: &Testbed, k: usize) -> ReflectorHandle {
+    let (_, srv) = bed.modem_addr_v4(k);
+    let cfg = ReflectorConfig {
+        listen: std::net::SocketAddr::new(srv.into(), 862),
+        ..ReflectorConfig::default()
+    };
+    netns::run_in(bed.server_ns(), || Reflector::bind(cfg))
+        .expect("enter server ns")
+        .expect("bind reflector")
+        .spawn()
+        .expect("reflector thread")
+}
+
+/// A `[probe]` section: `rate` Hz to reflector `srv`, a budget that never limits, `extra` lines.
+pub fn probe_section(srv: std::net::Ipv4Addr, rate: u32, extra: &str) -> String {
+    format!(
+        "[probe]\nreflector = \"{srv}\"\nmin_rate_hz = {rate}\nmax_rate_hz = {rate}\n\
+         budget_mb_per_day = 100000\n{extra}"
+    )
 }
