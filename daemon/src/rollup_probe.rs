@@ -226,6 +226,7 @@ mod tests {
 
     fn sample(link: u16, t1_utc_ms: i64, rtt_ms: u64) -> Sample {
         Sample {
+            reflector_error: Default::default(),
             link,
             seq: 0,
             refl_seq: 0,

@@ -6,6 +6,7 @@
 //! rate; `config` the `[probe]` section. What other threads read is in [`ProbeShared`].
 pub mod config;
 pub mod health;
+pub mod oneway;
 pub mod sender;
 pub mod session;
 
@@ -67,6 +68,12 @@ pub struct LinkProbeCounters {
     pub rtt_mean_ns: AtomicU64,
     pub rtt_max_ns: AtomicU64,
     pub rtt_second_samples: AtomicU64,
+    /// One-way delays over the last complete second: samples with both clocks synchronised
+    /// (0: no figure), mean up and down (ns, may be negative) and the largest error bound.
+    pub owd_second_samples: AtomicU64,
+    pub owd_up_mean_ns: AtomicI64,
+    pub owd_down_mean_ns: AtomicI64,
+    pub owd_error_ns: AtomicU64,
     /// Over the last complete second: longest time from a reply's kernel stamp (T4) to its
     /// sample being handed to the frames and the rollups (0 without samples).
     pub sample_ready_max_ns: AtomicU64,
@@ -144,6 +151,12 @@ pub struct ProbeView {
     pub rtt_min_ns: Option<u64>,
     pub rtt_mean_ns: Option<u64>,
     pub rtt_max_ns: Option<u64>,
+    /// One-way delays over the last complete second, only when our clock and the
+    /// reflector's both report synchronisation (else None): means (ns, negative when the
+    /// clocks' offset exceeds the delay) and the error bound (ours + the reflector's).
+    pub owd_up_mean_ns: Option<i64>,
+    pub owd_down_mean_ns: Option<i64>,
+    pub owd_error_bound_ns: Option<u64>,
 }
 
 impl ProbeShared {
@@ -186,6 +199,7 @@ impl ProbeShared {
             .filter(|(_, l)| l.probed.load(Ordering::Relaxed) != 0)
             .map(|(index, l)| {
                 let n = r(&l.rtt_second_samples);
+                let owd = r(&l.owd_second_samples) > 0;
                 let st = l.state.load(Ordering::Relaxed);
                 ProbeView {
                     index,
@@ -207,6 +221,9 @@ impl ProbeShared {
                     rtt_min_ns: (n > 0).then(|| r(&l.rtt_min_ns)),
                     rtt_mean_ns: (n > 0).then(|| r(&l.rtt_mean_ns)),
                     rtt_max_ns: (n > 0).then(|| r(&l.rtt_max_ns)),
+                    owd_up_mean_ns: owd.then(|| l.owd_up_mean_ns.load(Ordering::Relaxed)),
+                    owd_down_mean_ns: owd.then(|| l.owd_down_mean_ns.load(Ordering::Relaxed)),
+                    owd_error_bound_ns: owd.then(|| r(&l.owd_error_ns)),
                 }
             })
             .collect()
@@ -274,6 +291,30 @@ impl ProbeShared {
                 o,
                 "linkpulse_link_probe_sample_delay_seconds{{{lb}}} {}",
                 r(&p.sample_ready_max_ns) as f64 / 1e9
+            );
+        }
+        let _ = writeln!(o, "# HELP linkpulse_link_one_way_delay_seconds Mean one-way delay over the last complete second (T2-T1 up, T4-T3 down); only while our clock and the reflector's both report synchronisation.\n# TYPE linkpulse_link_one_way_delay_seconds gauge");
+        for (_, p, lb) in &probed {
+            if r(&p.owd_second_samples) == 0 {
+                continue;
+            }
+            for (dir, v) in [("up", &p.owd_up_mean_ns), ("down", &p.owd_down_mean_ns)] {
+                let _ = writeln!(
+                    o,
+                    "linkpulse_link_one_way_delay_seconds{{{lb},direction=\"{dir}\"}} {}",
+                    v.load(Ordering::Relaxed) as f64 / 1e9
+                );
+            }
+        }
+        let _ = writeln!(o, "# HELP linkpulse_link_one_way_delay_error_bound_seconds Error bound of the one-way delays: our kernel's maxerror plus the reflector's Error Estimate.\n# TYPE linkpulse_link_one_way_delay_error_bound_seconds gauge");
+        for (_, p, lb) in &probed {
+            if r(&p.owd_second_samples) == 0 {
+                continue;
+            }
+            let _ = writeln!(
+                o,
+                "linkpulse_link_one_way_delay_error_bound_seconds{{{lb}}} {}",
+                r(&p.owd_error_ns) as f64 / 1e9
             );
         }
         let _ = writeln!(o, "# HELP linkpulse_link_probes_sent_total STAMP probes sent on the link.\n# TYPE linkpulse_link_probes_sent_total counter");

@@ -29,7 +29,7 @@ use super::{
     session::{ReplyOutcome, Sample, Session},
 };
 use crate::{
-    clock,
+    clock::{self, ClockState},
     kernel::ProbeMaps,
     shared::Shared,
     stamp::{ErrorEstimate, SenderFields, Timestamp, TimestampFormat},
@@ -66,6 +66,11 @@ struct Link {
     sec_max: u64,
     /// This second's longest time from a reply's kernel stamp T4 to its sample being ready.
     sec_ready_max: u64,
+    /// This second's one-way delays (samples with both clocks synchronised).
+    sec_owd_n: u64,
+    sec_owd_up_sum: i64,
+    sec_owd_down_sum: i64,
+    sec_owd_error_max: u64,
     sec_sent_base: u64,
     prev_lost: u64,
     prev_replies: u64,
@@ -123,6 +128,8 @@ pub struct Sender {
     /// The frames' feed (`lp-ingest`): samples by T4, sent probes by T1.
     grid: Option<rtrb::Producer<super::GridEvent>>,
     error_estimate: ErrorEstimate,
+    /// Our clock as adjtimex said at the last second (one-way delays need it synchronised).
+    local_clock: ClockState,
     buf: [u8; 2048],
 }
 
@@ -159,6 +166,10 @@ impl Sender {
                     last_reply_mono: None,
                     sec_n: 0,
                     sec_sum: 0,
+                    sec_owd_n: 0,
+                    sec_owd_up_sum: 0,
+                    sec_owd_down_sum: 0,
+                    sec_owd_error_max: 0,
                     sec_min: u64::MAX,
                     sec_max: 0,
                     sec_ready_max: 0,
@@ -186,6 +197,7 @@ impl Sender {
             persist_tap,
             grid: None,
             error_estimate: ErrorEstimate::from_error_ns(false, TimestampFormat::Ntp, 0),
+            local_clock: ClockState::default(),
             buf: [0; 2048],
         }
     }
@@ -369,6 +381,7 @@ impl Sender {
                     &mut self.persist_tap,
                     &mut self.grid,
                     &self.shared,
+                    &self.local_clock,
                     l,
                     s,
                 );
@@ -394,6 +407,7 @@ impl Sender {
                                 &mut self.persist_tap,
                                 &mut self.grid,
                                 &self.shared,
+                                &self.local_clock,
                                 l,
                                 s,
                             );
@@ -415,9 +429,16 @@ impl Sender {
         persist: &mut Option<rtrb::Producer<super::ProbeEvent>>,
         grid: &mut Option<rtrb::Producer<super::GridEvent>>,
         shared: &Shared,
+        local_clock: &ClockState,
         l: &mut Link,
         s: Sample,
     ) {
+        if let Some(o) = super::oneway::one_way(&s, local_clock) {
+            l.sec_owd_n += 1;
+            l.sec_owd_up_sum = l.sec_owd_up_sum.saturating_add(o.up_ns);
+            l.sec_owd_down_sum = l.sec_owd_down_sum.saturating_add(o.down_ns);
+            l.sec_owd_error_max = l.sec_owd_error_max.max(o.error_ns);
+        }
         l.sec_n += 1;
         l.sec_sum += s.rtt_ns;
         l.sec_min = l.sec_min.min(s.rtt_ns);
@@ -455,6 +476,7 @@ impl Sender {
             self.persist_tap = Some(t);
         }
         let c = self.shared.clock();
+        self.local_clock = c;
         self.error_estimate = ErrorEstimate::from_error_ns(
             c.synced,
             TimestampFormat::Ntp,
@@ -528,6 +550,18 @@ impl Sender {
             lp.sample_ready_max_ns
                 .store(l.sec_ready_max, Ordering::Relaxed);
             (l.sec_n, l.sec_sum, l.sec_min, l.sec_max) = (0, 0, u64::MAX, 0);
+            lp.owd_second_samples.store(l.sec_owd_n, Ordering::Relaxed);
+            if l.sec_owd_n > 0 {
+                let n = l.sec_owd_n as i64;
+                lp.owd_up_mean_ns
+                    .store(l.sec_owd_up_sum / n, Ordering::Relaxed);
+                lp.owd_down_mean_ns
+                    .store(l.sec_owd_down_sum / n, Ordering::Relaxed);
+                lp.owd_error_ns
+                    .store(l.sec_owd_error_max, Ordering::Relaxed);
+            }
+            (l.sec_owd_n, l.sec_owd_up_sum, l.sec_owd_down_sum) = (0, 0, 0);
+            l.sec_owd_error_max = 0;
             l.sec_ready_max = 0;
             let changed = l.judge.step(&t, &view);
             if let Some(h) = changed {

@@ -11,7 +11,7 @@
 //! is the upstream share of the lost probes between them, the rest were lost downstream.
 //! This is exact when the path does not reorder; a reordered upstream is counted in
 //! `reordered` and may shift a loss between directions (never changes the total).
-use crate::stamp::{ReflectorPacket, Timestamp};
+use crate::stamp::{ErrorEstimate, ReflectorPacket, Timestamp};
 
 const FREE: u8 = 0;
 const SENT: u8 = 1;
@@ -33,6 +33,8 @@ struct Entry {
     /// T3 − T2 at the reflector (ns).
     refl_hold_ns: u64,
     t2_ns: u64,
+    /// The reply's Error Estimate: the reflector's clock (synced?, format, error).
+    refl_error: ErrorEstimate,
 }
 
 /// One RTT measurement: (T4 − T1) − (T3 − T2).
@@ -50,6 +52,9 @@ pub struct Sample {
     /// T2 as the reflector reported it (ns since the UNIX epoch on its clock's scale).
     pub t2_ns: u64,
     pub rtt_ns: u64,
+    /// The reflector's Error Estimate: whether its clock is synchronised, the scale of T2 and
+    /// T3 (Z), its error bound. One-way delays need it (`super::oneway`).
+    pub reflector_error: ErrorEstimate,
 }
 
 /// How a probe ended, for the rollups (each probe counts in the window of its T1).
@@ -312,6 +317,7 @@ impl Session {
         e.refl_seq = refl_seq;
         e.refl_hold_ns = hold;
         e.t2_ns = t2.unwrap_or(0);
+        e.refl_error = p.error_estimate();
         let s = complete(link, e);
         self.counters.replies += 1;
         match self.max_replied {
@@ -425,6 +431,7 @@ fn complete(link: u16, e: &mut Entry) -> Option<Sample> {
         reflector_hold_ns: e.refl_hold_ns,
         t2_ns: e.t2_ns,
         rtt_ns: rtt,
+        reflector_error: e.refl_error,
     })
 }
 
