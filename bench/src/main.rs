@@ -484,6 +484,11 @@ fn footprint(_args: &Args) -> anyhow::Result<Vec<Metric>> {
         std::thread::sleep(Duration::from_millis(200));
         let (cpu_clients, pps, split) = measure()?;
         let (rss, hwm) = rss_kb(pid)?;
+        let breakdown = rss_breakdown(pid, &exe)?
+            .iter()
+            .map(|(k, kb)| format!("{k} {:.1}", *kb as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", ");
         let store_rss = store_pid.and_then(|p| rss_kb(p).ok()).map(|r| r.0);
         stop.store(true, Ordering::Relaxed);
         let (mut frames, mut lost) = (0, 0);
@@ -526,7 +531,8 @@ fn footprint(_args: &Args) -> anyhow::Result<Vec<Metric>> {
             Metric::new("daemon.rss_mb", rss as f64 / 1024.0, "MB")
                 .peer(16.0, "target, DESIGN.md (seed: ARM with 64 MB RAM)")
                 .note(format!(
-                    "same run; peak {:.1} MB (loading the eBPF object and kernel BTF)",
+                    "same run; by mapping, MB: {breakdown}; peak {:.1} MB (loading the eBPF \
+                     object and kernel BTF)",
                     hwm as f64 / 1024.0
                 )),
             Metric::new(
@@ -613,6 +619,40 @@ fn thread_cpu_ns(pid: u32) -> anyhow::Result<Vec<(String, u64)>> {
         out.push((name.trim().to_string(), ns));
     }
     Ok(out)
+}
+
+/// Where the RSS of `pid` is, by kind of mapping (/proc/PID/smaps), in kB, biggest first:
+/// `exe`'s own text and data, the malloc heap (brk), other anonymous memory (thread arenas,
+/// thread stacks, large allocations), mmapped BPF maps (ring buffers, slots), shared libraries.
+fn rss_breakdown(pid: u32, exe: &std::path::Path) -> anyhow::Result<Vec<(&'static str, u64)>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let exe = exe.canonicalize()?;
+    let mut kinds: Vec<(&'static str, u64)> = Vec::new();
+    let mut kind = "anon";
+    for line in s.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: range, perms, offset, dev, inode, [path].
+            let path = f.nth(4).unwrap_or("");
+            kind = match path {
+                "" | "[stack]" => "anon",
+                "[heap]" => "heap",
+                p if p.starts_with("anon_inode:bpf") => "bpf maps",
+                p if std::path::Path::new(p) == exe => "binary",
+                p if p.starts_with('[') => "kernel",
+                _ => "libs",
+            };
+        } else if first == "Rss:" {
+            let kb: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            match kinds.iter_mut().find(|(k, _)| *k == kind) {
+                Some(e) => e.1 += kb,
+                None => kinds.push((kind, kb)),
+            }
+        }
+    }
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+    Ok(kinds)
 }
 
 fn rss_kb(pid: u32) -> anyhow::Result<(u64, u64)> {

@@ -14,7 +14,7 @@ use crossbeam_channel::Sender;
 use crate::{
     align::Aligner,
     config::Config,
-    frame::Frame,
+    frame_queue::{frame_queue, frame_queue_for, FrameConsumer, FrameProducer},
     http,
     ingest::{self, Fanout, Output},
     kernel::{Kernel, KernelError},
@@ -25,8 +25,8 @@ use crate::{
     stream::{StreamError, StreamServer},
 };
 
-/// Frames the live-statistics queue holds (~100 ms at 10 kHz bins; it is read every 5 ms).
-const STATS_QUEUE_FRAMES: usize = 1024;
+/// Bins the live-statistics queue holds (it is read every 5 ms): 100 ms.
+const STATS_QUEUE_NS: u64 = 100_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -53,7 +53,7 @@ pub enum DaemonError {
 /// A consumer queue to register at start (tests, benchmarks, later the stream socket).
 pub struct Subscription {
     pub name: String,
-    pub producer: rtrb::Producer<Frame>,
+    pub producer: FrameProducer,
     /// Wants each bin at its deadline (the daemon then wakes once per bin).
     pub realtime: bool,
 }
@@ -67,8 +67,9 @@ impl Subscription {
 }
 
 /// A queue pair for [`Daemon::start`]: give the producer to the daemon, read the consumer.
-pub fn subscription(name: &str, capacity: usize) -> (Subscription, rtrb::Consumer<Frame>) {
-    let (producer, consumer) = rtrb::RingBuffer::new(capacity);
+/// It holds at least `capacity` frames.
+pub fn subscription(name: &str, capacity: usize) -> (Subscription, FrameConsumer) {
+    let (producer, consumer) = frame_queue(capacity);
     (
         Subscription {
             name: name.to_string(),
@@ -116,7 +117,10 @@ impl Daemon {
         let shared = Arc::new(Shared::new(cfg));
         let stop = Arc::new(AtomicBool::new(false));
 
-        let (stats_tx, stats_rx) = rtrb::RingBuffer::new(STATS_QUEUE_FRAMES);
+        // The consumers' queues are sized in time for the configured links (frame_queue.rs).
+        let probed = cfg.links.iter().filter(|l| l.probe.is_some()).count();
+        let queue = |span_ns| frame_queue_for(span_ns, cfg.bin_width_ns, cfg.links.len(), probed);
+        let (stats_tx, stats_rx) = queue(STATS_QUEUE_NS);
         let mut names = vec!["stats".to_string()];
         let mut outputs = vec![Output::new(stats_tx)];
         for s in subscriptions {
@@ -135,7 +139,7 @@ impl Daemon {
         };
         // The rollups and the local store.
         let persist_rx = cfg.store.as_ref().map(|_| {
-            let (tx, rx) = rtrb::RingBuffer::new(STATS_QUEUE_FRAMES);
+            let (tx, rx) = queue(persist::QUEUE_NS);
             names.push("store".to_string());
             outputs.push(Output::new(tx));
             rx
@@ -146,7 +150,7 @@ impl Daemon {
             Arc::clone(&shared),
         ));
         let live_rx = {
-            let (tx, rx) = rtrb::RingBuffer::new(http::live::QUEUE_FRAMES);
+            let (tx, rx) = queue(http::live::QUEUE_NS);
             let mut o = Output::new(tx);
             o.live = Some(Arc::clone(&hub.feeding));
             names.push("live".to_string());

@@ -13,6 +13,7 @@ use crate::{
     align::{Aligner, SlotSource, TickContext},
     clock::{self, ClockState, StepDetector},
     frame::Frame,
+    frame_queue::{Encoded, FrameProducer},
     kernel::decode_record,
     shared::Shared,
 };
@@ -35,7 +36,7 @@ impl RecordSource for RingBuf<MapData> {
 
 /// One consumer's queue, as the ingest thread sees it.
 pub struct Output {
-    pub producer: rtrb::Producer<Frame>,
+    pub producer: FrameProducer,
     /// Frames are pushed only while this is set (e.g. the stream has clients); None = always.
     pub live: Option<Arc<AtomicBool>>,
     /// While live, wants each bin at its deadline (the ingest thread then wakes per bin).
@@ -43,7 +44,7 @@ pub struct Output {
 }
 
 impl Output {
-    pub fn new(producer: rtrb::Producer<Frame>) -> Self {
+    pub fn new(producer: FrameProducer) -> Self {
         Self {
             producer,
             live: None,
@@ -63,10 +64,12 @@ pub struct Fanout {
     pub dropped: Arc<[AtomicU64]>,
     /// The controller stream's send side: frames are encoded and sent from this thread.
     pub stream: Option<crate::stream::StreamSender>,
+    /// The frame being published in its queue form (encoded once for all queues).
+    encoded: Box<Encoded>,
 }
 
 impl Fanout {
-    pub fn new(producers: Vec<rtrb::Producer<Frame>>) -> Self {
+    pub fn new(producers: Vec<FrameProducer>) -> Self {
         Self::from_outputs(producers.into_iter().map(Output::new).collect())
     }
 
@@ -76,6 +79,7 @@ impl Fanout {
             outputs,
             dropped,
             stream: None,
+            encoded: Box::default(),
         }
     }
 
@@ -87,11 +91,16 @@ impl Fanout {
 
     #[inline]
     pub fn publish(&mut self, f: &Frame) {
+        let mut encoded = false;
         for (o, d) in self.outputs.iter_mut().zip(self.dropped.iter()) {
             if !o.is_live() {
                 continue;
             }
-            if o.producer.push(*f).is_err() {
+            if !encoded {
+                self.encoded.encode(f);
+                encoded = true;
+            }
+            if o.producer.push_encoded(&self.encoded).is_err() {
                 d.fetch_add(1, Ordering::Relaxed);
             }
         }

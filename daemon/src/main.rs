@@ -300,7 +300,33 @@ fn reflect(cfg: ReflectorConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// glibc's malloc, tuned for a daemon of a dozen threads of which only the non-real-time ones
+/// allocate: two arenas instead of one per thread (each a heap of its own, ~0.1–1 MB resident).
+fn tune_malloc() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt with a documented parameter, before the threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Gives freed heap pages back to the kernel: start-up (the eBPF object, the kernel's BTF, the
+/// configuration) frees a few MB that otherwise stay resident in the middle of the heap.
+fn trim_malloc() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// When `run` trims the heap: 10 s after start (the store is up by then), then every minute
+/// (what HTTP requests freed).
+const TRIM_FIRST: Duration = Duration::from_secs(10);
+const TRIM_EVERY: Duration = Duration::from_secs(60);
+
 fn run(path: PathBuf) -> anyhow::Result<()> {
+    tune_malloc();
     let cfg = Config::load(&path)?;
     // Signals are taken synchronously by this thread; block them before any thread starts so
     // every thread inherits the mask.
@@ -315,6 +341,8 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     set.thread_block().context("blocking signals")?;
 
     let daemon = Daemon::start(&cfg, Vec::new()).context("starting the daemon")?;
+    trim_malloc();
+    let mut next_trim = std::time::Instant::now() + TRIM_FIRST;
     tracing::info!(
         router = %cfg.router_id,
         links = cfg.links.len(),
@@ -347,6 +375,10 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
                 break;
             }
             None => {}
+        }
+        if std::time::Instant::now() >= next_trim {
+            trim_malloc();
+            next_trim = std::time::Instant::now() + TRIM_EVERY;
         }
         // The watchdog is fed only while the data path is alive (ticked within 2 s).
         if watchdog.is_some() && daemon.is_healthy(2_000_000_000) {

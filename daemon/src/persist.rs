@@ -19,7 +19,7 @@ use linkpulse_sink::store::{LocalConfig, Rollup, Store};
 use crate::{
     clock,
     config::StoreConfig,
-    frame::{Frame, FLAG_CLOCK_STEP},
+    frame::FLAG_CLOCK_STEP,
     rollup::RollupBuilder,
     rollup_probe::{ProbeWindows, SAMPLES_PER_SLOT},
     shared::Shared,
@@ -30,6 +30,10 @@ const MAX_PENDING: usize = 16 * 2 * 120;
 /// Probe samples and outcomes queued for `lp-persist` (it drains every 20 ms: two per probe,
 /// 16 links at 10 kHz fill ~6 400 of them in that time).
 pub const PROBE_EVENTS: usize = 1 << 14;
+/// Bins the frame queue holds: 200 ms, ten times the 20 ms between reads, so a window's
+/// percentiles (computed between two reads) or a late wake-up lose nothing; still 100 ms if a
+/// reload doubles the links.
+pub const QUEUE_NS: u64 = 200_000_000;
 /// Rows per put (one transaction, one WAL write).
 const BATCH: usize = 500;
 
@@ -48,7 +52,7 @@ pub struct StoreCounters {
 
 pub fn run(
     cfg: StoreConfig,
-    mut rx: rtrb::Consumer<Frame>,
+    mut rx: crate::frame_queue::FrameConsumer,
     mut samples: rtrb::Consumer<crate::probe::ProbeEvent>,
     shared: Arc<Shared>,
     bin_ns: u64,
@@ -64,7 +68,7 @@ pub fn run(
     let (mut tai_to_utc, mut now_utc) = (None, i64::MIN);
     let mut pending: VecDeque<Rollup> = VecDeque::with_capacity(1024);
     // Batches go to the writer thread: a put that waits (Tarantool restarting, a slow disk)
-    // never stops this thread from draining its frame queue, which holds only ~100 ms.
+    // never stops this thread from draining its frame queue, which holds only 200 ms.
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<Vec<Rollup>>(2);
     let writer = {
         let (stop, shared) = (Arc::clone(&stop), Arc::clone(&shared));

@@ -80,7 +80,7 @@ impl SecondAccumulator {
 }
 
 pub fn run(
-    mut rx: rtrb::Consumer<Frame>,
+    mut rx: crate::frame_queue::FrameConsumer,
     shared: Arc<Shared>,
     width_ns: u64,
     stop: Arc<AtomicBool>,

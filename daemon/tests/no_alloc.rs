@@ -90,8 +90,8 @@ fn ingest_tick_allocates_nothing() {
         recs: [BinRecord::default(); 64],
         n: 0,
     };
-    let (p1, mut c1) = rtrb::RingBuffer::new(64);
-    let (p2, _c2) = rtrb::RingBuffer::new(4); // a consumer that never reads: must not matter
+    let (p1, mut c1) = linkpulse::frame_queue(64);
+    let (p2, _c2) = linkpulse::frame_queue(4); // a consumer that never reads: must not matter
     let mut fanout = Fanout::new(vec![p1, p2]);
     // The controller stream with two clients reading every bin, served from this thread.
     let dir = tempfile::tempdir().expect("tempdir");

@@ -33,8 +33,8 @@ use crate::frame::Frame;
 
 /// Points the broadcast ring holds (2.5 s at 10 ms): a browser lagging more loses the oldest.
 const RING_POINTS: usize = 256;
-/// Frames the consumer queue holds (~100 ms at 10 kHz bins; it is read every 5 ms).
-pub const QUEUE_FRAMES: usize = 1024;
+/// Bins the consumer queue holds (it is read every 5 ms): 100 ms.
+pub const QUEUE_NS: u64 = 100_000_000;
 
 /// One point of the live graphs: sums of all bins whose start falls in
 /// `[start_utc_ns, start_utc_ns + width_ns)`.
@@ -158,7 +158,7 @@ impl LiveHub {
 }
 
 /// The `lp-live` thread: frames → points → broadcast ring, until `stop`.
-pub fn run(mut rx: rtrb::Consumer<Frame>, hub: Arc<LiveHub>, stop: Arc<AtomicBool>) {
+pub fn run(mut rx: crate::frame_queue::FrameConsumer, hub: Arc<LiveHub>, stop: Arc<AtomicBool>) {
     let mut acc = PointAccumulator::new(hub.point_ns);
     while !stop.load(Ordering::Relaxed) {
         let mut any = false;
