@@ -705,16 +705,21 @@ fn stream_latency(_args: &Args) -> anyhow::Result<Vec<Metric>> {
                 let _ = linkpulse::clock::set_realtime_priority(CLIENT_RT);
                 let (mut lat, mut lag, mut gaps) =
                     (Vec::with_capacity(60_000), Vec::with_capacity(60_000), 0u64);
+                // Where the time goes: the daemon's side (deadline → its send to this client)
+                // and the delivery (send → this client holding the frame).
+                let mut delivery = Vec::with_capacity(60_000);
                 let t = Instant::now();
                 while t.elapsed() < secs {
                     let Ok(f) = c.next_frame() else { break };
                     let now = linkpulse::clock::tai_ns() as f64;
                     let end = (f.header.bin_start_tai_ns + f.header.width_ns) as f64;
+                    let sent = f.header.sent_tai_ns as f64;
                     lat.push((now - end - grace as f64) / 1e3);
-                    lag.push((f.header.sent_tai_ns as f64 - end) / 1e3);
+                    lag.push((sent - end) / 1e3);
+                    delivery.push((now - sent) / 1e3);
                     gaps += f.header.dropped_before;
                 }
-                (lat, lag, gaps)
+                (lat, lag, delivery, gaps)
             }))
         })
         .collect::<Result<_, _>>()?;
@@ -757,15 +762,38 @@ fn stream_latency(_args: &Args) -> anyhow::Result<Vec<Metric>> {
         gen::flood(&dsts, 200, u64::MAX, secs, 20_000, &flood_stop)
     })??;
     stop.store(true, Ordering::Relaxed);
-    let (mut lat, mut lag, mut gaps) = (Vec::new(), Vec::new(), 0);
+    let (mut lat, mut lag, mut delivery, mut gaps) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    // The clients subscribed in this order, and the daemon sends in its slot order: the same.
+    let (mut by_client, mut side_by_client) = (Vec::new(), Vec::new());
     for c in clients {
-        let (l, w, g) = c
+        let (mut l, w, d, g) = c
             .join()
             .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        let mut side: Vec<f64> = w.iter().map(|x| x - grace as f64 / 1e3).collect();
+        side_by_client.push(percentile(&mut side, 0.99));
+        by_client.push(percentile(&mut l, 0.99));
         lat.extend(l);
         lag.extend(w);
+        delivery.extend(d);
         gaps += g;
     }
+    let mut side: Vec<f64> = lag.iter().map(|x| x - grace as f64 / 1e3).collect();
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let breakdown = format!(
+        "deadline → daemon's send p50 {:.0} / p99 {:.0} µs (p99 by client in send order {}), \
+         send → client holding it p50 {:.0} / p99 {:.0} µs; latency p99 by client {}",
+        percentile(&mut side, 0.5),
+        percentile(&mut side, 0.99),
+        list(&side_by_client),
+        percentile(&mut delivery, 0.5),
+        percentile(&mut delivery, 0.99),
+        list(&by_client),
+    );
     let mut peer = peer
         .join()
         .map_err(|_| anyhow::anyhow!("peer thread panicked"))??;
@@ -785,7 +813,8 @@ fn stream_latency(_args: &Args) -> anyhow::Result<Vec<Metric>> {
                 percentile(&mut peer, 0.99),
                 "loopback UDP datagram, same load (p99)",
             )
-            .target("≤ 100"),
+            .target("≤ 100")
+            .note(breakdown),
         Metric::new("stream.watermark_lag_us", percentile(&mut lag, 0.5), "µs")
             .peer(grace as f64 / 1e3, "configured grace (grace_us)")
             .note(format!(

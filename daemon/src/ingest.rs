@@ -91,6 +91,11 @@ impl Fanout {
 
     #[inline]
     pub fn publish(&mut self, f: &Frame) {
+        // The controller first: its latency is measured from the bin's deadline; the queues'
+        // consumers read in batches every few ms.
+        if let Some(s) = &mut self.stream {
+            s.on_frame(f);
+        }
         let mut encoded = false;
         for (o, d) in self.outputs.iter_mut().zip(self.dropped.iter()) {
             if !o.is_live() {
@@ -103,9 +108,6 @@ impl Fanout {
             if o.producer.push_encoded(&self.encoded).is_err() {
                 d.fetch_add(1, Ordering::Relaxed);
             }
-        }
-        if let Some(s) = &mut self.stream {
-            s.on_frame(f);
         }
     }
 }
