@@ -774,6 +774,11 @@ interface = "wwan1"
             v1.replace("\"/p\"", "\"/p\"\nbatch_points = 9000")
         ));
         assert!(msg.contains("batch_points = 9000"), "{msg}");
+        let (_, msg) = invalid_at(&format!(
+            "{GOOD}{}",
+            v1.replace("\"/p\"", "\"/p\"\nmax_in_flight = 0")
+        ));
+        assert!(msg.contains("max_in_flight = 0: use 1 to 8"), "{msg}");
         // Forwarding needs the store.
         let (_, msg) = invalid_at(&format!("{GOOD}[store]\nenabled = false\n{v1}"));
         assert!(msg.contains("[store] enabled = false"), "{msg}");

@@ -1,15 +1,18 @@
 //! Backfill correctness (real store, real influxd): an unpaced forwarder drains a backlog of many
-//! full batches — the path where the next batch is read, encoded and gzip'ed while the current
-//! request is in flight — while new rows keep arriving and influxd is killed and restarted in
-//! the middle. InfluxDB then holds exactly the store's rows with equal values. The speed of a
+//! full batches — the path where `max_in_flight` requests are on the wire at once and the next
+//! batch is read, encoded and gzip'ed meanwhile — while new rows keep arriving and influxd is
+//! killed and restarted in the middle (so requests behind a failed one are dropped and sent
+//! again). InfluxDB then holds exactly the store's rows with equal values, and the requests
+//! really overlapped, never beyond the bound. The speed of a
 //! 24 h, 16-link backfill against a plain bulk writer is a benchmark figure
 //! (`cargo xtask bench -- --only backfill`), not a test.
 
 mod forward_support;
 
 use forward_support::*;
-use linkpulse_sink::forward::Forwarder;
-use std::sync::atomic::Ordering;
+use linkpulse_sink::forward::{Forwarder, DEFAULT_IN_FLIGHT};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 const LINKS: u32 = 16;
@@ -31,11 +34,32 @@ fn backlog_of_full_batches_lands_exactly_across_an_influxd_restart() {
     let mut cfg = v1_config("central", &influx, "fwd", dir.path());
     assert_eq!(cfg.max_bytes_per_s, None, "unpaced");
     cfg.batch_points = 1000;
+    assert_eq!(cfg.max_in_flight, DEFAULT_IN_FLIGHT);
+    const {
+        assert!(
+            DEFAULT_IN_FLIGHT >= 2,
+            "the test is about overlapping requests"
+        )
+    };
     let h = Forwarder::new(cfg, store.clone())
         .expect("forwarder")
         .spawn()
         .expect("spawn");
     let stats = h.stats().clone();
+    // The most requests seen on the wire at once.
+    let (most, done) = (
+        Arc::new(AtomicU32::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let watcher = {
+        let (stats, most, done) = (stats.clone(), most.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                most.fetch_max(stats.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
     // Some batches through, then an outage of the central side in the middle of the backlog.
     wait_for(120, "the first batches", || {
         stats.batches_sent.load(Ordering::Relaxed) >= 3
@@ -56,6 +80,18 @@ fn backlog_of_full_batches_lands_exactly_across_an_influxd_restart() {
         stats.cursor.load(Ordering::Relaxed) == top
     });
     h.stop();
+    done.store(true, Ordering::Relaxed);
+    watcher.join().expect("watcher");
+    assert_eq!(
+        most.load(Ordering::Relaxed),
+        DEFAULT_IN_FLIGHT,
+        "requests on the wire at once during the backlog"
+    );
+    assert_eq!(
+        stats.in_flight.load(Ordering::Relaxed),
+        0,
+        "none left after stop"
+    );
     assert_eq!(store.get_cursor("central").expect("cursor"), Some(top));
     assert!(
         stats.errors_total() > 0,

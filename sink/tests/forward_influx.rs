@@ -367,6 +367,11 @@ fn bad_settings_are_refused_up_front() {
     let mut c = base();
     c.batch_points = 5001;
     refuse(c, "batch_points");
+    for n in [0, linkpulse_sink::forward::MAX_IN_FLIGHT + 1] {
+        let mut c = base();
+        c.max_in_flight = n;
+        refuse(c, "max_in_flight");
+    }
     let mut c = base();
     c.name = "a/b".into();
     refuse(c, "destination name");

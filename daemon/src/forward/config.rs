@@ -5,7 +5,7 @@ use std::{ops::Range, path::PathBuf, time::Duration};
 use serde::Deserialize;
 use toml::Spanned;
 
-use linkpulse_sink::forward::MAX_BATCH_POINTS;
+use linkpulse_sink::forward::{DEFAULT_IN_FLIGHT, MAX_BATCH_POINTS, MAX_IN_FLIGHT};
 
 /// `[[forward]]` as written.
 #[derive(Deserialize)]
@@ -41,6 +41,9 @@ pub(crate) struct RawForward {
     /// Default 5000 (1..=5000).
     #[serde(default = "default_batch_points")]
     batch_points: Spanned<u32>,
+    /// Requests on the wire at once during a backlog. Default 2 (1..=8).
+    #[serde(default = "default_max_in_flight")]
+    max_in_flight: Spanned<u32>,
     /// Default 30 s (1..=600).
     #[serde(default = "default_timeout_s")]
     timeout_s: Spanned<u64>,
@@ -65,6 +68,9 @@ fn default_kind() -> Spanned<String> {
 }
 fn default_batch_points() -> Spanned<u32> {
     Spanned::new(0..0, MAX_BATCH_POINTS)
+}
+fn default_max_in_flight() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_IN_FLIGHT)
 }
 fn default_timeout_s() -> Spanned<u64> {
     Spanned::new(0..0, 30)
@@ -109,6 +115,7 @@ pub struct ForwardDest {
     pub ca_file: Option<PathBuf>,
     pub insecure_skip_verify: bool,
     pub batch_points: u32,
+    pub max_in_flight: u32,
     pub timeout: Duration,
     /// 0 = unpaced.
     pub pace_share: f64,
@@ -236,6 +243,13 @@ pub(crate) fn validate<E>(
                 format!("forward.batch_points = {batch}: use 1 to {MAX_BATCH_POINTS} (default {MAX_BATCH_POINTS})"),
             ));
         }
+        let in_flight = *f.max_in_flight.get_ref();
+        if !(1..=MAX_IN_FLIGHT).contains(&in_flight) {
+            return Err(err(
+                Some(f.max_in_flight.span()),
+                format!("forward.max_in_flight = {in_flight}: use 1 to {MAX_IN_FLIGHT} (default {DEFAULT_IN_FLIGHT})"),
+            ));
+        }
         let timeout = *f.timeout_s.get_ref();
         if !(1..=600).contains(&timeout) {
             return Err(err(
@@ -276,6 +290,7 @@ pub(crate) fn validate<E>(
             ca_file: f.ca_file.as_ref().map(|c| PathBuf::from(c.get_ref())),
             insecure_skip_verify: f.insecure_skip_verify,
             batch_points: batch,
+            max_in_flight: in_flight,
             timeout: Duration::from_secs(timeout),
             pace_share: share,
             retry_max: Duration::from_secs(retry),

@@ -191,6 +191,7 @@ pub fn forward_config(
     let mut c = ForwardConfig::new(&d.name, &d.url, kind, router, state_dir);
     c.site = site.to_string();
     c.batch_points = d.batch_points;
+    c.max_in_flight = d.max_in_flight;
     c.timeout = d.timeout;
     c.backoff_max = d.retry_max.max(c.backoff_min);
     c.tls = TlsOptions {
@@ -499,7 +500,7 @@ pub fn write_metrics(o: &mut String, s: &Shared) {
     family(
         "linkpulse_forward_in_flight",
         "gauge",
-        "1 while a write request to the destination is on the wire.",
+        "Write requests to the destination on the wire (up to its max_in_flight).",
         &|d| u64::from(d.stats.in_flight.load(Ordering::Relaxed)),
     );
     use linkpulse_sink::forward::ErrorClass as C;

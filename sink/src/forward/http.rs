@@ -41,6 +41,7 @@ impl Transport {
         token: Option<&str>,
         timeout: Duration,
         tls: &TlsOptions,
+        connections: u32,
     ) -> Result<Transport, ForwardError> {
         let base = base_url.trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) {
@@ -119,7 +120,8 @@ impl Transport {
             // No proxy from the environment: the daemon's environment is not the operator's
             // shell, and a stray http_proxy would silently reroute the uplink.
             .proxy(None)
-            .max_idle_connections_per_host(1)
+            // One kept-alive connection per request that may be on the wire at once.
+            .max_idle_connections_per_host(connections as usize)
             .tls_config(tls_config)
             .build()
             .into();

@@ -14,10 +14,17 @@
 //!
 //! Replays are idempotent: a point's identity (measurement, tags, timestamp) comes from the row's
 //! identity, so re-sending a range overwrites the same points with the same values. The backlog
-//! is the store itself (on disk); the forwarder holds one batch, two during a backlog: while a
-//! full batch is on the wire, a helper thread reads, encodes and gzips the next one (used only
-//! if the cursor is then where it read from), so that the store, the encoder and InfluxDB work
-//! at the same time.
+//! is the store itself (on disk); the forwarder holds at most `max_in_flight + 1` batches.
+//!
+//! During a backlog (full batches) up to `max_in_flight` (default 2) requests are on the wire at
+//! once, each on a short-lived thread `fwd-<name>-tx`, and the batch after them is read, encoded
+//! and gzip'ed meanwhile, so that the store, the encoder and InfluxDB work at the same time. The
+//! answers are taken in cursor order: the cursor only ever ends a contiguous prefix of
+//! acknowledged (or parked) batches, so a crash at any moment replays from there. A failure
+//! (5xx, timeout, ...) drops the batches behind it, even those already acknowledged; they are
+//! sent again after the backoff. Concurrent requests may land in any order; this is safe because
+//! the store holds one row per identity and a row is only ever put again with the same values
+//! (a retried put), so no two batches carry different values for one point.
 
 mod gzip;
 mod http;
@@ -29,6 +36,7 @@ pub use parked::ParkedRange;
 
 use crate::store::{Store, StoreError};
 use rand::{Rng, SeedableRng};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -36,6 +44,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// InfluxDB's documented optimum, and the bound the design sets.
 pub const MAX_BATCH_POINTS: u32 = 5000;
+
+/// Requests on the wire at once during a backlog, by default: two keep InfluxDB busy (it parses
+/// one batch while the next is on its way) and the forwarder's own reads, encoding and gzip out
+/// of its way, for one more batch in memory. More were not measured; on a 2-core VM InfluxDB's
+/// CPU is the bound (`cargo xtask bench -- --only backfill`).
+pub const DEFAULT_IN_FLIGHT: u32 = 2;
+
+/// Upper bound of [`ForwardConfig::max_in_flight`]: each request holds a batch in memory.
+pub const MAX_IN_FLIGHT: u32 = 8;
 
 /// User and password of an InfluxDB 1.x destination.
 #[derive(Clone, PartialEq, Eq)]
@@ -91,6 +108,10 @@ pub struct ForwardConfig {
     pub site: String,
     /// Points per request, 1..=5000.
     pub batch_points: u32,
+    /// Requests on the wire at once during a backlog, 1..=[`MAX_IN_FLIGHT`]: the server
+    /// parses one batch while the next arrives. The cursor still moves only over the oldest
+    /// acknowledged batches, in order.
+    pub max_in_flight: u32,
     /// Bound on one request (connect, send, answer).
     pub timeout: Duration,
     pub tls: TlsOptions,
@@ -122,6 +143,7 @@ impl ForwardConfig {
             router: router.into(),
             site: String::new(),
             batch_points: MAX_BATCH_POINTS,
+            max_in_flight: DEFAULT_IN_FLIGHT,
             timeout: Duration::from_secs(30),
             tls: TlsOptions::default(),
             max_bytes_per_s: None,
@@ -162,6 +184,12 @@ impl ForwardConfig {
             return bad(format!(
                 "batch_points = {} is outside 1..={MAX_BATCH_POINTS}",
                 self.batch_points
+            ));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT {
+            return bad(format!(
+                "max_in_flight = {} is outside 1..={MAX_IN_FLIGHT}",
+                self.max_in_flight
             ));
         }
         if self.backoff_min.is_zero() || self.backoff_max < self.backoff_min {
@@ -294,7 +322,7 @@ pub enum ForwardError {
         status: u16,
         body: String,
     },
-    #[error("destination `{name}`: cannot start the forwarder thread: {source}")]
+    #[error("destination `{name}`: cannot start a forwarder thread: {source}")]
     Thread {
         name: String,
         #[source]
@@ -361,8 +389,9 @@ pub struct ForwardStats {
     pub last_window_ns: AtomicU64,
     /// True after a step that succeeded (sent, parked or idle), false after a failed one.
     pub up: std::sync::atomic::AtomicBool,
-    /// True while a write request is on the wire (for chaos tests: a kill then lands mid-write).
-    pub in_flight: std::sync::atomic::AtomicBool,
+    /// Write requests on the wire, up to `max_in_flight` (for chaos tests: a kill then lands
+    /// mid-write).
+    pub in_flight: std::sync::atomic::AtomicU32,
 }
 
 impl ForwardStats {
@@ -537,14 +566,20 @@ impl Kicker {
 pub struct Forwarder {
     cfg: ForwardConfig,
     store: Arc<Store>,
-    transport: http::Transport,
+    /// Shared with the threads that carry the requests on the wire.
+    transport: Arc<http::Transport>,
     encoder: Encoder,
-    // Reused across batches: the batch loop allocates nothing per point.
+    /// The outbox's body. Batch buffers are reused across batches: the batch loop allocates
+    /// nothing per point.
     buf: Buffers,
-    /// During a backlog (after a full batch) the next batch is read, encoded and gzip'ed into
-    /// `spare` by a helper thread while the current one is on the wire; `next` describes it.
-    spare: Buffers,
-    next: Option<Prepared>,
+    /// Batches on the wire, oldest first (at most `cfg.max_in_flight`). The cursor moves over
+    /// them only in this order, so it always ends a contiguous prefix of acknowledged batches.
+    wire: VecDeque<Sending>,
+    /// The batch after the newest one on the wire, read, encoded and gzip'ed while the requests
+    /// are in flight (during a backlog only).
+    ready: Option<(Prepared, Buffers)>,
+    /// Buffers of settled batches, for the next ones (at most `max_in_flight + 1` ever exist).
+    free: Vec<Buffers>,
     parked: parked::ParkedLog,
     stats: Arc<ForwardStats>,
     kicker: Kicker,
@@ -573,13 +608,52 @@ struct Prepared {
     after: u64,
     first_seq: u64,
     last_seq: u64,
-    rows: usize,
+    /// As many rows as asked for: more may follow (a backlog), so the next batch is read ahead.
+    full: bool,
     enc: EncodeStats,
     newest_window: u64,
 }
 
+/// A batch handed to the wire, in cursor order.
+struct Sending {
+    p: Prepared,
+    job: Job,
+}
+
+/// What settles a [`Sending`].
+enum Job {
+    /// A thread `fwd-<name>-tx` POSTs the body and hands the buffers back with the answer.
+    Thread(std::thread::JoinHandle<(Buffers, Result<http::Reply, ureq::Error>)>),
+    /// Settled without a request: nothing to send (every row skipped), or it could not be sent.
+    Done(Buffers, Outcome),
+}
+
+enum Outcome {
+    Reply(Result<http::Reply, ureq::Error>),
+    /// Every row of the batch was skipped: the cursor moves over it without a request.
+    Nothing,
+    GzipFailed,
+    /// No sender thread could be started (resource limits); the batch is sent again.
+    NoThread(std::io::Error),
+    /// The sender thread panicked (a bug); the batch is sent again.
+    Lost,
+}
+
+impl Job {
+    /// Waits for the answer.
+    fn settle(self) -> (Buffers, Outcome) {
+        match self {
+            Job::Thread(h) => match h.join() {
+                Ok((buf, reply)) => (buf, Outcome::Reply(reply)),
+                Err(_) => (Buffers::default(), Outcome::Lost),
+            },
+            Job::Done(buf, outcome) => (buf, outcome),
+        }
+    }
+}
+
 /// Reads up to `limit` rows after `after` and encodes them into `buf`; `None` when there are
-/// none. Runs on the forwarder's thread or, for the next batch, on a helper during a POST.
+/// none.
 fn prepare(
     store: &Store,
     encoder: &Encoder,
@@ -608,7 +682,7 @@ fn prepare(
         after,
         first_seq: first.seq,
         last_seq: last.seq,
-        rows: rows.len(),
+        full: rows.len() >= limit as usize,
         enc,
         newest_window: rows.iter().map(|r| r.window_start_ns).max().unwrap_or(0),
     }))
@@ -634,6 +708,7 @@ impl Forwarder {
             token.as_deref(),
             cfg.timeout,
             &cfg.tls,
+            cfg.max_in_flight,
         )?;
         let parked_path = cfg.parked_path();
         let stats = Arc::new(ForwardStats::default());
@@ -653,8 +728,9 @@ impl Forwarder {
         Ok(Forwarder {
             encoder: Encoder::new(&cfg.router, &cfg.site),
             buf: Buffers::default(),
-            spare: Buffers::default(),
-            next: None,
+            wire: VecDeque::new(),
+            ready: None,
+            free: Vec::new(),
             parked: parked::ParkedLog::new(parked_path),
             stats,
             kicker: Kicker {
@@ -665,7 +741,7 @@ impl Forwarder {
             next_send: Instant::now(),
             pace_override: Arc::new(AtomicU64::new(0)),
             outbox: Arc::new(Outbox::default()),
-            transport,
+            transport: Arc::new(transport),
             store,
             cfg,
         })
@@ -712,7 +788,11 @@ impl Forwarder {
         }
     }
 
-    /// One batch: read after the cursor, send, and on 2xx or 400 move the cursor. No waiting
+    /// One batch: read after the cursor, send, and on 2xx or 400 move the cursor. During a
+    /// backlog (full batches) up to `max_in_flight` requests are on the wire at once and the
+    /// batch after them is prepared meanwhile; a step settles the oldest one, and those behind it
+    /// stay on the wire for the next steps. A failure drops what is behind it: the cursor did not
+    /// move over them and they are sent again (idempotent). No waiting besides the requests
     /// (pacing and backoff belong to [`Forwarder::run`]); errors are returned, not counted.
     pub fn step(&mut self) -> Result<Step, ForwardError> {
         self.send_outbox()?;
@@ -722,123 +802,230 @@ impl Forwarder {
             .map_err(|e| self.store_err(e))?
             .unwrap_or(0);
         self.stats.cursor.store(cursor, Ordering::Relaxed);
-        // The batch prefetched during the last request, if it follows this cursor (a failed
-        // request or a resync moved it elsewhere: read again).
-        let prepared = match self.next.take() {
-            Some(p) if p.after == cursor => {
-                std::mem::swap(&mut self.buf, &mut self.spare);
-                Some(p)
-            }
-            _ => prepare(
-                &self.store,
-                &self.encoder,
-                self.cfg.batch_points,
-                cursor,
-                &mut self.buf,
-            )
-            .map_err(|e| self.store_err(e))?,
-        };
-        let Some(p) = prepared else {
+        // What is on the wire or ready follows the cursor this forwarder set; a cursor moved
+        // from outside (a resync) starts over from there.
+        let head = self
+            .wire
+            .front()
+            .map(|s| s.p.after)
+            .or_else(|| self.ready.as_ref().map(|(p, _)| p.after));
+        if head.is_some_and(|after| after != cursor) {
+            self.abandon();
+        }
+        self.fill(cursor)?;
+        self.prepare_ahead();
+        let Some(head) = self.wire.pop_front() else {
             self.stats.backlog.store(0, Ordering::Relaxed);
             return Ok(Step::Idle);
         };
-        let (first_seq, last_seq) = (p.first_seq, p.last_seq);
-        let full = p.rows >= self.cfg.batch_points as usize;
-        let backlog = if full {
-            self.top_seq()?.max(last_seq) - cursor
+        let p = head.p;
+        // The backlog gauge: rows after the cursor (the newest seq is looked up only in a
+        // backlog; a short batch is all there is). A failed look-up only leaves the gauge low.
+        let top = if p.full {
+            self.top_seq().unwrap_or(p.last_seq).max(p.last_seq)
         } else {
-            last_seq - cursor
+            p.last_seq
         };
-        self.stats.backlog.store(backlog, Ordering::Relaxed);
-        let enc = p.enc;
-        self.stats
-            .values_clamped
-            .fetch_add(enc.clamped, Ordering::Relaxed);
-        self.stats
-            .values_non_finite
-            .fetch_add(enc.non_finite, Ordering::Relaxed);
-        self.stats
-            .points_skipped
-            .fetch_add(enc.skipped_points, Ordering::Relaxed);
-        let points = enc.points;
-        let newest_window = p.newest_window;
+        self.stats.backlog.store(top - cursor, Ordering::Relaxed);
+        let (buf, outcome) = head.job.settle();
+        let settled = self.settle(p, &buf, outcome, top - p.last_seq);
+        self.free.push(buf);
+        if settled.is_err() {
+            self.abandon();
+        }
+        settled
+    }
 
-        if points > 0 {
-            if self.buf.body.is_empty() {
+    /// Puts batches on the wire, starting after `cursor`, up to `max_in_flight`: more than one
+    /// only behind full batches (a backlog) and as pacing allows.
+    fn fill(&mut self, cursor: u64) -> Result<(), ForwardError> {
+        let limit = self.cfg.max_in_flight as usize;
+        while self.wire.len() < limit {
+            let after = match self.wire.back() {
+                None => cursor,
+                Some(s) if !s.p.full || Instant::now() < self.next_send => break,
+                Some(s) => s.p.last_seq,
+            };
+            let (p, buf) = match self.ready.take() {
+                Some((p, buf)) if p.after == after => (p, buf),
+                stale => {
+                    if let Some((_, b)) = stale {
+                        self.free.push(b);
+                    }
+                    let mut buf = self.free.pop().unwrap_or_default();
+                    let read = prepare(
+                        &self.store,
+                        &self.encoder,
+                        self.cfg.batch_points,
+                        after,
+                        &mut buf,
+                    );
+                    match read {
+                        Ok(Some(p)) => (p, buf),
+                        Ok(None) => {
+                            self.free.push(buf);
+                            break;
+                        }
+                        Err(e) => {
+                            self.free.push(buf);
+                            if self.wire.is_empty() {
+                                return Err(self.store_err(e));
+                            }
+                            // What is on the wire settles first; the next step reads again.
+                            tracing::debug!(destination = %self.cfg.name, error = %e,
+                                "cannot read the next batch yet");
+                            break;
+                        }
+                    }
+                }
+            };
+            self.launch(p, buf);
+        }
+        Ok(())
+    }
+
+    /// Hands a prepared batch to a sender thread (or settles it at once when there is nothing
+    /// to send).
+    fn launch(&mut self, p: Prepared, buf: Buffers) {
+        let job = if p.enc.points == 0 {
+            Job::Done(buf, Outcome::Nothing)
+        } else if buf.body.is_empty() {
+            Job::Done(buf, Outcome::GzipFailed)
+        } else {
+            self.next_send = Instant::now() + self.pace(buf.body.len());
+            let (transport, stats) = (Arc::clone(&self.transport), Arc::clone(&self.stats));
+            // Counted before the thread starts so that the gauge never misses a request.
+            stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            let spawned = std::thread::Builder::new()
+                .name(format!("fwd-{}-tx", self.cfg.name))
+                .spawn(move || {
+                    let reply = transport.post_gzip(&buf.body);
+                    stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    (buf, reply)
+                });
+            match spawned {
+                Ok(h) => Job::Thread(h),
+                Err(e) => {
+                    // The batch is read again after the backoff.
+                    self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    Job::Done(Buffers::default(), Outcome::NoThread(e))
+                }
+            }
+        };
+        self.wire.push_back(Sending { p, job });
+    }
+
+    /// During a backlog, reads, encodes and gzips the batch after the newest one on the wire
+    /// while the requests are in flight. A failure is left to the next step, which reads again.
+    fn prepare_ahead(&mut self) {
+        let after = match self.wire.back() {
+            Some(s) if s.p.full && self.ready.is_none() => s.p.last_seq,
+            _ => return,
+        };
+        let mut buf = self.free.pop().unwrap_or_default();
+        match prepare(
+            &self.store,
+            &self.encoder,
+            self.cfg.batch_points,
+            after,
+            &mut buf,
+        ) {
+            Ok(Some(p)) => self.ready = Some((p, buf)),
+            Ok(None) => self.free.push(buf),
+            Err(e) => {
+                tracing::debug!(destination = %self.cfg.name, error = %e,
+                    "cannot read ahead; reading at the next step");
+                self.free.push(buf);
+            }
+        }
+    }
+
+    /// Waits for every request on the wire and forgets them and the batch read ahead: the
+    /// cursor did not move over them, so they are sent again from the cursor (idempotent).
+    fn abandon(&mut self) {
+        while let Some(s) = self.wire.pop_front() {
+            let (buf, _) = s.job.settle();
+            self.free.push(buf);
+        }
+        if let Some((_, buf)) = self.ready.take() {
+            self.free.push(buf);
+        }
+    }
+
+    /// The answer to the oldest batch on the wire: 2xx (or nothing to send) moves the cursor
+    /// over it, 400 parks it, anything else is an error (the cursor stays).
+    fn settle(
+        &mut self,
+        p: Prepared,
+        buf: &Buffers,
+        outcome: Outcome,
+        backlog_after: u64,
+    ) -> Result<Step, ForwardError> {
+        let points = p.enc.points;
+        match outcome {
+            Outcome::Nothing => {}
+            Outcome::GzipFailed => {
                 return Err(ForwardError::Config {
                     name: self.cfg.name.clone(),
                     reason: "gzip of the batch failed".into(),
-                });
+                })
             }
-            self.next_send = Instant::now() + self.pace(self.buf.body.len());
-            self.stats.in_flight.store(true, Ordering::Relaxed);
-            let posted = if full {
-                self.post_and_prefetch(last_seq)
-            } else {
-                self.transport.post_gzip(&self.buf.body)
-            };
-            self.stats.in_flight.store(false, Ordering::Relaxed);
-            let reply = match posted {
-                Ok(r) => r,
-                Err(e) => return Err(self.transport_err(e)),
-            };
-            match reply.status {
+            Outcome::Lost => {
+                return Err(ForwardError::Config {
+                    name: self.cfg.name.clone(),
+                    reason: "the thread sending a batch failed (a bug); sending it again".into(),
+                })
+            }
+            Outcome::NoThread(source) => {
+                return Err(ForwardError::Thread {
+                    name: self.cfg.name.clone(),
+                    source,
+                })
+            }
+            Outcome::Reply(Err(e)) => return Err(self.transport_err(e)),
+            Outcome::Reply(Ok(reply)) => match reply.status {
                 200..=299 => {}
                 400 => {
-                    let after = backlog - (last_seq - cursor);
-                    return self.park(first_seq, last_seq, points, after, reply);
+                    self.count_encoding(&p.enc);
+                    return self.park(p.first_seq, p.last_seq, points, backlog_after, reply);
                 }
                 _ => return Err(self.status_err(reply)),
-            }
+            },
         }
         // A batch of rows that all had to be skipped moves the cursor as well: nothing of it
         // can ever be written.
         self.store
-            .set_cursor(&self.cfg.name, last_seq)
+            .set_cursor(&self.cfg.name, p.last_seq)
             .map_err(|e| self.store_err(e))?;
+        self.count_encoding(&p.enc);
         let s = &self.stats;
-        s.cursor.store(last_seq, Ordering::Relaxed);
-        s.backlog
-            .store(backlog - (last_seq - cursor), Ordering::Relaxed);
+        s.cursor.store(p.last_seq, Ordering::Relaxed);
+        s.backlog.store(backlog_after, Ordering::Relaxed);
         s.points_sent.fetch_add(points, Ordering::Relaxed);
         s.batches_sent.fetch_add(1, Ordering::Relaxed);
         s.bytes_raw
-            .fetch_add(self.buf.lines.len() as u64, Ordering::Relaxed);
+            .fetch_add(buf.lines.len() as u64, Ordering::Relaxed);
         s.bytes_gzip
-            .fetch_add(self.buf.body.len() as u64, Ordering::Relaxed);
-        s.last_window_ns.fetch_max(newest_window, Ordering::Relaxed);
-        tracing::debug!(destination = %self.cfg.name, points, first_seq, last_seq,
-            gzip_bytes = self.buf.body.len(), "batch acknowledged");
+            .fetch_add(buf.body.len() as u64, Ordering::Relaxed);
+        s.last_window_ns
+            .fetch_max(p.newest_window, Ordering::Relaxed);
+        tracing::debug!(destination = %self.cfg.name, points, first_seq = p.first_seq,
+            last_seq = p.last_seq, gzip_bytes = buf.body.len(), "batch acknowledged");
         Ok(Step::Sent {
             points,
-            first_seq,
-            last_seq,
+            first_seq: p.first_seq,
+            last_seq: p.last_seq,
         })
     }
 
-    /// POSTs the current batch while a helper thread prepares the one after `last_seq` in the
-    /// spare buffers: reading the store, encoding and gzip overlap the request (the backfill's
-    /// time was their sum). A failed prefetch is dropped; the next step reads again.
-    fn post_and_prefetch(&mut self, last_seq: u64) -> Result<http::Reply, ureq::Error> {
-        let (store, encoder, limit) = (&*self.store, &self.encoder, self.cfg.batch_points);
-        let spare = &mut self.spare;
-        let (transport, body) = (&self.transport, &self.buf.body);
-        let (posted, next) = std::thread::scope(|s| {
-            let helper = std::thread::Builder::new()
-                .name(format!("fwd-{}-next", self.cfg.name))
-                .spawn_scoped(s, move || prepare(store, encoder, limit, last_seq, spare));
-            let posted = transport.post_gzip(body);
-            let next = match helper {
-                Ok(h) => h.join().ok().and_then(Result::ok).flatten(),
-                Err(e) => {
-                    tracing::debug!(error = %e, "no prefetch thread; reading after the request");
-                    None
-                }
-            };
-            (posted, next)
-        });
-        self.next = next;
-        posted
+    /// Values the encoder changed or left out, counted once per batch the cursor moves over.
+    fn count_encoding(&self, enc: &EncodeStats) {
+        let s = &self.stats;
+        s.values_clamped.fetch_add(enc.clamped, Ordering::Relaxed);
+        s.values_non_finite
+            .fetch_add(enc.non_finite, Ordering::Relaxed);
+        s.points_skipped
+            .fetch_add(enc.skipped_points, Ordering::Relaxed);
     }
 
     /// Sends the outbox's points, if any, before the rollups.
@@ -1030,7 +1217,12 @@ impl Forwarder {
     fn reload_token(&mut self) {
         if let Kind::V2 { token_file, .. } = &self.cfg.kind {
             match read_token(&self.cfg.name, token_file) {
-                Ok(t) => self.transport.set_token(&t),
+                // After a failure nothing is on the wire: no sender thread shares the transport.
+                Ok(t) => match Arc::get_mut(&mut self.transport) {
+                    Some(tr) => tr.set_token(&t),
+                    None => tracing::warn!(destination = %self.cfg.name,
+                        "the token file changed while requests were on the wire; using it next time"),
+                },
                 Err(e) => tracing::warn!(destination = %self.cfg.name, error = %e,
                     "cannot re-read the token file"),
             }
@@ -1103,6 +1295,13 @@ impl Forwarder {
             stats,
             thread: Some(thread),
         })
+    }
+}
+
+impl Drop for Forwarder {
+    /// No request outlives its forwarder.
+    fn drop(&mut self) {
+        self.abandon();
     }
 }
 
