@@ -1,21 +1,28 @@
 //! backfill.*: 24 h of 16 links of 500 ms rollups (2,764,800 rows) put into the real local store
 //! (supervised Tarantool 2.6), then drained by the real forwarder, unpaced, into a real
-//! InfluxDB 1.6.7 (both in a namespace of their own, over its loopback). Peer, same run: a
-//! plain bulk writer posting the same line protocol (encoded and gzip'ed before its clock
-//! starts, 5,000 points a request, one at a time) to another database of the same influxd,
+//! InfluxDB 1.6.7 (both in a namespace of their own, over its loopback), with the forwarder's
+//! default of requests in flight ([`DEFAULT_IN_FLIGHT`]). Peer, same run: a plain bulk writer
+//! posting the same line protocol (encoded and gzip'ed before its clock starts, 5,000 points a
+//! request, as many requests at once as the forwarder) to another database of the same influxd,
 //! i.e. InfluxDB's own ingest ceiling here. Both must land every point. The forwarder's parts
-//! are timed apart as well (a read-only scan of the store; encoding and gzip of what it read)
-//! so that the figure says where the time goes.
+//! are timed apart as well (a read-only scan of the store; encoding and gzip of what it read),
+//! and the CPU time of influxd, of Tarantool and of this process during each phase, so that the
+//! figure says where the time goes.
 use std::{
     io::Write as _,
     path::Path,
-    sync::{atomic::Ordering, Arc},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use flate2::write::GzEncoder;
 use linkpulse_sink::{
-    forward::{EncodeStats, Encoder, ForwardConfig, Forwarder, Kind, MAX_BATCH_POINTS},
+    forward::{
+        EncodeStats, Encoder, ForwardConfig, Forwarder, Kind, DEFAULT_IN_FLIGHT, MAX_BATCH_POINTS,
+    },
     store::{LocalConfig, Rollup, Store},
 };
 use linkpulse_testbed::{influx::Influx, netns};
@@ -75,6 +82,50 @@ fn rollup(link: u32, w: u64) -> Rollup {
 fn rows(i: u64, n: u64, out: &mut Vec<Rollup>) {
     out.clear();
     out.extend((i..i + n).map(|k| rollup((k % u64::from(LINKS)) as u32, k / u64::from(LINKS))));
+}
+
+/// CPU seconds (user + system) so far of each named process, `None` when it is unknown.
+fn cpu_times(procs: &[(&'static str, Option<u32>)]) -> Vec<(&'static str, Option<f64>)> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    procs
+        .iter()
+        .map(|&(name, pid)| {
+            let secs = pid.and_then(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                // Fields after the command (which may hold spaces) in parentheses.
+                let rest = stat.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+                Some(ticks / hz)
+            });
+            (name, secs)
+        })
+        .collect()
+}
+
+/// "influxd 1.2 cores, ..." over `secs` of wall time, and the machine's load average.
+fn cpu_delta(
+    before: &[(&'static str, Option<f64>)],
+    after: &[(&'static str, Option<f64>)],
+    secs: f64,
+) -> String {
+    let mut parts: Vec<String> = before
+        .iter()
+        .zip(after)
+        .filter_map(|((name, a), (_, b))| {
+            Some(format!(
+                "{name} {:.2} cores",
+                (b.as_ref()? - a.as_ref()?) / secs
+            ))
+        })
+        .collect();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    parts.push(format!(
+        "load {}",
+        load.split_whitespace().next().unwrap_or("?")
+    ));
+    parts.join(", ")
 }
 
 fn gzip1(lines: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -152,6 +203,12 @@ fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
     cfg.site = SITE.into();
     cfg.max_bytes_per_s = None;
     let fwd = Forwarder::new(cfg, Arc::clone(&store))?;
+    let procs = [
+        ("influxd", influx.pid()),
+        ("tarantool", store.supervised_pid()),
+        ("bench", Some(std::process::id())),
+    ];
+    let cpu0 = cpu_times(&procs);
     let t = Instant::now();
     let handle = netns::run_in(&net.router, move || {
         fwd.spawn().map_err(anyhow::Error::from)
@@ -166,6 +223,7 @@ fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let fwd_s = t.elapsed().as_secs_f64();
+    let fwd_cpu = cpu_delta(&cpu0, &cpu_times(&procs), fwd_s);
     handle.stop();
     let sent = stats.points_sent.load(Ordering::Relaxed);
     let errors = stats.errors_total();
@@ -185,6 +243,11 @@ fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
         bodies.push(gzip1(&lines)?);
     }
     let url = format!("{}/write?db=peer&precision=ns", influx.url());
+    let procs = [
+        ("influxd", influx.pid()),
+        ("bench", Some(std::process::id())),
+    ];
+    let cpu0 = cpu_times(&procs);
     let t = Instant::now();
     netns::run_in(&net.router, || -> anyhow::Result<()> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -193,18 +256,37 @@ fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
             .timeout_global(Some(Duration::from_secs(60)))
             .build()
             .into();
-        for b in &bodies {
-            let mut r = agent
-                .post(&url)
-                .header("Content-Encoding", "gzip")
-                .send(b.as_slice())?;
-            let status = r.status().as_u16();
-            let text = r.body_mut().read_to_string().unwrap_or_default();
-            anyhow::ensure!(status == 204, "peer write: HTTP {status}: {text}");
-        }
+        // As many writers as the forwarder has requests in flight, taking bodies in order.
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            let writers: Vec<_> = (0..DEFAULT_IN_FLIGHT)
+                .map(|_| {
+                    s.spawn(|| -> anyhow::Result<()> {
+                        while let Some(b) = bodies.get(next.fetch_add(1, Ordering::Relaxed)) {
+                            let mut r = agent
+                                .post(&url)
+                                .header("Content-Encoding", "gzip")
+                                .send(b.as_slice())?;
+                            let status = r.status().as_u16();
+                            let text = r.body_mut().read_to_string().unwrap_or_default();
+                            anyhow::ensure!(status == 204, "peer write: HTTP {status}: {text}");
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            writers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("writer panicked")))
+                })
+                .collect::<anyhow::Result<Vec<()>>>()
+        })?;
         Ok(())
     })??;
     let peer_s = t.elapsed().as_secs_f64();
+    let peer_cpu = cpu_delta(&cpu0, &cpu_times(&procs), peer_s);
 
     let got_fwd = influx.count("fwd")?;
     let got_peer = influx.count("peer")?;
@@ -218,10 +300,10 @@ fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
         Metric::new("backfill.points_per_s", per_s(fwd_s), "pts/s")
             .peer(
                 per_s(peer_s),
-                "plain bulk writer, same influxd, same points (pre-encoded, gzip 1, 5k/request)",
+                format!("plain bulk writer, same influxd, same points (pre-encoded, gzip 1, 5k/request, {DEFAULT_IN_FLIGHT} at once)"),
             )
             .note(format!(
-                "{batches} requests; parts alone: store scan {} ({read_s:.1} s), encode {} ({encode_s:.1} s), gzip {} ({gzip_s:.1} s); {:.0} B/point raw, {:.0} B/point gzip",
+                "{batches} requests, {DEFAULT_IN_FLIGHT} in flight; CPU during the run: {fwd_cpu} (peer's run: {peer_cpu}); parts alone: store scan {} ({read_s:.1} s), encode {} ({encode_s:.1} s), gzip {} ({gzip_s:.1} s); {:.0} B/point raw, {:.0} B/point gzip",
                 rate(read_s),
                 rate(encode_s),
                 rate(gzip_s),
