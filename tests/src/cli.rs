@@ -98,6 +98,11 @@ pub enum TestbedCmd {
         /// whole second).
         #[arg(long, default_value_t = DEFAULT_GUARD_US)]
         guard_us: u32,
+        /// Also run a real InfluxDB 1.x (the tests' harness) in the router namespace, on
+        /// 127.0.0.1:8086 only, with its files in this directory and a database `linkpulse`: a
+        /// central side for the daemon's [[forward]]. Stopped with the testbed.
+        #[arg(long, value_name = "DIR")]
+        influx: Option<PathBuf>,
         /// How long to wait for the background process to be ready.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
@@ -134,6 +139,8 @@ pub enum TestbedCmd {
         forward: Vec<Forward>,
         #[arg(long)]
         guard_us: u32,
+        #[arg(long)]
+        influx: Option<PathBuf>,
     },
 }
 
@@ -169,6 +176,7 @@ pub fn run_with(cmd: TestbedCmd, launcher: &Launcher) -> Result<()> {
             traffic,
             forward,
             guard_us,
+            influx,
             timeout_secs,
         } => {
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&name));
@@ -181,6 +189,7 @@ pub fn run_with(cmd: TestbedCmd, launcher: &Launcher) -> Result<()> {
                     traffic,
                     forward,
                     guard_us,
+                    influx,
                 },
                 Duration::from_secs(timeout_secs),
             )
@@ -204,6 +213,7 @@ pub fn run_with(cmd: TestbedCmd, launcher: &Launcher) -> Result<()> {
             traffic,
             forward,
             guard_us,
+            influx,
         } => run_foreground(&RunArgs {
             name,
             modems,
@@ -211,6 +221,7 @@ pub fn run_with(cmd: TestbedCmd, launcher: &Launcher) -> Result<()> {
             traffic,
             forward,
             guard_us,
+            influx,
         }),
     }
 }
@@ -227,7 +238,13 @@ struct RunArgs {
     traffic: TrafficMode,
     forward: Vec<Forward>,
     guard_us: u32,
+    /// Data directory of the router namespace's InfluxDB, if one is wanted.
+    influx: Option<PathBuf>,
 }
+
+/// Where `--influx` listens, inside the router namespace, and its database.
+pub const INFLUX_ADDR: &str = "127.0.0.1:8086";
+pub const INFLUX_DB: &str = "linkpulse";
 
 /// The demo set: modem k gets profile k % 4 (seeds and outage phases differ per k).
 pub fn demo_spec(name: &str, modems: usize, state_dir: &Path) -> TestbedSpec {
@@ -404,6 +421,13 @@ fn up(launcher: &Launcher, a: &RunArgs, timeout: Duration) -> Result<()> {
     for f in &a.forward {
         cmd.arg("--forward").arg(f.to_string());
     }
+    if let Some(dir) = &a.influx {
+        // The background process runs elsewhere (setsid) but not in another directory; an
+        // absolute path keeps its meaning in the log and in `status`.
+        let dir =
+            std::path::absolute(dir).with_context(|| format!("--influx {}", dir.display()))?;
+        cmd.arg("--influx").arg(dir);
+    }
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone().context("duplicating the log fd")?)
         .stderr(log);
@@ -460,6 +484,13 @@ fn up(launcher: &Launcher, a: &RunArgs, timeout: Duration) -> Result<()> {
         println!(
             "forward: {} (this namespace) -> {} in {}-rtr",
             f.listen, f.target, a.name
+        );
+    }
+    if let Some(dir) = &a.influx {
+        println!(
+            "influx:  http://{INFLUX_ADDR} in {}-rtr, database {INFLUX_DB}, files in {}",
+            a.name,
+            dir.display()
         );
     }
     println!(
@@ -696,6 +727,19 @@ fn run_until_signal(a: &RunArgs, stop_pipe: &std::os::fd::OwnedFd) -> Result<()>
             .forwarders
             .push(Forwarder::start(f, tb.router_ns())?);
     }
+    let influx = match &a.influx {
+        Some(dir) => {
+            let addr: SocketAddr = INFLUX_ADDR.parse().context("INFLUX_ADDR")?;
+            let IpAddr::V4(ip) = addr.ip() else {
+                bail!("INFLUX_ADDR must be IPv4");
+            };
+            let i = crate::influx::Influx::start(tb.router_ns(), ip, dir.clone(), INFLUX_DB)
+                .context("starting the router namespace's InfluxDB (--influx)")?;
+            tracing::info!(url = %i.url(), db = INFLUX_DB, dir = %dir.display(), "InfluxDB up");
+            Some(i)
+        }
+        None => None,
+    };
     let ready = a.state_dir.join(READY_FILE);
     let tmp = a.state_dir.join(".ready.tmp");
     fs::write(&tmp, format!("{}\n", std::process::id()))
@@ -718,6 +762,9 @@ fn run_until_signal(a: &RunArgs, stop_pipe: &std::os::fd::OwnedFd) -> Result<()>
         }
     }
     tracing::info!("stopping");
+    if let Some(i) = influx {
+        i.stop();
+    }
     for f in running.forwarders.drain(..) {
         f.stop();
     }

@@ -181,6 +181,27 @@ impl Influx {
         std::fs::read_to_string(self.dir.join("influxd.log")).unwrap_or_default()
     }
 
+    /// SIGTERM, and kill -9 if influxd has not exited within 10 s (a clean stop, for the demo).
+    pub fn stop(mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if !matches!(c.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// kill -9 (an outage of the central side).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -1,7 +1,10 @@
-//! `cargo xtask demo`: the daemon on the emulated router, with a live per-link table.
+//! `cargo xtask demo`: the daemon on the emulated router, with a live per-link table, and a local
+//! InfluxDB as the central side of its store-and-forward.
 //!
-//! testbed up -> config -> daemon in the router namespace -> wait for the API -> table every second
-//! -> teardown. Teardown runs on success, error, Ctrl-C and SIGTERM alike.
+//! testbed up (with its InfluxDB in the router namespace, 127.0.0.1:8086, files in
+//! target/demo/influx) -> config (a [[forward]] to it) -> daemon in the router namespace -> wait
+//! for the API -> table every second -> the points InfluxDB holds -> teardown (daemon, then the
+//! testbed with its InfluxDB). Teardown runs on success, error, Ctrl-C and SIGTERM alike.
 
 use crate::{cmd, http, links_table, setup, signals};
 use anyhow::{bail, Context, Result};
@@ -20,6 +23,13 @@ const ROUTER_NS: &str = "lpdemo-rtr";
 /// address and port into it (`--forward`), so the page opens from the host.
 const API_ADDR: &str = "127.0.0.1:8480";
 const LINKS_PATH: &str = "/api/v1/links";
+/// The testbed's InfluxDB (`testbed up --influx`) listens here inside the router namespace, on
+/// loopback only; the testbed forwards the host's same address into it.
+const INFLUX_ADDR: &str = "127.0.0.1:8086";
+const INFLUX_DB: &str = "linkpulse";
+/// An InfluxQL query that shows the forwarded rollups.
+const INFLUX_QUERY: &str =
+    "SELECT count(rx_bytes) FROM linkpulse_rollup WHERE time > now() - 1h GROUP BY link";
 const API_DEADLINE: Duration = Duration::from_secs(30);
 /// How long the daemon gets to flush and detach after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -88,7 +98,11 @@ impl Demo {
                 .args(["testbed", "up", "--name", TESTBED, "--modems"])
                 .arg(args.modems.to_string())
                 .args(["--traffic", "demo", "--forward"])
-                .arg(format!("{API_ADDR}=8480")),
+                .arg(format!("{API_ADDR}=8480"))
+                .arg("--forward")
+                .arg(format!("{INFLUX_ADDR}=8086"))
+                .arg("--influx")
+                .arg(self.dir.join("influx")),
         )
         .context("starting the testbed failed")?;
         if signals::stopping() {
@@ -128,7 +142,43 @@ impl Demo {
         let addr: SocketAddr = API_ADDR.parse().context("API_ADDR is not an address")?;
         self.wait_for_api(addr)?;
         say!("HTTP API: http://{API_ADDR}/ (links {LINKS_PATH}, metrics /metrics)");
-        self.show_table(addr, args)
+        say!(
+            "InfluxDB (the central side, forwarded to by [[forward]] \"demo-influx\"): \
+             http://{INFLUX_ADDR}, database {INFLUX_DB}, files in {}; query it with\n  \
+             influx -host 127.0.0.1 -port 8086 -database {INFLUX_DB} -execute '{INFLUX_QUERY}'",
+            self.dir.join("influx").display()
+        );
+        self.show_table(addr, args)?;
+        self.show_influx();
+        Ok(())
+    }
+
+    /// Prints how many rollup points InfluxDB holds per link (the forwarder's work), or why not.
+    fn show_influx(&self) {
+        let path = format!("/query?db={INFLUX_DB}&q={}", percent_encode(INFLUX_QUERY));
+        let answer = INFLUX_ADDR
+            .parse::<SocketAddr>()
+            .context("INFLUX_ADDR is not an address")
+            .and_then(|addr| http::get(addr, &path, Duration::from_secs(5)));
+        match answer.and_then(|body| influx_counts(&body)) {
+            Ok(counts) if counts.is_empty() => {
+                say!(
+                    "demo: InfluxDB holds no rollup points yet (the first arrive ~1 s after start)"
+                )
+            }
+            Ok(counts) => {
+                let total: u64 = counts.iter().map(|(_, n)| n).sum();
+                let per_link: Vec<String> = counts
+                    .iter()
+                    .map(|(l, n)| format!("link {l}: {n}"))
+                    .collect();
+                say!(
+                    "demo: InfluxDB holds {total} rollup points of the last hour ({})",
+                    per_link.join(", ")
+                );
+            }
+            Err(err) => say!("demo: could not query InfluxDB at {INFLUX_ADDR}: {err:#}"),
+        }
     }
 
     fn log_path(&self) -> PathBuf {
@@ -313,14 +363,17 @@ fn stop_daemon(mut child: Child) -> Result<()> {
 }
 
 /// The daemon's TOML for `modems` emulated links wwan0.. (the format is `deny_unknown_fields`).
-/// The rollups go to a local store under `store_dir` (kept between runs, like a router's).
+/// The rollups go to a local store under `store_dir` (kept between runs, like a router's) and
+/// are forwarded to the testbed's InfluxDB.
 fn demo_config(modems: u8, store_dir: &Path) -> String {
     let mut toml = format!(
         "# Written by `cargo xtask demo`; rewritten on every run.\n\n\
          [router]\nid = \"demo-router\"\nsite = \"lab\"\n\n\
          [sampling]\nbin_width_us = 100\ngrace_us = 1000\n\n\
          [http]\nlisten = \"{API_ADDR}\"\n\n\
-         [store]\ndata_dir = \"{}\"\n",
+         [store]\ndata_dir = \"{}\"\n\n\
+         [[forward]]\nname = \"demo-influx\"\nurl = \"http://{INFLUX_ADDR}\"\n\
+         database = \"{INFLUX_DB}\"\n",
         store_dir.display()
     );
     for k in 0..usize::from(modems) {
@@ -332,6 +385,40 @@ fn demo_config(modems: u8, store_dir: &Path) -> String {
         ));
     }
     toml
+}
+
+/// Percent-encodes a query-string value (RFC 3986 unreserved characters stay).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// (link, count) per series of an InfluxDB 1.x `/query` answer to [`INFLUX_QUERY`]; `/query`
+/// answers 200 even when the statement failed, so `error` is checked.
+fn influx_counts(body: &str) -> Result<Vec<(String, u64)>> {
+    let v: serde_json::Value = serde_json::from_str(body).context("the answer is not JSON")?;
+    let result = &v["results"][0];
+    if let Some(e) = result.get("error") {
+        bail!("the query failed: {e}");
+    }
+    let mut out = Vec::new();
+    for series in result["series"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
+        let link = series["tags"]["link"].as_str().unwrap_or("?").to_owned();
+        let n = series["values"][0][1].as_u64().unwrap_or(0);
+        out.push((link, n));
+    }
+    Ok(out)
 }
 
 /// The last lines of a log, for error messages.
@@ -368,6 +455,26 @@ mod tests {
         assert!(toml.contains("interface = \"wwan4\"\nlabel = \"modem 5\"\noperator = \"Verizon\""));
         assert!(toml.contains("[http]\nlisten = \"127.0.0.1:8480\"\n"));
         assert!(toml.contains("bin_width_us = 100\ngrace_us = 1000\n"));
+        assert!(toml.contains(
+            "[[forward]]\nname = \"demo-influx\"\nurl = \"http://127.0.0.1:8086\"\ndatabase = \"linkpulse\"\n"
+        ));
+    }
+
+    #[test]
+    fn influx_answers() {
+        let body = r#"{"results":[{"statement_id":0,"series":[
+            {"name":"linkpulse_rollup","tags":{"link":"0"},"columns":["time","count"],"values":[[0,118]]},
+            {"name":"linkpulse_rollup","tags":{"link":"1"},"columns":["time","count"],"values":[[0,117]]}]}]}"#;
+        assert_eq!(
+            influx_counts(body).unwrap(),
+            vec![("0".to_owned(), 118), ("1".to_owned(), 117)]
+        );
+        assert!(influx_counts(r#"{"results":[{"statement_id":0}]}"#)
+            .unwrap()
+            .is_empty());
+        let e = influx_counts(r#"{"results":[{"statement_id":0,"error":"database not found"}]}"#);
+        assert!(format!("{:#}", e.unwrap_err()).contains("database not found"));
+        assert_eq!(percent_encode("a b>c'"), "a%20b%3Ec%27");
     }
 
     #[test]
