@@ -119,7 +119,7 @@ fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
     let net = BenchNet::up("c", 1)?;
     let _stats = BpfStats::enable()?;
     let kernel = netns::run_in(&net.router, || -> anyhow::Result<Kernel> {
-        let (mut k, _data) = Kernel::load(100_000)?;
+        let (mut k, _data) = Kernel::load(100_000, linkpulse::config::TcpRttConfig::default())?;
         k.attach_baseline("wwan0")?;
         let ix = linkpulse::kernel::ifindex("wwan0").context("wwan0 missing")?;
         k.attach("wwan0", ix, 0, 14)?;

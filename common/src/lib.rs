@@ -6,6 +6,7 @@
 
 pub mod probe;
 pub mod stream;
+pub mod tcp;
 
 /// Most modem links one daemon follows (the design's ceiling is 16 modems; headroom for
 /// hot-plug churn, where a returning modem keeps its index).
@@ -58,7 +59,62 @@ pub struct Slot {
     pub ring_full: u64,
     /// Monotonic: GSO packets whose headers could not be read (counted with their skb length).
     pub malformed: u64,
-    pub _reserved: [u64; 3],
+    /// Passive TCP RTT samples whose echo arrived in this bin (ingress slots only; reset with
+    /// the bin). RTTs in ns, saturated at u32::MAX (4.29 s); the sum is exact.
+    pub tcp_rtt: RttAcc,
+}
+
+/// Count, min, max and sum of the passive TCP RTT samples of one bin (ns). `min`/`max` are
+/// meaningful only when `count > 0`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RttAcc {
+    pub count: u32,
+    pub min_ns: u32,
+    pub max_ns: u32,
+    pub _pad: u32,
+    pub sum_ns: u64,
+}
+
+impl RttAcc {
+    /// Adds one sample (ns, saturated to u32 for min/max).
+    #[inline(always)]
+    pub fn add(&mut self, rtt_ns: u64) {
+        let r = if rtt_ns > u32::MAX as u64 {
+            u32::MAX
+        } else {
+            rtt_ns as u32
+        };
+        if self.count == 0 {
+            self.min_ns = r;
+            self.max_ns = r;
+        } else {
+            if r < self.min_ns {
+                self.min_ns = r;
+            }
+            if r > self.max_ns {
+                self.max_ns = r;
+            }
+        }
+        self.count += 1;
+        self.sum_ns += rtt_ns;
+    }
+
+    /// Merges another accumulator (per-CPU parts of one bin, or late data).
+    #[inline]
+    pub fn merge(&mut self, o: &RttAcc) {
+        if o.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = *o;
+            return;
+        }
+        self.min_ns = self.min_ns.min(o.min_ns);
+        self.max_ns = self.max_ns.max(o.max_ns);
+        self.count += o.count;
+        self.sum_ns += o.sum_ns;
+    }
 }
 
 /// One completed per-CPU bin, sent through the `BINS` ring buffer when a CPU sees the first
@@ -73,11 +129,14 @@ pub struct BinRecord {
     pub link: u16,
     pub dir: u8,
     pub _pad: u8,
+    /// The bin's passive TCP RTT samples (ingress records only).
+    pub tcp_rtt: RttAcc,
 }
 
 const _: () = assert!(core::mem::size_of::<IfaceConf>() == 8);
+const _: () = assert!(core::mem::size_of::<RttAcc>() == 24);
 const _: () = assert!(core::mem::size_of::<Slot>() == 64);
-const _: () = assert!(core::mem::size_of::<BinRecord>() == 32);
+const _: () = assert!(core::mem::size_of::<BinRecord>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -108,6 +167,26 @@ mod tests {
         assert_eq!(bin_start(1_000_000_123, 100_000), 1_000_000_000);
         assert_eq!(bin_start(99_999, 100_000), 0);
         assert_eq!(bin_start(100_000, 100_000), 100_000);
+    }
+
+    #[test]
+    fn rtt_accumulator_keeps_min_max_sum() {
+        let mut a = RttAcc::default();
+        a.add(30);
+        a.add(10);
+        a.add(20);
+        assert_eq!((a.count, a.min_ns, a.max_ns, a.sum_ns), (3, 10, 30, 60));
+        let mut b = RttAcc::default();
+        b.add(5_000_000_000);
+        assert_eq!(b.max_ns, u32::MAX);
+        assert_eq!(b.sum_ns, 5_000_000_000);
+        b.merge(&a);
+        assert_eq!((b.count, b.min_ns, b.max_ns), (4, 10, u32::MAX));
+        let mut e = RttAcc::default();
+        e.merge(&a);
+        assert_eq!(e, a);
+        e.merge(&RttAcc::default());
+        assert_eq!(e, a);
     }
 
     #[test]

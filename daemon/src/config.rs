@@ -55,6 +55,8 @@ pub struct Config {
     pub links: Vec<LinkConfig>,
     /// `[probe]`: loss timeout and link-health thresholds (per-link settings in `LinkConfig`).
     pub probe: crate::probe::ProbeConfig,
+    /// `[tcp_rtt]`: passive RTT from TCP timestamps.
+    pub tcp_rtt: TcpRttConfig,
     /// The file it came from (for SIGHUP reloads and messages).
     pub source: Option<PathBuf>,
 }
@@ -89,6 +91,55 @@ struct RawConfig {
     forwards: Vec<crate::forward::RawForward>,
     #[serde(default)]
     probe: crate::probe::config::RawProbe,
+    #[serde(default)]
+    tcp_rtt: RawTcpRtt,
+}
+
+/// Passive RTT: the kernel programs match TCP timestamp options (TSval out, TSecr back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpRttConfig {
+    pub enabled: bool,
+    /// Entries of the kernel's (flow, TSval) table (an LRU hash).
+    pub table_entries: u32,
+}
+
+impl Default for TcpRttConfig {
+    /// As `[tcp_rtt]` defaults: on, 16384 entries.
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            table_entries: 16384,
+        }
+    }
+}
+
+/// Most entries of the TSval table (64 B each with the hash overhead: ~64 MiB).
+pub const MAX_TCP_TABLE_ENTRIES: u32 = 1 << 20;
+
+/// `[tcp_rtt]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTcpRtt {
+    /// Default true.
+    #[serde(default = "default_true")]
+    enabled: bool,
+    /// TSvals in flight the kernel remembers, all links together (LRU: the least recently
+    /// used go first when it is full). 64..=1048576. Default 16384 (~1 MiB).
+    #[serde(default = "default_tcp_table_entries")]
+    table_entries: Spanned<u32>,
+}
+
+impl Default for RawTcpRtt {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            table_entries: default_tcp_table_entries(),
+        }
+    }
+}
+
+fn default_tcp_table_entries() -> Spanned<u32> {
+    Spanned::new(0..0, 16384)
 }
 
 /// `[stream]`: the controller's real-time stream (Unix SOCK_SEQPACKET socket).
@@ -573,6 +624,20 @@ impl Config {
             });
         }
 
+        let entries = *raw.tcp_rtt.table_entries.get_ref();
+        if !(64..=MAX_TCP_TABLE_ENTRIES).contains(&entries) {
+            return Err(err(
+                Some(raw.tcp_rtt.table_entries.span()),
+                format!(
+                    "[tcp_rtt] table_entries = {entries}: must be 64..={MAX_TCP_TABLE_ENTRIES}"
+                ),
+            ));
+        }
+        let tcp_rtt = TcpRttConfig {
+            enabled: raw.tcp_rtt.enabled,
+            table_entries: entries,
+        };
+
         Ok(Config {
             router_id,
             site,
@@ -587,6 +652,7 @@ impl Config {
             forwards,
             links,
             probe: raw.probe.validate().map_err(|(s, m)| err(s, m))?,
+            tcp_rtt,
             source: None,
         })
     }

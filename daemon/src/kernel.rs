@@ -13,11 +13,15 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use linkpulse_common::{
+    tcp::{
+        GLOBAL_TCP_RTT_ON, MAP_TCP_STATS, MAP_TCP_TS, TCP_STAT_BAD_OPTIONS, TCP_STAT_INSERTS,
+        TCP_STAT_INSERT_ERRORS, TCP_STAT_SAMPLES,
+    },
     BinRecord, IfaceConf, Slot, GLOBAL_BIN_WIDTH_NS, MAP_BINS, MAP_IFACES, MAP_SLOTS, MAX_IFINDEX,
     SLOTS_PER_CPU,
 };
 
-use crate::align::SlotSource;
+use crate::{align::SlotSource, config::TcpRttConfig};
 
 /// The compiled kernel programs (built by build.rs from ../ebpf).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/linkpulse"));
@@ -77,6 +81,30 @@ pub struct Attachment {
 pub struct Kernel {
     ebpf: Ebpf,
     ifaces: Array<MapData, IfaceConf>,
+    tcp_stats: aya::maps::PerCpuArray<MapData, u64>,
+    tcp_table_entries: u32,
+}
+
+/// Totals of the passive TCP RTT path over all CPUs (`TCP_STATS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    pub samples: u64,
+    pub inserts: u64,
+    pub bad_options: u64,
+    pub insert_errors: u64,
+}
+
+impl TcpStats {
+    /// Stored TSvals that left the table without a match, at least: every insert leaves by a
+    /// match (a sample), by LRU eviction, or is still there, and at most `capacity` are there.
+    /// TSvals that are never echoed (e.g. the 2nd segment of a delayed-ACK pair) also leave
+    /// this way, so it grows on any busy link once the table has filled; a table too small
+    /// shows as samples falling while this rises.
+    pub fn evicted_at_least(&self, capacity: u32) -> u64 {
+        self.inserts
+            .saturating_sub(self.samples)
+            .saturating_sub(u64::from(capacity))
+    }
 }
 
 /// The data side: moved to the ingest thread.
@@ -86,13 +114,17 @@ pub struct DataMaps {
 }
 
 impl Kernel {
-    /// Loads the programs with the given bin width; returns the control and data halves.
-    pub fn load(bin_width_ns: u64) -> Result<(Kernel, DataMaps), KernelError> {
+    /// Loads the programs with the given bin width and passive-RTT settings; returns the
+    /// control and data halves.
+    pub fn load(bin_width_ns: u64, tcp: TcpRttConfig) -> Result<(Kernel, DataMaps), KernelError> {
         let ncpu =
             aya::util::nr_cpus().map_err(|(what, e)| KernelError::Cpus(format!("{what}: {e}")))?;
+        let tcp_on = u64::from(tcp.enabled);
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_BIN_WIDTH_NS, &bin_width_ns, true)
+            .override_global(GLOBAL_TCP_RTT_ON, &tcp_on, true)
             .map_max_entries(MAP_SLOTS, (ncpu * SLOTS_PER_CPU) as u32)
+            .map_max_entries(MAP_TCP_TS, tcp.table_entries)
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
         for name in [PROG_INGRESS, PROG_EGRESS, PROG_EMPTY] {
@@ -121,7 +153,42 @@ impl Kernel {
             Map::Array(data) => MmapSlots::new(data, ncpu)?,
             _ => return Err(KernelError::MissingMap { name: MAP_SLOTS }),
         };
-        Ok((Kernel { ebpf, ifaces }, DataMaps { ring, slots }))
+        let tcp_stats = aya::maps::PerCpuArray::try_from(take(&mut ebpf, MAP_TCP_STATS)?).map_err(
+            |source| KernelError::Map {
+                name: MAP_TCP_STATS,
+                source,
+            },
+        )?;
+        Ok((
+            Kernel {
+                ebpf,
+                ifaces,
+                tcp_stats,
+                tcp_table_entries: tcp.table_entries,
+            },
+            DataMaps { ring, slots },
+        ))
+    }
+
+    /// Entries of the kernel's TSval table.
+    pub fn tcp_table_entries(&self) -> u32 {
+        self.tcp_table_entries
+    }
+
+    /// The passive RTT counters summed over CPUs (one syscall per counter).
+    pub fn tcp_stats(&self) -> TcpStats {
+        let read = |i: u32| -> u64 {
+            self.tcp_stats
+                .get(&i, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
+        };
+        TcpStats {
+            samples: read(TCP_STAT_SAMPLES),
+            inserts: read(TCP_STAT_INSERTS),
+            bad_options: read(TCP_STAT_BAD_OPTIONS),
+            insert_errors: read(TCP_STAT_INSERT_ERRORS),
+        }
     }
 
     /// Points `ifindex` at `link` (so the programs count it) and attaches both directions.
@@ -302,7 +369,7 @@ impl SlotSource for MmapSlots {
                 bytes: std::ptr::addr_of!((*p).bytes).read_volatile(),
                 ring_full: std::ptr::addr_of!((*p).ring_full).read_volatile(),
                 malformed: std::ptr::addr_of!((*p).malformed).read_volatile(),
-                _reserved: [0; 3],
+                tcp_rtt: std::ptr::addr_of!((*p).tcp_rtt).read_volatile(),
             }
         }
     }

@@ -78,8 +78,23 @@ impl LinkManager {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.resync(),
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
+            self.publish_tcp_stats();
         }
         self.detach_all();
+    }
+
+    /// Copies the kernel's passive RTT counters to `Shared` (for /metrics).
+    fn publish_tcp_stats(&self) {
+        let t = self.kernel.tcp_stats();
+        let entries = self.kernel.tcp_table_entries();
+        let c = &self.shared.counters.tcp_rtt;
+        c.samples.store(t.samples, Ordering::Relaxed);
+        c.inserts.store(t.inserts, Ordering::Relaxed);
+        c.bad_options.store(t.bad_options, Ordering::Relaxed);
+        c.insert_errors.store(t.insert_errors, Ordering::Relaxed);
+        c.evicted
+            .store(t.evicted_at_least(entries), Ordering::Relaxed);
+        c.table_entries.store(u64::from(entries), Ordering::Relaxed);
     }
 
     fn detach_all(&mut self) {

@@ -120,8 +120,23 @@ pub struct DaemonCounters {
     pub attach_errors: AtomicU64,
     pub attaches: AtomicU64,
     pub clock_steps: AtomicU64,
+    /// Passive TCP RTT, copied from the kernel's counters by `lp-control` every 200 ms.
+    pub tcp_rtt: TcpRttCounters,
     /// TAI ns of the ingest thread's last tick (watchdog).
     pub last_tick_tai: AtomicU64,
+}
+
+/// The kernel's passive RTT counters (see `crate::kernel::TcpStats`).
+#[derive(Default)]
+pub struct TcpRttCounters {
+    pub samples: AtomicU64,
+    pub inserts: AtomicU64,
+    pub bad_options: AtomicU64,
+    pub insert_errors: AtomicU64,
+    /// Lower bound of stored TSvals evicted unmatched (`TcpStats::evicted_at_least`).
+    pub evicted: AtomicU64,
+    /// Size of the kernel's TSval table.
+    pub table_entries: AtomicU64,
 }
 
 pub struct Shared {

@@ -204,6 +204,7 @@ fn ingest_tick_allocates_nothing() {
                 link: (k / 2) as u16,
                 dir: (k % 2) as u8,
                 _pad: 0,
+                tcp_rtt: Default::default(),
             };
         }
         ring.n = 32;

@@ -4,25 +4,48 @@
 //! epoch-aligned bin of (link, direction) in this CPU's slot. When this CPU sees the first
 //! packet of a newer bin, the finished bin goes to the `BINS` ring buffer without a wakeup (the
 //! daemon polls). The daemon closes bins of idle links itself by reading the mmapped slots.
+//! TCP segments with the timestamp option give passive RTT samples (see `tcp_rtt`), added to
+//! the ingress slot's bin.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_tai_ns},
     macros::{classifier, map},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use linkpulse_common::{
+    bin_start,
     probe::{ProbeConf, ProbeRecord, PROBE_STATS_LEN, PROBE_STAT_RING_FULL, PROBE_STAT_SHORT},
-    bin_start, slot_index, BinRecord, IfaceConf, Slot, DIR_EGRESS, DIR_INGRESS, MAX_IFINDEX,
-    MAX_LINKS, SLOTS_PER_CPU,
+    slot_index,
+    tcp::{
+        tcp_timestamp, OptBytes, TsKey, TsOption, TCP_STATS_LEN, TCP_STAT_BAD_OPTIONS,
+        TCP_STAT_INSERTS, TCP_STAT_INSERT_ERRORS, TCP_STAT_SAMPLES,
+    },
+    BinRecord, IfaceConf, RttAcc, Slot, DIR_EGRESS, DIR_INGRESS, MAX_IFINDEX, MAX_LINKS,
+    SLOTS_PER_CPU,
 };
 
 /// Bin width in ns, set by the loader before load (a divisor of one second).
 #[no_mangle]
 static BIN_WIDTH_NS: u64 = 100_000;
+
+/// 1 = match TCP timestamps for passive RTT, 0 = off (set by the loader from the config).
+#[no_mangle]
+static TCP_RTT_ON: u64 = 1;
+
+/// (flow, link, TSval) → CLOCK_TAI ns of the first departure of that TSval. max_entries is
+/// set by the loader (`[tcp_rtt] table_entries`); the LRU drops the least recently used
+/// entries when it is full (TSvals that are never echoed, e.g. the second segment of a
+/// delayed-ACK pair, leave this way too).
+#[map(name = "TCP_TS")]
+static TCP_TS: LruHashMap<TsKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Counters of the passive RTT path (see `TCP_STAT_*`).
+#[map(name = "TCP_STATS")]
+static TCP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(TCP_STATS_LEN, 0);
 
 /// ifindex → link of this daemon (0 = not a modem we follow).
 #[map(name = "IFACES")]
@@ -60,6 +83,8 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const TCP_FLAG_ACK: u8 = 0x10;
+const EEXIST: i32 = 17;
 
 #[classifier]
 pub fn lp_ingress(ctx: TcContext) -> i32 {
@@ -118,6 +143,12 @@ fn try_count(ctx: &TcContext, dir: u8) {
     let cpu = unsafe { bpf_get_smp_processor_id() };
     probe_stamp(ctx, link, l2 as usize, proto, dir, now);
     // SAFETY: a global set once by the loader before the program is loaded.
+    let rtt = if unsafe { core::ptr::read_volatile(&TCP_RTT_ON) } != 0 {
+        tcp_rtt(ctx, link, l2 as usize, proto, dir, now)
+    } else {
+        None
+    };
+    // SAFETY: a global set once by the loader before the program is loaded.
     let width = unsafe { core::ptr::read_volatile(&BIN_WIDTH_NS) };
     if width == 0 {
         return;
@@ -137,12 +168,17 @@ fn try_count(ctx: &TcContext, dir: u8) {
         if slot.bin_start != bin && (slot.packets == 0 || emit(slot, cpu, link, dir)) {
             slot.packets = 0;
             slot.bytes = 0;
+            slot.tcp_rtt = RttAcc::default();
             slot.bin_start = bin;
         }
     }
     slot.packets += packets;
     slot.bytes += bytes;
     slot.malformed += malformed;
+    // The sample belongs to the bin its echo arrived in (this packet's bin).
+    if let Some(r) = rtt {
+        slot.tcp_rtt.add(r);
+    }
 }
 
 /// Sends the finished bin of `slot` to the ring. If the ring is full it returns false: the slot
@@ -160,6 +196,7 @@ fn emit(slot: &mut Slot, cpu: u32, link: u32, dir: u8) -> bool {
                 link: link as u16,
                 dir,
                 _pad: 0,
+                tcp_rtt: slot.tcp_rtt,
             });
             entry.submit(BPF_RB_NO_WAKEUP as u64);
             true
@@ -241,8 +278,123 @@ fn probe_stamp(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: 
         dir,
         _pad: [0; 5],
     };
-    if PROBE_RING.output::<ProbeRecord>(&rec, BPF_RB_NO_WAKEUP as u64).is_err() {
+    if PROBE_RING
+        .output::<ProbeRecord>(&rec, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
         count_probe_stat(PROBE_STAT_RING_FULL);
+    }
+}
+
+/// TCP option bytes read straight from the packet (offset 0 = first option byte).
+struct SkbOpts<'a> {
+    ctx: &'a TcContext,
+    base: usize,
+}
+
+impl OptBytes for SkbOpts<'_> {
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        self.ctx.load::<[u8; N]>(self.base + off).ok()
+    }
+}
+
+/// Passive RTT. Egress: a TCP segment with the timestamp option stores (flow, link, TSval) →
+/// `now` unless that TSval already left (BPF_NOEXIST: the first departure counts, a
+/// retransmission or the next segment of the same clock tick does not move it). Ingress: a
+/// segment with ACK of the reverse flow whose TSecr is stored gives `now − stored` and deletes
+/// the entry (only the deleting CPU takes the sample, so a duplicate echo gives none).
+/// IPv6 extension headers are not walked: such packets give no sample.
+#[inline(always)]
+fn tcp_rtt(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: u64) -> Option<u64> {
+    let mut key = TsKey {
+        link: link as u16,
+        ..TsKey::default()
+    };
+    let tcp = if proto == ETH_P_IP {
+        let h = ctx.load::<[u8; 20]>(l2).ok()?;
+        // Non-first fragments carry no TCP header.
+        if h[9] != IPPROTO_TCP || (h[6] & 0x1f) != 0 || h[7] != 0 {
+            return None;
+        }
+        key.family = 4;
+        let (local, remote) = if dir == DIR_EGRESS {
+            (12, 16)
+        } else {
+            (16, 12)
+        };
+        key.local[..4].copy_from_slice(&h[local..local + 4]);
+        key.remote[..4].copy_from_slice(&h[remote..remote + 4]);
+        l2 + ((h[0] & 0x0f) as usize) * 4
+    } else {
+        let h = ctx.load::<[u8; 40]>(l2).ok()?;
+        if h[6] != IPPROTO_TCP {
+            return None;
+        }
+        key.family = 6;
+        let (local, remote) = if dir == DIR_EGRESS { (8, 24) } else { (24, 8) };
+        key.local.copy_from_slice(&h[local..local + 16]);
+        key.remote.copy_from_slice(&h[remote..remote + 16]);
+        l2 + 40
+    };
+    // Ports, sequence, ack, data offset, flags.
+    let t = ctx.load::<[u8; 14]>(tcp).ok()?;
+    // Written so that the verifier sees 4..=40 (it then bounds the option walk).
+    let doff = (t[12] >> 4) as usize;
+    if doff <= 5 {
+        return None;
+    }
+    let opt_len = (doff - 5) * 4;
+    let (tsval, tsecr) = match tcp_timestamp(
+        &SkbOpts {
+            ctx,
+            base: tcp + 20,
+        },
+        opt_len,
+    ) {
+        TsOption::Found { tsval, tsecr } => (tsval, tsecr),
+        TsOption::Absent => return None,
+        TsOption::Malformed => {
+            count_tcp_stat(TCP_STAT_BAD_OPTIONS);
+            return None;
+        }
+    };
+    let (sport, dport) = (
+        u16::from_ne_bytes([t[0], t[1]]),
+        u16::from_ne_bytes([t[2], t[3]]),
+    );
+    if dir == DIR_EGRESS {
+        key.local_port = sport;
+        key.remote_port = dport;
+        key.tsval = tsval;
+        match TCP_TS.insert(&key, now, BPF_NOEXIST as u64) {
+            Ok(()) => count_tcp_stat(TCP_STAT_INSERTS),
+            Err(e) if e == -EEXIST => {}
+            Err(_) => count_tcp_stat(TCP_STAT_INSERT_ERRORS),
+        }
+        return None;
+    }
+    // TSecr is meaningful only with ACK set (RFC 7323 §3.2).
+    if t[13] & TCP_FLAG_ACK == 0 {
+        return None;
+    }
+    key.local_port = dport;
+    key.remote_port = sport;
+    key.tsval = tsecr;
+    let p = TCP_TS.get_ptr(&key)?;
+    // SAFETY: a preallocated map value, valid memory while the program runs. Another CPU may
+    // delete and reuse it meanwhile: it is read once, and used only if our delete succeeds.
+    let sent = unsafe { core::ptr::read_volatile(p) };
+    TCP_TS.remove(&key).ok()?;
+    count_tcp_stat(TCP_STAT_SAMPLES);
+    Some(now.saturating_sub(sent))
+}
+
+#[inline(always)]
+fn count_tcp_stat(index: u32) {
+    if let Some(c) = TCP_STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU value, only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
     }
 }
 

@@ -142,6 +142,38 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         "Steps of the real-time clock detected.",
         c.clock_steps.load(Ordering::Relaxed),
     );
+    let t = &c.tcp_rtt;
+    counter(
+        &mut o,
+        "linkpulse_tcp_rtt_samples_total",
+        "Passive TCP RTT samples (a stored TSval echoed back in a TSecr), all links.",
+        t.samples.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_tcp_rtt_tsvals_stored_total",
+        "First departures of a TCP timestamp (flow, link, TSval) stored in the kernel's table.",
+        t.inserts.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_tcp_rtt_evicted_total",
+        "At least this many stored TSvals left the table unmatched (inserts - samples - table size): TSvals never echoed (delayed ACKs) and, if the table is too small, ones that would have matched.",
+        t.evicted.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_tcp_rtt_bad_options_total",
+        "TCP segments whose option list could not be parsed (no RTT sample).",
+        t.bad_options.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "linkpulse_tcp_rtt_insert_errors_total",
+        "Stores into the kernel's TSval table that failed (no RTT sample for that TSval).",
+        t.insert_errors.load(Ordering::Relaxed),
+    );
+    let _ = writeln!(o, "# HELP linkpulse_tcp_rtt_table_entries Size of the kernel's TSval table ([tcp_rtt] table_entries).\n# TYPE linkpulse_tcp_rtt_table_entries gauge\nlinkpulse_tcp_rtt_table_entries {}", t.table_entries.load(Ordering::Relaxed));
     let _ = writeln!(o, "# HELP linkpulse_consumer_frames_dropped_total Frames a consumer lost because its queue was full.\n# TYPE linkpulse_consumer_frames_dropped_total counter");
     for (name, dropped) in s
         .fanout_dropped
