@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define LP_STREAM_VERSION 1
+#define LP_STREAM_VERSION 2
 #define LP_MAGIC_SUBSCRIBE 0x3153504Cu /* "LPS1" */
 #define LP_MAGIC_HELLO     0x3148504Cu /* "LPH1" */
 #define LP_MAGIC_FRAME     0x3146504Cu /* "LPF1" */
@@ -37,6 +37,7 @@
 #define LP_VALID_TRAFFIC (1u << 0)
 #define LP_VALID_RTT     (1u << 1)
 #define LP_VALID_PROBES  (1u << 2)
+#define LP_VALID_TCP_RTT (1u << 3)
 #define LP_VALID_LATE    (1u << 31)
 
 struct lp_subscribe {
@@ -105,6 +106,14 @@ struct lp_link_record {
     uint64_t rtt_max_ns;
     uint64_t rtt_sum_ns;
     uint32_t probes_lost[2];  /* not filled yet (0) */
+    /* With LP_VALID_TCP_RTT (passive RTT on, link attached): TCP timestamp echoes that
+       reached the router in the window; min/max are 0 when the count is 0 and saturate at
+       UINT32_MAX ns. */
+    uint32_t tcp_rtt_count;
+    uint32_t _pad0;
+    uint64_t tcp_rtt_min_ns;
+    uint64_t tcp_rtt_max_ns;
+    uint64_t tcp_rtt_sum_ns;
 };
 
 _Static_assert(sizeof(struct lp_subscribe) == 24, "lp_subscribe layout");
@@ -112,6 +121,6 @@ _Static_assert(sizeof(struct lp_hello) == 40, "lp_hello layout");
 _Static_assert(sizeof(struct lp_link_desc) == 56, "lp_link_desc layout");
 _Static_assert(sizeof(struct lp_error) == 128, "lp_error layout");
 _Static_assert(sizeof(struct lp_frame_header) == 64, "lp_frame_header layout");
-_Static_assert(sizeof(struct lp_link_record) == 80, "lp_link_record layout");
+_Static_assert(sizeof(struct lp_link_record) == 112, "lp_link_record layout");
 
 #endif /* LINKPULSE_STREAM_H */

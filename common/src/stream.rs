@@ -1,6 +1,7 @@
 //! The controller's real-time stream: fixed-layout little-endian records on a Unix
-//! SOCK_SEQPACKET socket (one message per frame). Layout version 1; `include/linkpulse_stream.h`
-//! is the same layout for C and Go readers (a test compiles it and reads real frames).
+//! SOCK_SEQPACKET socket (one message per frame). Layout version 2 (version 2 added the passive
+//! TCP RTT fields); `include/linkpulse_stream.h` is the same layout for C and Go readers (a
+//! test compiles it and reads real frames).
 //!
 //! Conversation: the client sends one [`Subscribe`]; the server answers with a [`Hello`]
 //! followed by `Hello.link_count` [`LinkDesc`] in the same message, or with an [`ErrorMsg`] and
@@ -16,7 +17,7 @@ pub const MAGIC_FRAME: u32 = 0x3146_504C;
 /// "LPE1": an error; the server closes the connection after it.
 pub const MAGIC_ERROR: u32 = 0x3145_504C;
 /// Layout version of every record here.
-pub const STREAM_VERSION: u16 = 1;
+pub const STREAM_VERSION: u16 = 2;
 
 /// Client → server. `link_mask` bit i subscribes link i (0 = every link); `decimation` N ≥ 1
 /// aggregates N consecutive bins exactly (sums; valid only if every bin was), aligned on the
@@ -120,6 +121,8 @@ pub struct FrameHeader {
 pub const VALID_TRAFFIC: u32 = 1 << 0;
 pub const VALID_RTT: u32 = 1 << 1;
 pub const VALID_PROBES: u32 = 1 << 2;
+/// The `tcp_rtt_*` fields are measured (passive RTT on, link attached for the whole window).
+pub const VALID_TCP_RTT: u32 = 1 << 3;
 /// The record carries late data carried from earlier bins.
 pub const VALID_LATE: u32 = 1 << 31;
 
@@ -129,6 +132,10 @@ pub const VALID_LATE: u32 = 1 << 31;
 /// arrived (kernel stamp T4) in the frame's window: count, min, max, sum (min/max are 0 when
 /// the count is 0: probed, no reply in that window). `probes_sent` (with [`VALID_PROBES`]):
 /// probes that left (kernel stamp T1) in the window. Decimated frames aggregate them exactly.
+///
+/// TCP RTT fields (with [`VALID_TCP_RTT`]): passive RTT samples (TCP timestamp echoes) whose
+/// echo reached the router in the window: count, min, max, sum (min/max 0 when the count is
+/// 0; the kernel saturates min/max at u32::MAX ns, 4.29 s). Late samples set [`VALID_LATE`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkRecord {
@@ -143,6 +150,11 @@ pub struct LinkRecord {
     pub rtt_sum_ns: u64,
     /// Not filled yet (always 0): loss is settled after the loss timeout, in the rollups.
     pub probes_lost: [u32; 2],
+    pub tcp_rtt_count: u32,
+    pub _pad0: u32,
+    pub tcp_rtt_min_ns: u64,
+    pub tcp_rtt_max_ns: u64,
+    pub tcp_rtt_sum_ns: u64,
 }
 
 impl LinkRecord {
@@ -174,6 +186,23 @@ impl LinkRecord {
         self.rtt_sum_ns.checked_div(u64::from(self.rtt_count))
     }
 
+    /// Passive TCP RTT is measured in this record (a count of 0: no echo arrived).
+    pub fn has_tcp_rtt(&self) -> bool {
+        self.valid & VALID_TCP_RTT != 0
+    }
+
+    /// (count, min, max, mean) of the passive TCP RTT samples in the window, if any.
+    pub fn tcp_rtt(&self) -> Option<(u32, u64, u64, u64)> {
+        (self.has_tcp_rtt() && self.tcp_rtt_count > 0).then(|| {
+            (
+                self.tcp_rtt_count,
+                self.tcp_rtt_min_ns,
+                self.tcp_rtt_max_ns,
+                self.tcp_rtt_sum_ns / u64::from(self.tcp_rtt_count),
+            )
+        })
+    }
+
     /// Probes sent in the window, when the link is probed.
     pub fn probes(&self) -> Option<u32> {
         self.has_probes().then_some(self.probes_sent)
@@ -185,7 +214,7 @@ const _: () = assert!(core::mem::size_of::<Hello>() == 40);
 const _: () = assert!(core::mem::size_of::<LinkDesc>() == 56);
 const _: () = assert!(core::mem::size_of::<ErrorMsg>() == 128);
 const _: () = assert!(core::mem::size_of::<FrameHeader>() == 64);
-const _: () = assert!(core::mem::size_of::<LinkRecord>() == 80);
+const _: () = assert!(core::mem::size_of::<LinkRecord>() == 112);
 
 /// Marker for the records above: `#[repr(C)]`, integers only, no implicit padding, so any
 /// byte string of the right length is a valid value and a value's bytes are fully defined.

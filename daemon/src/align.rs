@@ -14,9 +14,13 @@
 //!   through an SPSC queue drained each tick; one for a bin already published goes into the
 //!   next frame, flagged `FLAG_RTT_LATE`.
 //!
+//! - passive TCP RTT samples ride in the kernel's slots and records like the counts (the bin
+//!   their echo arrived in); their count and sum are taken by difference like the counts, min
+//!   and max from the kernel's latest view of the bin (a superset of what was taken).
+//!
 //! Pure logic: the kernel is behind [`SlotSource`] and plain [`BinRecord`]s, so every rule is
 //! unit-tested without privileges. Nothing here allocates after [`Aligner::new`].
-use linkpulse_common::{bin_start, BinRecord, Slot, DIRS, MAX_LINKS, SLOTS_PER_CPU};
+use linkpulse_common::{bin_start, BinRecord, RttAcc, Slot, DIRS, MAX_LINKS, SLOTS_PER_CPU};
 
 use crate::{
     clock::ClockState,
@@ -71,21 +75,25 @@ pub struct AlignStats {
     /// Probe samples and sent probes that arrived for a bin already published (each carried
     /// into the next frame).
     pub rtt_late_events: u64,
+    /// Passive TCP RTT samples carried into a later frame (their bin was published).
+    pub tcp_rtt_late: u64,
 }
 
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 struct Counts {
     packets: u64,
     bytes: u64,
+    tcp_rtt: RttAcc,
 }
 
 impl Counts {
     fn is_zero(&self) -> bool {
-        self.packets == 0 && self.bytes == 0
+        self.packets == 0 && self.bytes == 0 && self.tcp_rtt.count == 0
     }
-    fn add(&mut self, p: u64, b: u64) {
+    fn add(&mut self, p: u64, b: u64, rtt: &RttAcc) {
         self.packets += p;
         self.bytes += b;
+        self.tcp_rtt.merge(rtt);
     }
 }
 
@@ -95,6 +103,21 @@ struct Taken {
     bin: u64,
     packets: u64,
     bytes: u64,
+    rtt_count: u32,
+    rtt_sum_ns: u64,
+}
+
+/// The RTT samples of `now` (the kernel's view of a bin) not in what was taken before (count
+/// and sum by difference; min and max of the whole bin, which covers the taken ones).
+fn rtt_since(now: &RttAcc, taken_count: u32, taken_sum: u64) -> RttAcc {
+    if now.count <= taken_count {
+        return RttAcc::default();
+    }
+    RttAcc {
+        count: now.count - taken_count,
+        sum_ns: now.sum_ns.saturating_sub(taken_sum),
+        ..*now
+    }
 }
 
 /// Monotonic per-slot counters last seen.
@@ -124,6 +147,8 @@ pub struct Aligner {
     rtt_carry: [RttBin; MAX_LINKS],
     probed_mask: u64,
     probe_feed: Option<rtrb::Consumer<GridEvent>>,
+    /// The kernel matches TCP timestamps (frames then mark valid links in `tcp_rtt_mask`).
+    tcp_rtt_on: bool,
     seq: u64,
     pending_step: bool,
     pending_skip: bool,
@@ -152,6 +177,7 @@ impl Aligner {
             rtt_carry: [RttBin::default(); MAX_LINKS],
             probed_mask: 0,
             probe_feed: None,
+            tcp_rtt_on: false,
             seq: 0,
             pending_step: false,
             pending_skip: false,
@@ -177,6 +203,11 @@ impl Aligner {
     /// Starts the grid at the bin containing `now_tai` (called once, before records flow).
     pub fn start(&mut self, now_tai: u64) {
         self.next_bin = bin_start(now_tai, self.width);
+    }
+
+    /// Whether the kernel matches TCP timestamps (`[tcp_rtt] enabled`).
+    pub fn set_tcp_rtt(&mut self, on: bool) {
+        self.tcp_rtt_on = on;
     }
 
     /// The probed links (bit i = link i) and the prober's feed; allocates the per-bin probe
@@ -241,20 +272,21 @@ impl Aligner {
         }
         let s = link * DIRS + dir;
         let t = &mut self.taken[cpu * SLOTS_PER_CPU + s];
-        let (p, b) = if t.bin == rec.bin_start && t.bin != 0 {
-            if rec.packets < t.packets || rec.bytes < t.bytes {
+        let (p, b, r) = if t.bin == rec.bin_start && t.bin != 0 {
+            if rec.packets < t.packets || rec.bytes < t.bytes || rec.tcp_rtt.count < t.rtt_count {
                 self.stats.torn_reads += 1;
             }
             let d = (
                 rec.packets.saturating_sub(t.packets),
                 rec.bytes.saturating_sub(t.bytes),
+                rtt_since(&rec.tcp_rtt, t.rtt_count, t.rtt_sum_ns),
             );
             *t = Taken::default();
             d
         } else {
-            (rec.packets, rec.bytes)
+            (rec.packets, rec.bytes, rec.tcp_rtt)
         };
-        self.add(rec.bin_start, s, p, b);
+        self.add(rec.bin_start, s, p, b, &r);
     }
 
     /// Reads every in-use slot and takes the counts of bins that are due (idle links), or the
@@ -289,21 +321,27 @@ impl Aligner {
                     snap.packets.saturating_sub(t.packets),
                     snap.bytes.saturating_sub(t.bytes),
                 );
-                if snap.packets < t.packets || snap.bytes < t.bytes {
+                let r = rtt_since(&snap.tcp_rtt, t.rtt_count, t.rtt_sum_ns);
+                if snap.packets < t.packets
+                    || snap.bytes < t.bytes
+                    || snap.tcp_rtt.count < t.rtt_count
+                {
                     self.stats.torn_reads += 1;
                 }
                 self.taken[i] = Taken {
                     bin: snap.bin_start,
                     packets: snap.packets.max(t.packets),
                     bytes: snap.bytes.max(t.bytes),
+                    rtt_count: snap.tcp_rtt.count.max(t.rtt_count),
+                    rtt_sum_ns: snap.tcp_rtt.sum_ns.max(t.rtt_sum_ns),
                 };
-                self.add(snap.bin_start, s, p, b);
+                self.add(snap.bin_start, s, p, b, &r);
             }
         }
     }
 
-    fn add(&mut self, bin: u64, s: usize, p: u64, b: u64) {
-        if p == 0 && b == 0 {
+    fn add(&mut self, bin: u64, s: usize, p: u64, b: u64, rtt: &RttAcc) {
+        if p == 0 && b == 0 && rtt.count == 0 {
             return;
         }
         if bin < self.next_bin || bin >= self.next_bin + self.window as u64 * self.width {
@@ -311,10 +349,11 @@ impl Aligner {
             // next frame so that nothing is lost; the frame says so.
             self.stats.late_events += 1;
             self.stats.late_packets += p;
-            self.carry[s].add(p, b);
+            self.stats.tcp_rtt_late += u64::from(rtt.count);
+            self.carry[s].add(p, b, rtt);
         } else {
             let k = ((bin / self.width) as usize) & (self.window - 1);
-            self.pending[k][s].add(p, b);
+            self.pending[k][s].add(p, b, rtt);
         }
     }
 
@@ -348,7 +387,7 @@ impl Aligner {
     fn carry_all_pending(&mut self) {
         for bin in self.pending.iter_mut() {
             for (s, c) in bin.iter_mut().enumerate() {
-                self.carry[s].add(c.packets, c.bytes);
+                self.carry[s].add(c.packets, c.bytes, &c.tcp_rtt);
                 *c = Counts::default();
             }
         }
@@ -375,9 +414,11 @@ impl Aligner {
         f.late_mask = 0;
         f.probed_mask = self.probed_mask;
         f.rtt_late_mask = 0;
+        f.tcp_rtt_mask = if self.tcp_rtt_on { u64::MAX } else { 0 };
         let mut traffic_late = false;
         for l in 0..MAX_LINKS {
             let mut lb = crate::frame::LinkBin::default();
+            let mut tcp = RttAcc::default();
             for d in 0..DIRS {
                 let s = l * DIRS + d;
                 let c = self.pending[k][s];
@@ -388,10 +429,13 @@ impl Aligner {
                 }
                 lb.packets[d] = c.packets + carry.packets;
                 lb.bytes[d] = c.bytes + carry.bytes;
+                tcp.merge(&c.tcp_rtt);
+                tcp.merge(&carry.tcp_rtt);
                 self.pending[k][s] = Counts::default();
                 self.carry[s] = Counts::default();
             }
             f.links[l] = lb;
+            f.tcp_rtt[l] = RttBin::from_acc(&tcp);
             let mut r = RttBin::default();
             if let Some(p) = self.rtt_pending.get_mut(k) {
                 r = p[l];
@@ -413,6 +457,7 @@ impl Aligner {
                 }
             }
         }
+        f.tcp_rtt_mask &= f.valid_mask;
         if traffic_late {
             f.flags |= FLAG_LATE;
         }
@@ -489,6 +534,7 @@ mod tests {
                             link: link as u16,
                             dir,
                             _pad: 0,
+                            tcp_rtt: slot.tcp_rtt,
                         });
                         true
                     } else {
@@ -500,10 +546,19 @@ mod tests {
                     slot.bin_start = bin;
                     slot.packets = 0;
                     slot.bytes = 0;
+                    slot.tcp_rtt = RttAcc::default();
                 }
             }
             slot.packets += 1;
             slot.bytes += bytes;
+        }
+
+        /// An ingress packet that echoes a stored TSval: one RTT sample in its bin.
+        fn echo(&mut self, cpu: u32, link: u32, t: u64, rtt_ns: u64) {
+            self.packet(cpu, link, 0, t, 52);
+            self.src.slots[slot_index(cpu, link, 0) as usize]
+                .tcp_rtt
+                .add(rtt_ns);
         }
     }
 
@@ -589,6 +644,58 @@ mod tests {
         assert_eq!(a.stats.late_events, 0);
         let f = out.iter().find(|f| f.links[0].bytes[1] == 50).expect("bin");
         assert_eq!(f.bin_start_tai_ns, T0 + 50 * W);
+    }
+
+    #[test]
+    fn tcp_rtt_samples_land_in_their_echo_bin_across_cpus_idle_and_late() {
+        let mut a = Aligner::new(W, G, 2);
+        a.set_tcp_rtt(true);
+        let mut k = Kernel::new(2, 1 << 20);
+        let mut out = Vec::new();
+        tick(&mut a, &mut k, T0, 2, &mut out);
+        // Bin 0: samples on both CPUs of link 1.
+        k.echo(0, 1, T0 + 10, 30_000_000);
+        k.echo(1, 1, T0 + 20, 20_000_000);
+        k.echo(0, 1, T0 + 30, 25_000_000);
+        // Bin 1: link 1 goes on (the kernel emits bin 0 of CPU 0 by record).
+        k.echo(0, 1, T0 + W + 5, 40_000_000);
+        // Both bins due: CPU 1's bin 0 and CPU 0's bin 1 come from the idle slots.
+        tick(&mut a, &mut k, T0 + 2 * W + G, 2, &mut out);
+        assert_eq!(out.len(), 2);
+        let b0 = out[0].tcp_rtt[1];
+        assert_eq!(
+            (b0.rtt_count, b0.rtt_min_ns, b0.rtt_max_ns, b0.rtt_sum_ns),
+            (3, 20_000_000, 30_000_000, 75_000_000)
+        );
+        let b1 = out[1].tcp_rtt[1];
+        assert_eq!((b1.rtt_count, b1.rtt_min_ns), (1, 40_000_000));
+        assert_eq!(out[0].tcp_rtt[0].rtt_count, 0);
+        assert_eq!(out[0].tcp_rtt_mask, 0b11);
+        // A sample stamped in a published bin (1) shows up after it was closed: carried.
+        k.echo(1, 1, T0 + W + 50, 5_000);
+        tick(&mut a, &mut k, T0 + 4 * W + G, 2, &mut out);
+        let late = out
+            .iter()
+            .find(|f| f.tcp_rtt[1].rtt_count == 1 && f.tcp_rtt[1].rtt_max_ns == 5_000);
+        let late = late.expect("late sample in a later frame");
+        assert!(late.late_mask & 0b10 != 0 && late.flags & FLAG_LATE != 0);
+        // The kernel's later records of bins already taken add nothing.
+        k.echo(0, 1, T0 + 40 * W, 1_000);
+        k.echo(1, 1, T0 + 40 * W + 1, 2_000);
+        tick(&mut a, &mut k, T0 + 42 * W + G, 2, &mut out);
+        let total: u32 = out.iter().map(|f| f.tcp_rtt[1].rtt_count).sum();
+        assert_eq!(total, 7, "every sample exactly once");
+        let f40 = out
+            .iter()
+            .find(|f| f.bin_start_tai_ns == T0 + 40 * W)
+            .expect("bin 40");
+        assert_eq!(f40.tcp_rtt[1].rtt_count, 2);
+        assert_eq!(f40.tcp_rtt[1].rtt_max_ns, 2_000);
+        assert!(a.stats.tcp_rtt_late >= 1);
+        // Off: the mask says so.
+        a.set_tcp_rtt(false);
+        tick(&mut a, &mut k, T0 + 44 * W + G, 2, &mut out);
+        assert_eq!(out.last().expect("frame").tcp_rtt_mask, 0);
     }
 
     #[test]

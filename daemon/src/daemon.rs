@@ -113,7 +113,7 @@ impl Daemon {
             Some(p) => Some(http::auth::Auth::load(p, tls.is_some())?),
             None => None,
         };
-        let (mut kernel, data) = Kernel::load(cfg.bin_width_ns)?;
+        let (mut kernel, data) = Kernel::load(cfg.bin_width_ns, cfg.tcp_rtt)?;
         let shared = Arc::new(Shared::new(cfg));
         let stop = Arc::new(AtomicBool::new(false));
 
@@ -231,6 +231,7 @@ impl Daemon {
         {
             let mut aligner = Aligner::new(cfg.bin_width_ns, cfg.grace_ns, data.slots_ncpu());
             aligner.set_probes(probed_mask, grid_rx);
+            aligner.set_tcp_rtt(cfg.tcp_rtt.enabled);
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
             let crate::kernel::DataMaps { ring, slots } = data;
             let (interval, rt) = (cfg.publish_interval_ns, cfg.realtime_priority);

@@ -59,6 +59,21 @@ impl RttBin {
         self.rtt_max_ns = self.rtt_max_ns.max(o.rtt_max_ns);
     }
 
+    /// The kernel's passive TCP RTT accumulator as a bin (`probes_sent` stays 0).
+    #[inline]
+    pub fn from_acc(a: &linkpulse_common::RttAcc) -> Self {
+        if a.count == 0 {
+            return Self::default();
+        }
+        Self {
+            rtt_count: a.count,
+            probes_sent: 0,
+            rtt_min_ns: u64::from(a.min_ns),
+            rtt_max_ns: u64::from(a.max_ns),
+            rtt_sum_ns: a.sum_ns,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.rtt_count == 0 && self.probes_sent == 0
     }
@@ -89,6 +104,11 @@ pub struct Frame {
     pub rtt_late_mask: u64,
     /// Per link: probe RTT samples and probes sent in this bin (see [`RttBin`]).
     pub rtt: [RttBin; MAX_LINKS],
+    /// Bit i: link i's `tcp_rtt` entry is measured (passive RTT on, link valid).
+    pub tcp_rtt_mask: u64,
+    /// Per link: passive TCP RTT samples whose echo arrived in this bin (`probes_sent` unused;
+    /// min/max saturate at u32::MAX ns in the kernel). Late samples are in `late_mask`.
+    pub tcp_rtt: [RttBin; MAX_LINKS],
 }
 
 const _: () = assert!(MAX_LINKS <= 64, "masks are u64");
@@ -108,6 +128,8 @@ impl Default for Frame {
             probed_mask: 0,
             rtt_late_mask: 0,
             rtt: [RttBin::default(); MAX_LINKS],
+            tcp_rtt_mask: 0,
+            tcp_rtt: [RttBin::default(); MAX_LINKS],
         }
     }
 }

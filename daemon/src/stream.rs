@@ -24,7 +24,8 @@ use linkpulse_common::{
     stream::{
         as_bytes, fixed_str, read, ErrorMsg, FrameHeader, Hello, LinkDesc, LinkRecord, Subscribe,
         ERR_BAD_REQUEST, ERR_NO_LINKS, ERR_TOO_MANY_CLIENTS, ERR_VERSION, MAGIC_FRAME, MAGIC_HELLO,
-        MAGIC_SUBSCRIBE, STREAM_VERSION, VALID_LATE, VALID_PROBES, VALID_RTT, VALID_TRAFFIC,
+        MAGIC_SUBSCRIBE, STREAM_VERSION, VALID_LATE, VALID_PROBES, VALID_RTT, VALID_TCP_RTT,
+        VALID_TRAFFIC,
     },
     DIRS, MAX_LINKS,
 };
@@ -85,6 +86,9 @@ struct Sub {
     links: [LinkRecord; MAX_LINKS],
     /// Probe figures of the aggregate (min/max merge needs the empty state `RttBin` has).
     rtt: [RttBin; MAX_LINKS],
+    /// Links whose passive TCP RTT was measured in every bin of the aggregate, and its figures.
+    tcp: u64,
+    tcp_rtt: [RttBin; MAX_LINKS],
     dropped: u64,
     buf: Vec<u8>,
 }
@@ -601,6 +605,8 @@ impl Sub {
             probed: 0,
             links: [LinkRecord::default(); MAX_LINKS],
             rtt: [RttBin::default(); MAX_LINKS],
+            tcp: 0,
+            tcp_rtt: [RttBin::default(); MAX_LINKS],
             dropped: 0,
             buf: Vec::with_capacity(
                 std::mem::size_of::<FrameHeader>() + links * std::mem::size_of::<LinkRecord>(),
@@ -638,12 +644,17 @@ impl Sub {
             for r in self.rtt.iter_mut() {
                 *r = RttBin::default();
             }
+            self.tcp = u64::MAX;
+            for r in self.tcp_rtt.iter_mut() {
+                *r = RttBin::default();
+            }
         }
         self.header.flags |= f.flags;
         self.valid &= f.valid_mask;
         // A record's VALID_LATE covers traffic and probe figures alike.
         self.late |= f.late_mask | f.rtt_late_mask;
         self.probed &= f.probed_mask;
+        self.tcp &= f.tcp_rtt_mask;
         for (i, rec) in self.links.iter_mut().enumerate() {
             if self.mask & (1 << i) == 0 {
                 continue;
@@ -653,6 +664,7 @@ impl Sub {
                 rec.bytes[d] += f.links[i].bytes[d];
             }
             self.rtt[i].merge(&f.rtt[i]);
+            self.tcp_rtt[i].merge(&f.tcp_rtt[i]);
         }
         self.count += 1;
         self.expect = Some(f.seq + 1);
@@ -692,6 +704,17 @@ impl Sub {
                 rec.rtt_sum_ns = r.rtt_sum_ns;
                 (rec.rtt_min_ns, rec.rtt_max_ns) = if r.rtt_count > 0 {
                     (r.rtt_min_ns, r.rtt_max_ns)
+                } else {
+                    (0, 0)
+                };
+            }
+            let t = &self.tcp_rtt[i];
+            if self.tcp & (1 << i) != 0 {
+                rec.valid |= VALID_TCP_RTT;
+                rec.tcp_rtt_count = t.rtt_count;
+                rec.tcp_rtt_sum_ns = t.rtt_sum_ns;
+                (rec.tcp_rtt_min_ns, rec.tcp_rtt_max_ns) = if t.rtt_count > 0 {
+                    (t.rtt_min_ns, t.rtt_max_ns)
                 } else {
                     (0, 0)
                 };
@@ -755,6 +778,39 @@ mod tests {
             .chunks_exact(std::mem::size_of::<LinkRecord>())
             .filter_map(read::<LinkRecord>)
             .collect()
+    }
+
+    #[test]
+    fn decimation_aggregates_tcp_rtt_and_marks_it_measured() {
+        let mut s = sub(0b11, 2);
+        let mut a = frame(0, &[], 0);
+        a.tcp_rtt_mask = 0b11;
+        a.tcp_rtt[0].add_sample(7_000);
+        a.tcp_rtt[0].add_sample(3_000);
+        let mut b = frame(1, &[], 0);
+        // Link 1's passive RTT was not measured in bin 1 (e.g. detached).
+        b.tcp_rtt_mask = 0b01;
+        b.tcp_rtt[0].add_sample(9_000);
+        assert!(!s.push(&a));
+        assert!(s.push(&b));
+        s.encode();
+        let r = records(&s);
+        assert_eq!(r[0].tcp_rtt(), Some((3, 3_000, 9_000, 19_000 / 3)));
+        assert_eq!(r[0].valid & VALID_TCP_RTT, VALID_TCP_RTT);
+        assert!(!r[1].has_tcp_rtt());
+        assert_eq!((r[1].tcp_rtt_count, r[1].tcp_rtt()), (0, None));
+        // Measured, no sample: count 0, min/max 0.
+        let mut s = sub(0b01, 1);
+        let mut c = frame(2, &[], 0);
+        c.tcp_rtt_mask = 0b01;
+        assert!(s.push(&c));
+        s.encode();
+        let r = records(&s);
+        assert!(r[0].has_tcp_rtt());
+        assert_eq!(
+            (r[0].tcp_rtt_count, r[0].tcp_rtt_min_ns, r[0].tcp_rtt()),
+            (0, 0, None)
+        );
     }
 
     #[test]

@@ -43,8 +43,10 @@ int main(int argc, char **argv) {
         for (uint32_t i = 0; i < h.link_count; i++) {
             struct lp_link_record r;
             memcpy(&r, buf + sizeof h + i * sizeof r, sizeof r);
-            printf("  link=%" PRIu32 " valid=%" PRIu32 " pkts=%" PRIu64 "/%" PRIu64 " bytes=%" PRIu64 "/%" PRIu64 "\n",
-                   r.index, r.valid, r.packets[0], r.packets[1], r.bytes[0], r.bytes[1]);
+            printf("  link=%" PRIu32 " valid=%" PRIu32 " pkts=%" PRIu64 "/%" PRIu64 " bytes=%" PRIu64 "/%" PRIu64
+                   " tcp=%" PRIu32 "/%" PRIu64 "/%" PRIu64 "/%" PRIu64 "\n",
+                   r.index, r.valid, r.packets[0], r.packets[1], r.bytes[0], r.bytes[1],
+                   r.tcp_rtt_count, r.tcp_rtt_min_ns, r.tcp_rtt_max_ns, r.tcp_rtt_sum_ns);
         }
     }
     return 0;

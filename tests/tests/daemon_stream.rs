@@ -229,8 +229,17 @@ fn bad_requests_get_a_clear_error_and_c_reads_real_frames() {
         );
         for r in &recs {
             expected += &format!(
-                "  link={} valid={} pkts={}/{} bytes={}/{}\n",
-                r.index, r.valid, r.packets[0], r.packets[1], r.bytes[0], r.bytes[1]
+                "  link={} valid={} pkts={}/{} bytes={}/{} tcp={}/{}/{}/{}\n",
+                r.index,
+                r.valid,
+                r.packets[0],
+                r.packets[1],
+                r.bytes[0],
+                r.bytes[1],
+                r.tcp_rtt_count,
+                r.tcp_rtt_min_ns,
+                r.tcp_rtt_max_ns,
+                r.tcp_rtt_sum_ns
             );
             if r.index == 1 && r.packets[1] > 0 && r.valid & VALID_TRAFFIC != 0 {
                 with_traffic += 1;
