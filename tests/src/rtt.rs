@@ -17,7 +17,73 @@
 //! cancels, and what is compared is T1, T2 and T4. The residual is the bare path plus the
 //! tool's stamping error; its median is taken as the bare path, and the error of each round
 //! trip is its distance from that median.
-use crate::truth::{Dir, TruthRecord};
+use crate::truth::{Dir, TcpFacts, TruthRecord};
+
+/// One passive TCP RTT sample as the ground truth has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpTruthSample {
+    /// CLOCK_REALTIME ns at which the emulator started the write that delivered the echo to
+    /// the router (the router's ingress sees it during or right after that write).
+    pub echo_write_ns: u64,
+    /// When the write returned.
+    pub echo_out_ns: u64,
+    /// From the segment's arrival at the emulator (its kernel rx stamp, just after it left
+    /// the router) to `echo_write_ns`: the emulator's holds both ways plus the far end.
+    pub rtt_ns: i64,
+}
+
+/// The passive RTT the kernel programs should find on `modem`, replayed from the truth by the
+/// same rules: every router → server segment with a timestamp option stores (ports, TSval) at
+/// its arrival unless stored already (whatever its fate: the router sent it); every delivered
+/// server → router segment with ACK whose TSecr is stored takes it (a sample) and removes it.
+/// Events run in router order (up by arrival, down by delivery). Flows are told apart by
+/// their ports (the testbed gives each modem one address pair). Returns the samples and the
+/// number of TSvals stored.
+pub fn tcp_rtt_truth(records: &[TruthRecord], modem: u16) -> (Vec<TcpTruthSample>, u64) {
+    let mut ev: Vec<(u64, &TruthRecord, TcpFacts, (u32, u32))> = records
+        .iter()
+        .filter(|r| r.modem == modem)
+        .filter_map(|r| {
+            let f = r.tcp?;
+            let ts = f.ts?;
+            let t = match r.dir {
+                Dir::Up => r.t_in_ns,
+                Dir::Down if r.delivered() => r.t_out_ns - u64::from(r.write_ns),
+                Dir::Down => return None,
+            };
+            Some((t, r, f, ts))
+        })
+        .collect();
+    ev.sort_by_key(|e| e.0);
+    let mut table: std::collections::HashMap<(u16, u16, u32), u64> = Default::default();
+    let mut stored = 0;
+    let mut samples = Vec::new();
+    for (t, r, f, (tsval, tsecr)) in ev {
+        match r.dir {
+            Dir::Up => {
+                if let std::collections::hash_map::Entry::Vacant(v) =
+                    table.entry((f.sport, f.dport, tsval))
+                {
+                    v.insert(t);
+                    stored += 1;
+                }
+            }
+            Dir::Down => {
+                if f.flags & TcpFacts::ACK == 0 {
+                    continue;
+                }
+                if let Some(t0) = table.remove(&(f.dport, f.sport, tsecr)) {
+                    samples.push(TcpTruthSample {
+                        echo_write_ns: t,
+                        echo_out_ns: r.t_out_ns,
+                        rtt_ns: t as i64 - t0 as i64,
+                    });
+                }
+            }
+        }
+    }
+    (samples, stored)
+}
 
 /// How long the emulator held a delivered packet: from its arrival stamp to the start of the
 /// write that delivered it.
@@ -131,6 +197,7 @@ mod tests {
             ip_version: 4,
             ip_proto: 17,
             flags: 0,
+            tcp: None,
         }
     }
 
@@ -154,6 +221,46 @@ mod tests {
         assert_eq!(hold_ns(&down), 30_000);
         assert_eq!(residual_ns(60_000, &up, &down, None), 10_000);
         assert_eq!(residual_ns(60_000, &up, &down, Some(1_993_000)), 3_000);
+    }
+
+    fn tcp(dir: Dir, t_in: u64, t_out: u64, ports: (u16, u16), ts: (u32, u32)) -> TruthRecord {
+        TruthRecord {
+            dir,
+            ip_proto: 6,
+            tcp: Some(TcpFacts {
+                sport: ports.0,
+                dport: ports.1,
+                flags: TcpFacts::ACK,
+                ts: Some(ts),
+            }),
+            ..rec(t_in, t_out, 1_000, Verdict::Delivered)
+        }
+    }
+
+    #[test]
+    fn tcp_truth_matches_first_departure_to_first_echo() {
+        let (c, s) = (40_000, 5_201);
+        let recs = [
+            // TSval 7 leaves twice (second one a retransmission): the first counts.
+            tcp(Dir::Up, 1_000, 2_000, (c, s), (7, 0)),
+            tcp(Dir::Up, 1_500, 2_500, (c, s), (7, 0)),
+            tcp(Dir::Up, 1_600, 2_600, (c, s), (8, 0)),
+            // Echo of 7 (delivery write starts at 50_000 - 1_000), then a duplicate echo.
+            tcp(Dir::Down, 30_000, 50_000, (s, c), (90, 7)),
+            tcp(Dir::Down, 31_000, 51_000, (s, c), (91, 7)),
+            // Another flow's echo of 8 is not ours.
+            tcp(Dir::Down, 32_000, 52_000, (s, c + 1), (92, 8)),
+            // A dropped echo of 8, then the delivered one.
+            TruthRecord {
+                verdict: Verdict::LostRandom,
+                ..tcp(Dir::Down, 33_000, 0, (s, c), (93, 8))
+            },
+            tcp(Dir::Down, 34_000, 60_000, (s, c), (94, 8)),
+        ];
+        let (samples, stored) = tcp_rtt_truth(&recs, 0);
+        assert_eq!(stored, 2);
+        let rtts: Vec<i64> = samples.iter().map(|s| s.rtt_ns).collect();
+        assert_eq!(rtts, vec![49_000 - 1_000, 59_000 - 1_600]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! # File layout
 //! One file per modem and direction, `state_dir/truth/m{modem}-{up|down}.bin`, made only of
-//! records (no header), each [`RECORD_SIZE`] = 32 bytes, little-endian, `#[repr(C)]`:
+//! records (no header), each [`RECORD_SIZE`] = 48 bytes, little-endian, `#[repr(C)]`:
 //!
 //! | offset | type  | field      | meaning |
 //! | ------ | ----- | ---------- | ------- |
@@ -17,6 +17,13 @@
 //! | 29     | u8    | `ip_proto` | IPv4 protocol / IPv6 first next-header (17 UDP, 6 TCP, 58 ICMPv6, 0 hop-by-hop…) |
 //! | 30     | u8    | `flags`    | bit 0: `t_in_ns` is a kernel rx stamp; bit 1: delivery held by the boundary guard |
 //! | 31     | u8    | `_pad`     | 0 |
+//! | 32     | u32   | `tsval`    | TCP timestamp option's TSval (0 unless `tcp` bit 1) |
+//! | 36     | u32   | `tsecr`    | its TSecr |
+//! | 40     | u16   | `sport`    | TCP source port (0 unless `tcp` bit 0) |
+//! | 42     | u16   | `dport`    | TCP destination port |
+//! | 44     | u8    | `tcp_flags`| the TCP header's flags byte (0x10 = ACK) |
+//! | 45     | u8    | `tcp`      | bit 0: a TCP header was read; bit 1: it has a timestamp option |
+//! | 46     | u16   | `_pad2`    | 0 |
 //!
 //! Records are appended when the packet's fate is known (dropped at arrival, delivered at its
 //! departure), so a file is ordered by that moment, not by `t_in_ns`.
@@ -30,7 +37,7 @@ use std::thread::JoinHandle;
 use serde::{Deserialize, Serialize};
 
 /// Size of one on-disk record.
-pub const RECORD_SIZE: usize = 32;
+pub const RECORD_SIZE: usize = 48;
 /// `flags` bit: `t_in_ns` comes from the kernel's rx timestamp.
 pub const FLAG_KERNEL_RX_STAMP: u8 = 1;
 /// `flags` bit: the delivery was held back by the downlink boundary guard.
@@ -139,6 +146,56 @@ pub struct TruthRecord {
     pub ip_version: u8,
     pub ip_proto: u8,
     pub flags: u8,
+    /// Ports, flags and timestamps of a TCP segment (the passive RTT's truth).
+    pub tcp: Option<TcpFacts>,
+}
+
+/// What the truth keeps of a TCP header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpFacts {
+    pub sport: u16,
+    pub dport: u16,
+    /// The flags byte (0x10 = ACK, 0x02 = SYN, 0x01 = FIN).
+    pub flags: u8,
+    /// (TSval, TSecr) of the timestamp option, if any.
+    pub ts: Option<(u32, u32)>,
+}
+
+impl TcpFacts {
+    pub const ACK: u8 = 0x10;
+
+    /// The TCP facts of an IP packet (IPv4, or IPv6 without extension headers), None for
+    /// other packets, non-first fragments and headers cut short. Options are read with the
+    /// parser the kernel programs use (`linkpulse_common::tcp`); a malformed list gives `ts`
+    /// None.
+    pub fn of_packet(pkt: &[u8]) -> Option<TcpFacts> {
+        let l4 = match pkt.first()? >> 4 {
+            4 if pkt.len() >= 20 => {
+                if pkt[9] != 6 || (pkt[6] & 0x1f) != 0 || pkt[7] != 0 {
+                    return None;
+                }
+                usize::from(pkt[0] & 0x0f) * 4
+            }
+            6 if pkt.len() >= 40 && pkt[6] == 6 => 40,
+            _ => return None,
+        };
+        let t = pkt.get(l4..)?;
+        if t.len() < 20 {
+            return None;
+        }
+        let opt_len = (usize::from(t[12] >> 4) * 4).saturating_sub(20);
+        let opts = &t[20..];
+        let ts = match linkpulse_common::tcp::tcp_timestamp(opts, opt_len) {
+            linkpulse_common::tcp::TsOption::Found { tsval, tsecr } => Some((tsval, tsecr)),
+            _ => None,
+        };
+        Some(TcpFacts {
+            sport: u16::from_be_bytes([t[0], t[1]]),
+            dport: u16::from_be_bytes([t[2], t[3]]),
+            flags: t[13],
+            ts,
+        })
+    }
 }
 
 impl TruthRecord {
@@ -154,6 +211,15 @@ impl TruthRecord {
         b[28] = self.ip_version;
         b[29] = self.ip_proto;
         b[30] = self.flags;
+        if let Some(t) = &self.tcp {
+            let (tsval, tsecr) = t.ts.unwrap_or((0, 0));
+            b[32..36].copy_from_slice(&tsval.to_le_bytes());
+            b[36..40].copy_from_slice(&tsecr.to_le_bytes());
+            b[40..42].copy_from_slice(&t.sport.to_le_bytes());
+            b[42..44].copy_from_slice(&t.dport.to_le_bytes());
+            b[44] = t.flags;
+            b[45] = 1 | if t.ts.is_some() { 2 } else { 0 };
+        }
         b
     }
 
@@ -180,6 +246,12 @@ impl TruthRecord {
             ip_version: b[28],
             ip_proto: b[29],
             flags: b[30],
+            tcp: (b[45] & 1 != 0).then(|| TcpFacts {
+                sport: u16::from_le_bytes([b[40], b[41]]),
+                dport: u16::from_le_bytes([b[42], b[43]]),
+                flags: b[44],
+                ts: (b[45] & 2 != 0).then(|| (u32_at(32), u32_at(36))),
+            }),
         })
     }
 
@@ -536,7 +608,58 @@ mod tests {
             ip_version: 4,
             ip_proto: 17,
             flags: FLAG_KERNEL_RX_STAMP,
+            tcp: None,
         }
+    }
+
+    /// An IPv4 TCP segment 10.0.0.1:40000 → 10.0.0.2:5201, ACK, NOP NOP TS.
+    fn tcp_v4(opts: &[u8]) -> Vec<u8> {
+        let doff = (20 + opts.len()) / 4;
+        let mut p = vec![0u8; 20 + 20 + opts.len()];
+        p[0] = 0x45;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[32] = (doff as u8) << 4;
+        p[33] = TcpFacts::ACK;
+        p[40..].copy_from_slice(opts);
+        p
+    }
+
+    #[test]
+    fn tcp_facts_from_packets_and_roundtrip() {
+        let ts = [1, 1, 8, 10, 0, 0, 0, 7, 0, 0, 0, 9];
+        let f = TcpFacts::of_packet(&tcp_v4(&ts)).expect("tcp");
+        assert_eq!(
+            f,
+            TcpFacts {
+                sport: 40000,
+                dport: 5201,
+                flags: TcpFacts::ACK,
+                ts: Some((7, 9)),
+            }
+        );
+        // No options, a malformed list, UDP, a non-first fragment.
+        assert_eq!(TcpFacts::of_packet(&tcp_v4(&[])).map(|f| f.ts), Some(None));
+        assert_eq!(
+            TcpFacts::of_packet(&tcp_v4(&[1, 1, 8, 6])).map(|f| f.ts),
+            Some(None)
+        );
+        let mut udp = tcp_v4(&ts);
+        udp[9] = 17;
+        assert_eq!(TcpFacts::of_packet(&udp), None);
+        let mut frag = tcp_v4(&ts);
+        frag[7] = 1;
+        assert_eq!(TcpFacts::of_packet(&frag), None);
+        assert_eq!(TcpFacts::of_packet(&tcp_v4(&ts)[..30]), None);
+        let mut r = rec(1, 2, Dir::Down, Verdict::Delivered, 52);
+        r.ip_proto = 6;
+        r.tcp = Some(f);
+        assert_eq!(TruthRecord::from_bytes(&r.to_bytes()), Ok(r));
+        r.tcp = Some(TcpFacts { ts: None, ..f });
+        assert_eq!(TruthRecord::from_bytes(&r.to_bytes()), Ok(r));
     }
 
     #[test]

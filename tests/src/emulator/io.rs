@@ -21,7 +21,9 @@ use std::thread::JoinHandle;
 use super::engine::{guard_release, Admission, EngineStats, LinkEngine};
 use super::EmulatorError;
 use crate::sys::{self, EventFd, PacketMeta};
-use crate::truth::{Dir, TruthRecord, TruthWriter, Verdict, FLAG_GUARD_HELD, FLAG_KERNEL_RX_STAMP};
+use crate::truth::{
+    Dir, TcpFacts, TruthRecord, TruthWriter, Verdict, FLAG_GUARD_HELD, FLAG_KERNEL_RX_STAMP,
+};
 
 /// Truth records go to the writer thread (and so to the file) at least this often.
 pub const TRUTH_FLUSH_NS: u64 = 100_000_000;
@@ -480,6 +482,11 @@ impl State {
             ip_version,
             ip_proto,
             flags,
+            tcp: if ip_proto == 6 {
+                TcpFacts::of_packet(data)
+            } else {
+                None
+            },
         })?;
         Ok(())
     }

@@ -55,6 +55,12 @@ pub struct Seen {
     /// Frames per flag bit (index = bit).
     pub flag_frames: [u64; 8],
     pub last_bin_utc: i64,
+    /// (link, bin start UTC ns) → passive TCP RTT of that bin (bins with samples only).
+    pub tcp_rtt: BTreeMap<(usize, i64), linkpulse::frame::RttBin>,
+    /// (link, bin start UTC ns) of bins whose entry carries late data.
+    pub late_bins: std::collections::BTreeSet<(usize, i64)>,
+    /// Frames in which link i's passive RTT was marked measured.
+    pub tcp_rtt_measured: BTreeMap<usize, u64>,
 }
 
 pub struct Run {
@@ -415,6 +421,15 @@ fn collect(s: &mut Seen, f: &Frame) {
         if !f.is_valid(l) {
             *s.invalid.entry(l).or_default() += 1;
             s.incomplete_seconds.insert((l, sec));
+        }
+        if f.tcp_rtt_mask & (1 << l) != 0 {
+            *s.tcp_rtt_measured.entry(l).or_default() += 1;
+        }
+        if f.tcp_rtt[l].rtt_count > 0 {
+            s.tcp_rtt.insert((l, f.bin_start_utc_ns), f.tcp_rtt[l]);
+        }
+        if f.late_mask & (1 << l) != 0 {
+            s.late_bins.insert((l, f.bin_start_utc_ns));
         }
         for d in 0..2 {
             let (p, b) = (f.links[l].packets[d], f.links[l].bytes[d]);
