@@ -13,7 +13,7 @@ use std::{
 
 use common::{plain, Run};
 use linkpulse_client::{request_raw, ClientError, StreamClient, Subscription, VALID_TRAFFIC};
-use linkpulse_common::stream::{as_bytes, ERR_BAD_REQUEST, ERR_VERSION};
+use linkpulse_common::stream::{as_bytes, ERR_BAD_REQUEST, ERR_VERSION, STREAM_VERSION};
 use linkpulse_testbed::{
     traffic::{UdpFlow, UdpSink},
     ModemKind, TestbedOptions,
@@ -175,7 +175,10 @@ fn bad_requests_get_a_clear_error_and_c_reads_real_frames() {
     match request_raw(&sock, as_bytes(&req)) {
         Err(ClientError::Refused { code, message }) => {
             assert_eq!(code, ERR_VERSION);
-            assert!(message.contains("speaks 1"), "{message}");
+            assert!(
+                message.contains(&format!("speaks {STREAM_VERSION}")),
+                "{message}"
+            );
         }
         other => panic!("version 9 must be refused: {other:?}"),
     }
