@@ -367,6 +367,11 @@ fn tcp_rtt(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: u64)
         key.local_port = sport;
         key.remote_port = dport;
         key.tsval = tsval;
+        // Look first: an LRU update allocates (and, when full, evicts) a node before it finds
+        // the key present, and most segments of a busy flow carry a TSval already stored.
+        if TCP_TS.get_ptr(&key).is_some() {
+            return None;
+        }
         match TCP_TS.insert(&key, now, BPF_NOEXIST as u64) {
             Ok(()) => count_tcp_stat(TCP_STAT_INSERTS),
             Err(e) if e == -EEXIST => {}
