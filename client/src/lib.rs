@@ -30,7 +30,7 @@ use linkpulse_common::stream::{
 pub use linkpulse_common::stream::{
     ErrorMsg, FrameHeader, Hello, LinkDesc, LinkRecord, FLAG_CLOCK_STEP, FLAG_CLOCK_UNSYNC,
     FLAG_GAP, FLAG_LATE, FLAG_RTT_LATE, FLAG_SKIPPED, VALID_LATE, VALID_PROBES, VALID_RTT,
-    VALID_TRAFFIC,
+    VALID_TCP_RTT, VALID_TRAFFIC,
 };
 
 #[cfg(feature = "async")]

@@ -752,6 +752,28 @@ interface = "wwan1"
     }
 
     #[test]
+    fn tcp_rtt_defaults_and_table_size_bounds() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.tcp_rtt, TcpRttConfig::default());
+        assert_eq!((c.tcp_rtt.enabled, c.tcp_rtt.table_entries), (true, 16384));
+        let off = parse(&format!(
+            "{GOOD}\n[tcp_rtt]\nenabled = false\ntable_entries = 64\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            off.tcp_rtt,
+            TcpRttConfig {
+                enabled: false,
+                table_entries: 64
+            }
+        );
+        let (_, msg) = invalid_at(&format!("{GOOD}\n[tcp_rtt]\ntable_entries = 10\n"));
+        assert!(msg.contains("table_entries = 10"), "{msg}");
+        let (_, msg) = invalid_at(&format!("{GOOD}\n[tcp_rtt]\ntable_size = 100\n"));
+        assert!(msg.contains("table_size"), "{msg}");
+    }
+
+    #[test]
     fn unknown_key_names_its_line() {
         let s = GOOD.replace("label = \"Verizon A\"", "lable = \"Verizon A\"");
         let (line, msg) = invalid_at(&s);
