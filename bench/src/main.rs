@@ -169,47 +169,68 @@ fn tcp_flow(net: &BenchNet, dur: Duration) -> anyhow::Result<u64> {
 fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
     let net = BenchNet::up("c", 1)?;
     let _stats = BpfStats::enable()?;
-    let mut kernel = netns::run_in(&net.router, || -> anyhow::Result<Kernel> {
-        let (mut k, _data) = Kernel::load(100_000, linkpulse::config::TcpRttConfig::default())?;
-        k.attach_baseline("wwan0")?;
-        let ix = linkpulse::kernel::ifindex("wwan0").context("wwan0 missing")?;
-        k.attach("wwan0", ix, 0, 14)?;
-        Ok(k)
-    })??;
-    let before = kernel.program_stats();
-    let stop = AtomicBool::new(false);
+    let load = |tcp: linkpulse::config::TcpRttConfig| {
+        netns::run_in(&net.router, || -> anyhow::Result<Kernel> {
+            let (mut k, _data) = Kernel::load(100_000, tcp)?;
+            k.attach_baseline("wwan0")?;
+            let ix = linkpulse::kernel::ifindex("wwan0").context("wwan0 missing")?;
+            k.attach("wwan0", ix, 0, 14)?;
+            Ok(k)
+        })?
+    };
     let n = args.cost_packets;
-    let egress = netns::run_in(&net.router, || {
-        gen::flood(
-            &[net::router_sink(0)],
-            64,
-            n,
-            Duration::from_secs(60),
-            0,
-            &stop,
-        )
-    })??;
-    let ingress = netns::run_in(&net.peer, || {
-        gen::flood(
-            &[net::peer_sink(0)],
-            64,
-            n,
-            Duration::from_secs(60),
-            0,
-            &stop,
-        )
-    })??;
-    let after = kernel.program_stats();
-    let delta = |name: &str| stats_delta(&before, &after, name);
-    let (ti, ci) = delta("lp_ingress");
-    let (te, ce) = delta("lp_egress");
-    let (t0, c0) = delta("lp_empty");
-    anyhow::ensure!(
-        ci > 0.0 && ce > 0.0 && c0 > 0.0,
-        "bpf_stats counted nothing (ingress {ci}, egress {ce}, empty {c0})"
-    );
-    let empty = t0 / c0;
-    let ours = (ti + te) / (ci + ce);
+    // UDP floods both ways: (ours, empty, ingress, egress, packets out, packets in), ns/run.
+    let udp = |kernel: &Kernel| -> anyhow::Result<(f64, f64, f64, f64, u64, u64)> {
+        let before = kernel.program_stats();
+        let stop = AtomicBool::new(false);
+        let egress = netns::run_in(&net.router, || {
+            gen::flood(
+                &[net::router_sink(0)],
+                64,
+                n,
+                Duration::from_secs(60),
+                0,
+                &stop,
+            )
+        })??;
+        let ingress = netns::run_in(&net.peer, || {
+            gen::flood(
+                &[net::peer_sink(0)],
+                64,
+                n,
+                Duration::from_secs(60),
+                0,
+                &stop,
+            )
+        })??;
+        let after = kernel.program_stats();
+        let delta = |name: &str| stats_delta(&before, &after, name);
+        let (ti, ci) = delta("lp_ingress");
+        let (te, ce) = delta("lp_egress");
+        let (t0, c0) = delta("lp_empty");
+        anyhow::ensure!(
+            ci > 0.0 && ce > 0.0 && c0 > 0.0,
+            "bpf_stats counted nothing (ingress {ci}, egress {ce}, empty {c0})"
+        );
+        Ok((
+            (ti + te) / (ci + ce),
+            t0 / c0,
+            ti / ci,
+            te / ce,
+            egress.0,
+            ingress.0,
+        ))
+    };
+    // The same floods with passive RTT off: what its check costs packets that are not TCP.
+    let off = {
+        let k = load(linkpulse::config::TcpRttConfig {
+            enabled: false,
+            ..Default::default()
+        })?;
+        udp(&k)?
+    };
+    let mut kernel = load(linkpulse::config::TcpRttConfig::default())?;
+    let (ours, empty, ing, egr, sent_out, sent_in) = udp(&kernel)?;
 
     // Probes configured on the link (one more lookup and header load per packet), then TCP.
     let mut probe = kernel.take_probe_maps()?;
@@ -268,11 +289,11 @@ fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
             )
             .target("≤ 70 over the empty program")
             .note(format!(
-                "ours {ours:.0} ns in all (ingress {:.0}, egress {:.0}); {} + {} packets",
-                ti / ci,
-                te / ce,
-                egress.0,
-                ingress.0
+                "ours {ours:.0} ns in all (ingress {ing:.0}, egress {egr:.0}); {sent_out} + \
+                 {sent_in} packets; with [tcp_rtt] off: {:.0} over {:.0} (same floods, \
+                 measured just before)",
+                off.0 - off.1,
+                off.1
             )),
         with_tcp,
     ])
