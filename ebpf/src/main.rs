@@ -286,6 +286,24 @@ fn probe_stamp(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: 
     }
 }
 
+/// The byte at `off` of the packet, straight from the linear data when it is there (no helper
+/// call), else through bpf_skb_load_bytes. Two bytes are bounds-checked: with one, LLVM turns
+/// the check into `end > p`, from which the verifier grants no access.
+#[inline(always)]
+fn proto_byte(ctx: &TcContext, off: usize) -> Option<u8> {
+    // Bounded for the verifier (callers pass l2 + 9 or l2 + 6, with l2 at most 14).
+    if off > 63 {
+        return ctx.load::<u8>(off).ok();
+    }
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + 2 > end {
+        return ctx.load::<u8>(off).ok();
+    }
+    // SAFETY: [start + off, start + off + 2) is inside the linear data (checked just above).
+    Some(unsafe { *((start + off) as *const u8) })
+}
+
 /// TCP option bytes read straight from the packet (offset 0 = first option byte).
 struct SkbOpts<'a> {
     ctx: &'a TcContext,
@@ -307,6 +325,11 @@ impl OptBytes for SkbOpts<'_> {
 /// IPv6 extension headers are not walked: such packets give no sample.
 #[inline(always)]
 fn tcp_rtt(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: u64) -> Option<u64> {
+    // Every packet comes here: the protocol byte decides, read without a helper call.
+    let proto_at = if proto == ETH_P_IP { l2 + 9 } else { l2 + 6 };
+    if proto_byte(ctx, proto_at)? != IPPROTO_TCP {
+        return None;
+    }
     let mut key = TsKey {
         link: link as u16,
         ..TsKey::default()
