@@ -1,7 +1,7 @@
 //! The consumers' frame queues: an SPSC ring (rtrb) of `u64` words holding each frame
 //! compactly instead of the fixed 2.1 KB [`Frame`] (32 links, the probe part of every link):
-//! the header, the traffic records up to the last non-empty link and the probe records of the
-//! links that have any. At 16 links without probes a frame takes 600 bytes, so a queue that
+//! the header, the traffic records up to the last non-empty link, the probe records of the
+//! links that have any and the passive TCP RTT records of the links that have any. At 16 links without probes a frame takes 600 bytes, so a queue that
 //! covers 100 ms of 100 µs bins takes 0.6 MB instead of 2.1 MB — most of the daemon's heap.
 //!
 //! The ingest thread encodes a frame once ([`Encoded`]) and copies the words into every
@@ -12,20 +12,56 @@ use linkpulse_common::{DIRS, MAX_LINKS};
 
 use crate::frame::{Frame, LinkBin, RttBin};
 
-/// Word 0 (length, link records, probe records), then the header fields.
-const HEADER_WORDS: usize = 11;
+/// Word 0 (length, link records), then the header fields and the masks of the records present.
+const HEADER_WORDS: usize = 13;
 /// packets[2], bytes[2].
 const LINK_WORDS: usize = 2 * DIRS;
 /// count | sent, min, max, sum.
 const RTT_WORDS: usize = 4;
-/// The largest encoded frame: every link with traffic and probe records.
-pub const MAX_WORDS: usize = HEADER_WORDS + MAX_LINKS * (LINK_WORDS + RTT_WORDS);
+/// The largest encoded frame: every link with traffic, probe and TCP RTT records.
+pub const MAX_WORDS: usize = HEADER_WORDS + MAX_LINKS * (LINK_WORDS + 2 * RTT_WORDS);
 
 const _: () = assert!(MAX_WORDS < 1 << 16, "length fits word 0's low 16 bits");
 
-/// Words of a frame with `links` traffic records and `probed` probe records.
-pub const fn frame_words(links: usize, probed: usize) -> usize {
-    HEADER_WORDS + links * LINK_WORDS + probed * RTT_WORDS
+/// Words of a frame with `links` traffic records and `rtt` probe and TCP RTT records.
+pub const fn frame_words(links: usize, rtt: usize) -> usize {
+    HEADER_WORDS + links * LINK_WORDS + rtt * RTT_WORDS
+}
+
+/// Bit i set: record i of `bins` is not empty.
+fn present(bins: &[RttBin; MAX_LINKS]) -> u64 {
+    let empty = RttBin::default();
+    bins.iter()
+        .enumerate()
+        .filter(|(_, r)| **r != empty)
+        .fold(0u64, |m, (i, _)| m | 1 << i)
+}
+
+fn put_rtt(w: &mut [u64], at: &mut usize, bins: &[RttBin; MAX_LINKS], mask: u64) {
+    for (i, r) in bins.iter().enumerate() {
+        if mask & (1 << i) != 0 {
+            w[*at] = u64::from(r.rtt_count) | u64::from(r.probes_sent) << 32;
+            w[*at + 1] = r.rtt_min_ns;
+            w[*at + 2] = r.rtt_max_ns;
+            w[*at + 3] = r.rtt_sum_ns;
+            *at += RTT_WORDS;
+        }
+    }
+}
+
+fn get_rtt(w: &[u64], at: &mut usize, bins: &mut [RttBin; MAX_LINKS], mask: u64) {
+    for (i, r) in bins.iter_mut().enumerate() {
+        if mask & (1 << i) != 0 {
+            *r = RttBin {
+                rtt_count: w[*at] as u32,
+                probes_sent: (w[*at] >> 32) as u32,
+                rtt_min_ns: w[*at + 1],
+                rtt_max_ns: w[*at + 2],
+                rtt_sum_ns: w[*at + 3],
+            };
+            *at += RTT_WORDS;
+        }
+    }
 }
 
 /// One frame in its queue form (built once per frame, pushed into every queue).
@@ -59,14 +95,12 @@ impl Encoded {
                 .rev()
                 .take_while(|l| **l == empty_link)
                 .count();
-        let empty_rtt = RttBin::default();
-        let rtt_mask = f
-            .rtt
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| **r != empty_rtt)
-            .fold(0u64, |m, (i, _)| m | 1 << i);
-        let len = frame_words(links, rtt_mask.count_ones() as usize);
+        let rtt_mask = present(&f.rtt);
+        let tcp_mask = present(&f.tcp_rtt);
+        let len = frame_words(
+            links,
+            (rtt_mask.count_ones() + tcp_mask.count_ones()) as usize,
+        );
         let w = &mut self.words;
         w[0] = len as u64 | (links as u64) << 16;
         w[1] = f.bin_start_tai_ns;
@@ -79,19 +113,16 @@ impl Encoded {
         w[8] = f.probed_mask;
         w[9] = f.rtt_late_mask;
         w[10] = rtt_mask;
+        w[11] = f.tcp_rtt_mask;
+        w[12] = tcp_mask;
         let mut at = HEADER_WORDS;
         for l in &f.links[..links] {
             w[at..at + DIRS].copy_from_slice(&l.packets);
             w[at + DIRS..at + LINK_WORDS].copy_from_slice(&l.bytes);
             at += LINK_WORDS;
         }
-        for r in f.rtt.iter().filter(|r| **r != empty_rtt) {
-            w[at] = u64::from(r.rtt_count) | u64::from(r.probes_sent) << 32;
-            w[at + 1] = r.rtt_min_ns;
-            w[at + 2] = r.rtt_max_ns;
-            w[at + 3] = r.rtt_sum_ns;
-            at += RTT_WORDS;
-        }
+        put_rtt(w, &mut at, &f.rtt, rtt_mask);
+        put_rtt(w, &mut at, &f.tcp_rtt, tcp_mask);
         self.len = len;
     }
 
@@ -106,9 +137,16 @@ pub fn decode(w: &[u64]) -> Option<Frame> {
     let len = (head & 0xffff) as usize;
     let links = ((head >> 16) & 0xffff) as usize;
     let rtt_mask = *w.get(10)?;
+    let tcp_mask = *w.get(12)?;
+    let beyond = |m: u64| m.checked_shr(MAX_LINKS as u32).unwrap_or(0) != 0;
     if links > MAX_LINKS
-        || rtt_mask.checked_shr(MAX_LINKS as u32).unwrap_or(0) != 0
-        || len != frame_words(links, rtt_mask.count_ones() as usize)
+        || beyond(rtt_mask)
+        || beyond(tcp_mask)
+        || len
+            != frame_words(
+                links,
+                (rtt_mask.count_ones() + tcp_mask.count_ones()) as usize,
+            )
         || w.len() < len
     {
         return None;
@@ -124,6 +162,7 @@ pub fn decode(w: &[u64]) -> Option<Frame> {
         late_mask: w[7],
         probed_mask: w[8],
         rtt_late_mask: w[9],
+        tcp_rtt_mask: w[11],
         ..Frame::default()
     };
     let mut at = HEADER_WORDS;
@@ -132,19 +171,8 @@ pub fn decode(w: &[u64]) -> Option<Frame> {
         l.bytes.copy_from_slice(&w[at + DIRS..at + LINK_WORDS]);
         at += LINK_WORDS;
     }
-    for (i, r) in f.rtt.iter_mut().enumerate() {
-        if rtt_mask & (1 << i) == 0 {
-            continue;
-        }
-        *r = RttBin {
-            rtt_count: w[at] as u32,
-            probes_sent: (w[at] >> 32) as u32,
-            rtt_min_ns: w[at + 1],
-            rtt_max_ns: w[at + 2],
-            rtt_sum_ns: w[at + 3],
-        };
-        at += RTT_WORDS;
-    }
+    get_rtt(w, &mut at, &mut f.rtt, rtt_mask);
+    get_rtt(w, &mut at, &mut f.tcp_rtt, tcp_mask);
     Some(f)
 }
 
@@ -202,7 +230,9 @@ pub fn frame_queue(frames: usize) -> (FrameProducer, FrameConsumer) {
 
 /// A queue sized in time: `span_ns` of `width_ns` bins with `links` link records and `probed`
 /// probe records each (the configuration at start; more links after a reload shorten the
-/// span it holds in proportion). At least four frames of the largest size.
+/// span it holds in proportion). Passive TCP RTT records are not counted: they come only in
+/// bins where an echo arrived; if every link had one in every bin, a queue of 16 links with 16
+/// probed would hold ~60 % of the span. At least four frames of the largest size.
 pub fn frame_queue_for(
     span_ns: u64,
     width_ns: u64,
@@ -248,6 +278,9 @@ mod tests {
         f.rtt[1].add_sample(20_000_000);
         f.rtt[1].probes_sent = 3;
         f.rtt[3].probes_sent = 1;
+        f.tcp_rtt_mask = f.valid_mask;
+        f.tcp_rtt[2].add_sample(31_000_000);
+        f.tcp_rtt[2].add_sample(29_000_000);
         f
     }
 
@@ -265,8 +298,16 @@ mod tests {
             assert_eq!(rx.pop().as_ref(), Ok(f));
         }
         assert!(rx.pop().is_err());
-        assert_eq!(Encoded::new(&sample(16)).words().len(), 11 + 16 * 4 + 2 * 4);
-        assert_eq!(Encoded::new(&Frame::default()).words().len(), 11);
+        assert_eq!(
+            Encoded::new(&sample(16)).words().len(),
+            13 + 16 * 4 + 2 * 4 + 4
+        );
+        assert_eq!(Encoded::new(&Frame::default()).words().len(), 13);
+        // The TCP records come back where they were, apart from the probe records.
+        let mut only_tcp = Frame::default();
+        only_tcp.tcp_rtt[31].add_sample(1);
+        tx.push(&only_tcp).expect("room");
+        assert_eq!(rx.pop(), Ok(only_tcp));
     }
 
     #[test]
@@ -297,7 +338,7 @@ mod tests {
     #[test]
     fn garbage_is_not_a_frame() {
         assert!(decode(&[]).is_none());
-        assert!(decode(&[5; 11]).is_none());
+        assert!(decode(&[5; 13]).is_none());
         let e = Encoded::new(&sample(8));
         assert!(decode(&e.words()[..e.words().len() - 1]).is_none());
     }
