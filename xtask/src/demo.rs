@@ -141,7 +141,7 @@ impl Demo {
 
         let addr: SocketAddr = API_ADDR.parse().context("API_ADDR is not an address")?;
         self.wait_for_api(addr)?;
-        say!("HTTP API: http://{API_ADDR}/ (links {LINKS_PATH}, metrics /metrics)");
+        say!("web page: http://{API_ADDR}/ (API {LINKS_PATH}, metrics /metrics)");
         say!(
             "InfluxDB (the central side, forwarded to by [[forward]] \"demo-influx\"): \
              http://{INFLUX_ADDR}, database {INFLUX_DB}, files in {}; query it with\n  \
@@ -261,8 +261,8 @@ impl Demo {
                 };
                 write!(
                     out,
-                    "\x1b[H\x1b[2Jlinkpulse demo: {} modems, {elapsed} s, {until}\nHTTP API: \
-                     http://{API_ADDR}/ (links {LINKS_PATH}, metrics /metrics)\n\n{table}",
+                    "\x1b[H\x1b[2Jlinkpulse demo: {} modems, {elapsed} s, {until}\nweb page: \
+                     http://{API_ADDR}/ (API {LINKS_PATH}, metrics /metrics)\n\n{table}",
                     args.modems
                 )?;
             } else {
