@@ -77,6 +77,16 @@ impl RttBin {
     pub fn is_empty(&self) -> bool {
         self.rtt_count == 0 && self.probes_sent == 0
     }
+
+    /// (min, max) for the wire: (0, 0) without samples (min starts at `u64::MAX` here).
+    #[inline]
+    pub fn min_max(&self) -> (u64, u64) {
+        if self.rtt_count > 0 {
+            (self.rtt_min_ns, self.rtt_max_ns)
+        } else {
+            (0, 0)
+        }
+    }
 }
 
 #[repr(C)]

@@ -702,22 +702,14 @@ impl Sub {
                 rec.rtt_count = r.rtt_count;
                 rec.probes_sent = r.probes_sent;
                 rec.rtt_sum_ns = r.rtt_sum_ns;
-                (rec.rtt_min_ns, rec.rtt_max_ns) = if r.rtt_count > 0 {
-                    (r.rtt_min_ns, r.rtt_max_ns)
-                } else {
-                    (0, 0)
-                };
+                (rec.rtt_min_ns, rec.rtt_max_ns) = r.min_max();
             }
             let t = &self.tcp_rtt[i];
             if self.tcp & (1 << i) != 0 {
                 rec.valid |= VALID_TCP_RTT;
                 rec.tcp_rtt_count = t.rtt_count;
                 rec.tcp_rtt_sum_ns = t.rtt_sum_ns;
-                (rec.tcp_rtt_min_ns, rec.tcp_rtt_max_ns) = if t.rtt_count > 0 {
-                    (t.rtt_min_ns, t.rtt_max_ns)
-                } else {
-                    (0, 0)
-                };
+                (rec.tcp_rtt_min_ns, rec.tcp_rtt_max_ns) = t.min_max();
             }
             self.buf.extend_from_slice(as_bytes(rec));
         }
