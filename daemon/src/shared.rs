@@ -81,6 +81,13 @@ pub struct SecondTotals {
     pub up: DirTotals,
     /// Every bin of the second was measured (link attached throughout).
     pub complete: bool,
+    /// Passive TCP RTT samples whose echo arrived in the second; None when passive RTT is off
+    /// or the link was measured in none of its bins.
+    pub tcp_rtt_samples: Option<u64>,
+    /// Their min, mean and max (ns); None without samples.
+    pub tcp_rtt_min_ns: Option<u64>,
+    pub tcp_rtt_mean_ns: Option<u64>,
+    pub tcp_rtt_max_ns: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

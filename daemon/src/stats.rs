@@ -10,7 +10,7 @@ use std::time::Duration;
 use linkpulse_common::{DIRS, MAX_LINKS};
 
 use crate::{
-    frame::Frame,
+    frame::{Frame, RttBin},
     shared::{DirTotals, SecondTotals, Shared},
 };
 
@@ -23,6 +23,9 @@ struct Acc {
     bytes: [u64; DIRS],
     bins: u64,
     valid_bins: u64,
+    /// Bins in which passive TCP RTT was measured, and their samples.
+    tcp_bins: u64,
+    tcp: RttBin,
 }
 
 pub struct SecondAccumulator {
@@ -58,6 +61,13 @@ impl SecondAccumulator {
                             down: dir(0),
                             up: dir(1),
                             complete: a.valid_bins == self.bins_per_second,
+                            tcp_rtt_samples: (a.tcp_bins > 0).then_some(u64::from(a.tcp.rtt_count)),
+                            tcp_rtt_min_ns: (a.tcp.rtt_count > 0).then_some(a.tcp.rtt_min_ns),
+                            tcp_rtt_mean_ns: a
+                                .tcp
+                                .rtt_sum_ns
+                                .checked_div(u64::from(a.tcp.rtt_count)),
+                            tcp_rtt_max_ns: (a.tcp.rtt_count > 0).then_some(a.tcp.rtt_max_ns),
                         },
                     );
                 }
@@ -74,6 +84,10 @@ impl SecondAccumulator {
             a.bins += 1;
             if f.is_valid(l) {
                 a.valid_bins += 1;
+            }
+            if f.tcp_rtt_mask & (1 << l) != 0 {
+                a.tcp_bins += 1;
+                a.tcp.merge(&f.tcp_rtt[l]);
             }
         }
     }
@@ -143,5 +157,40 @@ mod tests {
             !out[1].1.complete,
             "a missing bin makes the second incomplete"
         );
+        assert_eq!(out[0].1.tcp_rtt_samples, None, "passive RTT off");
+        assert_eq!(out[0].1.tcp_rtt_mean_ns, None);
+    }
+
+    #[test]
+    fn seconds_carry_passive_tcp_rtt() {
+        let w = 100_000_000u64;
+        let mut acc = SecondAccumulator::new(w);
+        let mut out = Vec::new();
+        for i in 0..21i64 {
+            let mut f = Frame {
+                bin_start_utc_ns: 1_000 * NS_PER_S + i * w as i64,
+                width_ns: w,
+                link_count: 2,
+                valid_mask: 0b11,
+                // Link 0 measured in every bin, link 1 never.
+                tcp_rtt_mask: 0b01,
+                ..Frame::default()
+            };
+            if i < 10 {
+                f.tcp_rtt[0].add_sample(20_000_000 + i as u64 * 1_000_000);
+            }
+            acc.push(&f, |l, t| out.push((l, t)));
+        }
+        let (l0, l1) = (out[0].1, out[1].1);
+        assert_eq!((out[0].0, out[1].0), (0, 1));
+        assert_eq!(l0.tcp_rtt_samples, Some(10));
+        assert_eq!(l0.tcp_rtt_min_ns, Some(20_000_000));
+        assert_eq!(l0.tcp_rtt_mean_ns, Some(24_500_000));
+        assert_eq!(l0.tcp_rtt_max_ns, Some(29_000_000));
+        assert_eq!(l1.tcp_rtt_samples, None, "not measured on link 1");
+        // A measured second without samples: 0, and no min/mean/max.
+        let (l0, _) = (out[2].1, out[3].1);
+        assert_eq!(l0.tcp_rtt_samples, Some(0));
+        assert_eq!((l0.tcp_rtt_min_ns, l0.tcp_rtt_mean_ns), (None, None));
     }
 }

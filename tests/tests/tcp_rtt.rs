@@ -266,7 +266,28 @@ fn tcp_rtt_matches_ground_truth_per_bin() {
             Duration::from_millis(7),
         ),
     ];
-    std::thread::sleep(Duration::from_secs(8));
+    // Mid-run, the last complete second in /api/v1/links has each link's passive RTT: both
+    // links carry a flow, whose RTT is the emulator's 45 ms ± 11 ms plus the bare path.
+    std::thread::sleep(Duration::from_secs(5));
+    let (code, body) = common::http_get(&run, "/api/v1/links");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("links JSON");
+    for l in v["links"].as_array().expect("links array") {
+        let s = &l["last_second"];
+        let n = s["tcp_rtt_samples"].as_u64().unwrap_or(0);
+        assert!(n > 0, "no passive RTT in the last second: {s}");
+        let ms = |k: &str| s[k].as_u64().unwrap_or(0) as f64 / 1e6;
+        let (min, mean, max) = (
+            ms("tcp_rtt_min_ns"),
+            ms("tcp_rtt_mean_ns"),
+            ms("tcp_rtt_max_ns"),
+        );
+        assert!(
+            20.0 < min && min <= mean && mean <= max && max < 100.0,
+            "passive RTT of the last second out of the link's range: {s}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
     for f in flows {
         let (sent, echoed, got) = f.finish();
         assert!(
