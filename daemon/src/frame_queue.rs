@@ -1,8 +1,9 @@
 //! The consumers' frame queues: an SPSC ring (rtrb) of `u64` words holding each frame
-//! compactly instead of the fixed 2.1 KB [`Frame`] (32 links, the probe part of every link):
-//! the header, the traffic records up to the last non-empty link, the probe records of the
-//! links that have any and the passive TCP RTT records of the links that have any. At 16 links without probes a frame takes 600 bytes, so a queue that
-//! covers 100 ms of 100 µs bins takes 0.6 MB instead of 2.1 MB — most of the daemon's heap.
+//! compactly instead of the fixed 3.1 KB [`Frame`] (32 links, the RTT parts of every link):
+//! the header, the traffic records up to the last non-empty link, then the probe records and
+//! the passive TCP RTT records of the links that have any. At 16 links without RTT records a
+//! frame takes 600 bytes, so a queue that covers 100 ms of 100 µs bins takes 0.6 MB instead of
+//! 3.1 MB — most of the daemon's heap.
 //!
 //! The ingest thread encodes a frame once ([`Encoded`]) and copies the words into every
 //! queue; each consumer decodes them back into a `Frame` equal to the one published. Neither
