@@ -123,14 +123,20 @@ pub struct Sender {
     pcfg: ProbeConfig,
     maps: ProbeMaps,
     shared: Arc<Shared>,
+    feeds: Feeds,
+    error_estimate: ErrorEstimate,
+    buf: [u8; 2048],
+}
+
+/// Where each sample goes (apart from the links' own per-second figures): a field of its own
+/// so that [`Feeds::record`] can run while a link of `Sender::links` is borrowed.
+struct Feeds {
     tap: Option<rtrb::Producer<Sample>>,
     persist_tap: Option<rtrb::Producer<super::ProbeEvent>>,
     /// The frames' feed (`lp-ingest`): samples by T4, sent probes by T1.
     grid: Option<rtrb::Producer<super::GridEvent>>,
-    error_estimate: ErrorEstimate,
     /// Our clock as adjtimex said at the last second (one-way delays need it synchronised).
     local_clock: ClockState,
-    buf: [u8; 2048],
 }
 
 impl Sender {
@@ -193,18 +199,20 @@ impl Sender {
             pcfg,
             maps,
             shared,
-            tap: None,
-            persist_tap,
-            grid: None,
+            feeds: Feeds {
+                tap: None,
+                persist_tap,
+                grid: None,
+                local_clock: ClockState::default(),
+            },
             error_estimate: ErrorEstimate::from_error_ns(false, TimestampFormat::Ntp, 0),
-            local_clock: ClockState::default(),
             buf: [0; 2048],
         }
     }
 
     /// Feeds each sample and each sent probe to the frames (`lp-ingest`) through `p`.
     pub fn with_grid(mut self, p: rtrb::Producer<super::GridEvent>) -> Self {
-        self.grid = Some(p);
+        self.feeds.grid = Some(p);
         self
     }
 
@@ -224,7 +232,7 @@ impl Sender {
             self.drain();
             let now = clock::monotonic_ns();
             let mut wake = (now + MAX_SLEEP_NS).min(next_second);
-            let (tap, ps) = (&mut self.persist_tap, &self.shared.probe);
+            let (tap, ps) = (&mut self.feeds.persist_tap, &self.shared.probe);
             for l in &mut self.links {
                 // Each settled probe (and a lost one's direction) to the rollups.
                 l.session
@@ -359,7 +367,7 @@ impl Sender {
             };
             let l = &mut self.links[*k as usize];
             let s = if rec.dir == DIR_EGRESS {
-                if let Some(g) = self.grid.as_mut() {
+                if let Some(g) = self.feeds.grid.as_mut() {
                     let e = super::GridEvent::Sent {
                         link: rec.link as u16,
                         t1_tai_ns: rec.t_ns,
@@ -376,15 +384,7 @@ impl Sender {
                 l.session.on_t4(rec.sender_seq, rec.refl_seq, rec.t_ns)
             };
             if let Some(s) = s {
-                Self::record(
-                    &mut self.tap,
-                    &mut self.persist_tap,
-                    &mut self.grid,
-                    &self.shared,
-                    &self.local_clock,
-                    l,
-                    s,
-                );
+                self.feeds.record(&self.shared, l, s);
             }
         }
         let now = clock::monotonic_ns();
@@ -402,15 +402,7 @@ impl Sender {
                     Ok(ReplyOutcome::Accepted(s)) => {
                         l.last_reply_mono = Some(now);
                         if let Some(s) = s {
-                            Self::record(
-                                &mut self.tap,
-                                &mut self.persist_tap,
-                                &mut self.grid,
-                                &self.shared,
-                                &self.local_clock,
-                                l,
-                                s,
-                            );
+                            self.feeds.record(&self.shared, l, s);
                         }
                     }
                     Ok(_) => {}
@@ -424,59 +416,15 @@ impl Sender {
         }
     }
 
-    fn record(
-        tap: &mut Option<rtrb::Producer<Sample>>,
-        persist: &mut Option<rtrb::Producer<super::ProbeEvent>>,
-        grid: &mut Option<rtrb::Producer<super::GridEvent>>,
-        shared: &Shared,
-        local_clock: &ClockState,
-        l: &mut Link,
-        s: Sample,
-    ) {
-        if let Some(o) = super::oneway::one_way(&s, local_clock) {
-            l.sec_owd_n += 1;
-            l.sec_owd_up_sum = l.sec_owd_up_sum.saturating_add(o.up_ns);
-            l.sec_owd_down_sum = l.sec_owd_down_sum.saturating_add(o.down_ns);
-            l.sec_owd_error_max = l.sec_owd_error_max.max(o.error_ns);
-        }
-        l.sec_n += 1;
-        l.sec_sum += s.rtt_ns;
-        l.sec_min = l.sec_min.min(s.rtt_ns);
-        l.sec_max = l.sec_max.max(s.rtt_ns);
-        // T4 is CLOCK_TAI: how long the sample took to reach the frames' feed.
-        l.sec_ready_max = l
-            .sec_ready_max
-            .max(clock::tai_ns().saturating_sub(s.t4_tai_ns));
-        // A slow listener loses samples, the prober never waits.
-        if let Some(t) = tap.as_mut() {
-            let _ = t.push(s);
-        }
-        if let Some(t) = persist.as_mut() {
-            if t.push(super::ProbeEvent::Sample(s)).is_err() {
-                shared.probe.persist_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if let Some(g) = grid.as_mut() {
-            let e = super::GridEvent::Sample {
-                link: s.link,
-                t4_tai_ns: s.t4_tai_ns,
-                rtt_ns: s.rtt_ns,
-            };
-            if g.push(e).is_err() {
-                shared.probe.grid_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
     fn each_second(&mut self, now: u64) {
         if let Some(t) = self.shared.probe.take_tap() {
-            self.tap = Some(t);
+            self.feeds.tap = Some(t);
         }
         if let Some(t) = self.shared.probe.take_persist_tap() {
-            self.persist_tap = Some(t);
+            self.feeds.persist_tap = Some(t);
         }
         let c = self.shared.clock();
-        self.local_clock = c;
+        self.feeds.local_clock = c;
         self.error_estimate = ErrorEstimate::from_error_ns(
             c.synced,
             TimestampFormat::Ntp,
@@ -591,6 +539,45 @@ impl Sender {
             l.period_ns = period_of(rate);
             lp.rate_mhz.store((rate * 1000.0) as u64, Ordering::Relaxed);
             publish_counters(lp, &sc);
+        }
+    }
+}
+
+impl Feeds {
+    /// One sample: into the link's per-second figures and to every feed.
+    fn record(&mut self, shared: &Shared, l: &mut Link, s: Sample) {
+        if let Some(o) = super::oneway::one_way(&s, &self.local_clock) {
+            l.sec_owd_n += 1;
+            l.sec_owd_up_sum = l.sec_owd_up_sum.saturating_add(o.up_ns);
+            l.sec_owd_down_sum = l.sec_owd_down_sum.saturating_add(o.down_ns);
+            l.sec_owd_error_max = l.sec_owd_error_max.max(o.error_ns);
+        }
+        l.sec_n += 1;
+        l.sec_sum += s.rtt_ns;
+        l.sec_min = l.sec_min.min(s.rtt_ns);
+        l.sec_max = l.sec_max.max(s.rtt_ns);
+        // T4 is CLOCK_TAI: how long the sample took to reach the frames' feed.
+        l.sec_ready_max = l
+            .sec_ready_max
+            .max(clock::tai_ns().saturating_sub(s.t4_tai_ns));
+        // A slow listener loses samples, the prober never waits.
+        if let Some(t) = self.tap.as_mut() {
+            let _ = t.push(s);
+        }
+        if let Some(t) = self.persist_tap.as_mut() {
+            if t.push(super::ProbeEvent::Sample(s)).is_err() {
+                shared.probe.persist_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(g) = self.grid.as_mut() {
+            let e = super::GridEvent::Sample {
+                link: s.link,
+                t4_tai_ns: s.t4_tai_ns,
+                rtt_ns: s.rtt_ns,
+            };
+            if g.push(e).is_err() {
+                shared.probe.grid_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
