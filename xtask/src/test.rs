@@ -3,7 +3,7 @@
 use crate::{cmd, cross, setup};
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -22,24 +22,38 @@ struct Step {
     outcome: Result<()>,
     /// Did not run, and says why itself; counts as neither passed nor failed.
     skipped: bool,
+    /// Wall time, for the summary: CI has a budget and this says where it went.
+    secs: f64,
+}
+
+/// Runs one step and times it.
+fn step(name: &'static str, f: impl FnOnce() -> Result<()>) -> Step {
+    let t = Instant::now();
+    let outcome = f();
+    Step {
+        name,
+        outcome,
+        skipped: false,
+        secs: t.elapsed().as_secs_f64(),
+    }
 }
 
 pub fn run(args: &TestArgs) -> Result<()> {
     let start = Instant::now();
-    setup::run()?;
-    let mut steps = Vec::new();
+    let setup_step = step("setup", setup::run);
+    if let Err(err) = setup_step.outcome {
+        return Err(err.context("the set-up failed, so nothing was built or tested"));
+    }
+    let mut steps = vec![setup_step];
     // Every step runs even after a failure: one CI run then reports all that is wrong.
     if !args.no_lint {
-        steps.push(Step {
-            name: "fmt",
-            outcome: cmd::cargo(&["fmt", "--all", "--check"])
+        steps.push(step("fmt", || {
+            cmd::cargo(&["fmt", "--all", "--check"])
                 .and_then(|mut c| cmd::run(&mut c))
-                .context("formatting differs. Fix: run `cargo fmt --all` and commit"),
-            skipped: false,
-        });
-        steps.push(Step {
-            name: "clippy",
-            outcome: cmd::cargo(&[
+                .context("formatting differs. Fix: run `cargo fmt --all` and commit")
+        }));
+        steps.push(step("clippy", || {
+            cmd::cargo(&[
                 "clippy",
                 "--workspace",
                 "--all-targets",
@@ -49,18 +63,22 @@ pub fn run(args: &TestArgs) -> Result<()> {
                 "warnings",
             ])
             .and_then(|mut c| cmd::run(&mut c))
-            .context("clippy found problems (listed above). Fix them, or see why the build failed"),
-            skipped: false,
-        });
+            .context("clippy found problems (listed above). Fix them, or see why the build failed")
+        }));
     }
-    let (outcome, mut counts) = cargo_test(&args.cargo_test_args);
-    steps.push(Step {
-        name: "tests",
-        outcome,
-        skipped: false,
-    });
-    let (step, cross_counts) = aarch64(&args.cargo_test_args);
-    steps.push(step);
+    // Built apart from the run so that the summary tells compile time from test time.
+    steps.push(step("build", || {
+        cmd::run(&mut test_command(&args.cargo_test_args, true)?)
+            .context("the tests did not build (errors above)")
+    }));
+    let (mut counts, mut slow) = (None, Vec::new());
+    steps.push(step("tests", || {
+        let (outcome, c, binaries) = run_counting(test_command(&args.cargo_test_args, false)?);
+        (counts, slow) = (c, binaries);
+        outcome
+    }));
+    let (aarch64_step, cross_counts) = aarch64(&args.cargo_test_args);
+    steps.push(aarch64_step);
     add_counts(&mut counts, cross_counts);
 
     let failed: Vec<&Step> = steps.iter().filter(|s| s.outcome.is_err()).collect();
@@ -73,13 +91,14 @@ pub fn run(args: &TestArgs) -> Result<()> {
         .iter()
         .map(|s| {
             format!(
-                "{} {}",
+                "{} {} {:.0} s",
                 s.name,
                 match (&s.outcome, s.skipped) {
                     (Err(_), _) => "FAILED",
                     (Ok(()), true) => "skipped",
                     (Ok(()), false) => "ok",
-                }
+                },
+                s.secs
             )
         })
         .collect();
@@ -99,6 +118,15 @@ pub fn run(args: &TestArgs) -> Result<()> {
             c.ignored
         );
     }
+    slow.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let slowest: Vec<String> = slow
+        .iter()
+        .take(8)
+        .map(|(name, secs)| format!("{name} {secs:.0} s"))
+        .collect();
+    if !slowest.is_empty() {
+        say!("slowest test binaries: {}", slowest.join(", "));
+    }
     if !failed.is_empty() {
         bail!(
             "{} of {} steps failed: {}",
@@ -117,28 +145,29 @@ struct Counts {
     ignored: u64,
 }
 
-/// Runs `cargo test --workspace --release ARGS`, echoing its stdout while adding up the
-/// "test result:" lines of every test binary and doc-test run.
-fn cargo_test(extra: &[String]) -> (Result<()>, Option<Counts>) {
+/// `cargo test --workspace --release ARGS`, or only its build (`--no-run`, without the
+/// arguments after `--`, which are libtest's).
+fn test_command(extra: &[String], build_only: bool) -> Result<Command> {
     // `--workspace` would override a `-p` of the user's, so it is added only without one.
-    let test = if selects_packages(extra) {
-        cmd::cargo(&["test", "--release"])
+    let mut test = if selects_packages(extra) {
+        cmd::cargo(&["test", "--release"])?
     } else {
-        cmd::cargo(&["test", "--workspace", "--release"])
+        cmd::cargo(&["test", "--workspace", "--release"])?
     };
-    match test {
-        Ok(mut test) => {
-            test.args(extra);
-            run_counting(test)
-        }
-        Err(err) => (Err(err), None),
+    if build_only {
+        let cargo_args = extra.iter().take_while(|a| *a != "--");
+        test.args(cargo_args).arg("--no-run");
+    } else {
+        test.args(extra);
     }
+    Ok(test)
 }
 
 /// The aarch64 step: the pure-logic crates' tests (and the daemon's lib tests) built for aarch64
 /// and run under qemu-user, or one line saying why it is skipped.
 fn aarch64(extra: &[String]) -> (Step, Option<Counts>) {
     let name = "aarch64";
+    let t = Instant::now();
     let commands = match cross::test_commands(extra) {
         Ok(cross::Plan::Run(commands)) => commands,
         Ok(cross::Plan::Skip(reason)) => {
@@ -147,6 +176,7 @@ fn aarch64(extra: &[String]) -> (Step, Option<Counts>) {
                 name,
                 outcome: Ok(()),
                 skipped: true,
+                secs: t.elapsed().as_secs_f64(),
             };
             return (step, None);
         }
@@ -155,6 +185,7 @@ fn aarch64(extra: &[String]) -> (Step, Option<Counts>) {
                 name,
                 outcome: Err(err),
                 skipped: false,
+                secs: t.elapsed().as_secs_f64(),
             };
             return (step, None);
         }
@@ -163,7 +194,7 @@ fn aarch64(extra: &[String]) -> (Step, Option<Counts>) {
     let mut outcome = Ok(());
     // Both runs even if the first fails, like the steps themselves.
     for command in commands {
-        let (result, c) = run_counting(command);
+        let (result, c, _) = run_counting(command);
         add_counts(&mut counts, c);
         if outcome.is_ok() {
             outcome = result.context(
@@ -176,6 +207,7 @@ fn aarch64(extra: &[String]) -> (Step, Option<Counts>) {
         name,
         outcome,
         skipped: false,
+        secs: t.elapsed().as_secs_f64(),
     };
     (step, counts)
 }
@@ -189,39 +221,70 @@ fn add_counts(total: &mut Option<Counts>, more: Option<Counts>) {
     }
 }
 
-/// Runs a `cargo test` command, echoing its stdout while adding up the "test result:" lines of
-/// every test binary and doc-test run.
-fn run_counting(mut test: Command) -> (Result<()>, Option<Counts>) {
+/// What one `cargo test` run printed: its outcome, the totals, and each test binary's time.
+type Counted = (Result<()>, Option<Counts>, Vec<(String, f64)>);
+
+/// Runs a `cargo test` command, echoing its output (stderr merged into stdout, so each "Running"
+/// line stays next to its results) while adding up the "test result:" lines of every test binary
+/// and doc-test run, and noting how long each binary took.
+fn run_counting(mut test: Command) -> Counted {
     let mut counts: Option<Counts> = None;
+    let mut times = Vec::new();
+    let shown = cmd::display(&test);
     let outcome = (|| {
-        test.stdout(Stdio::piped());
-        esay!("$ {}", cmd::display(&test));
+        let (reader, writer) = std::io::pipe().context("could not create a pipe for cargo test")?;
+        test.stdout(writer.try_clone()?).stderr(writer);
+        esay!("$ {shown}");
         let mut child = test
             .spawn()
-            .with_context(|| format!("could not start `{}`", cmd::display(&test)))?;
-        let stdout = child
-            .stdout
-            .take()
-            .context("cargo test's stdout was not captured")?;
+            .with_context(|| format!("could not start `{shown}`"))?;
+        // The command holds the pipe's write ends: without dropping it the read never ends.
+        drop(test);
         let mut out = std::io::stdout();
-        for line in BufReader::new(stdout).lines() {
+        let mut current = String::new();
+        for line in BufReader::new(reader).lines() {
             // A test may print invalid UTF-8; losing that one line beats losing the count.
             let Ok(line) = line else { continue };
             // Echo failures do not stop the run: the exit status below is what counts.
             let _ = writeln!(out, "{line}");
+            if let Some(name) = running_binary(&line) {
+                current = name.to_string();
+            }
             add_counts(&mut counts, parse_test_result(&line));
+            if let Some(secs) = finished_in(&line) {
+                times.push((current.clone(), secs));
+            }
         }
         let status = child.wait()?;
         if !status.success() {
             bail!(
-                "`{}` failed ({}); the failing tests are listed above",
-                cmd::display(&test),
+                "`{shown}` failed ({}); the failing tests are listed above",
                 cmd::describe(status)
             );
         }
         Ok(())
     })();
-    (outcome, counts)
+    (outcome, counts, times)
+}
+
+/// Cargo's "     Running tests/chaos.rs (target/release/deps/chaos-0123)" → "tests/chaos.rs";
+/// "   Doc-tests linkpulse" → "Doc-tests linkpulse".
+fn running_binary(line: &str) -> Option<&str> {
+    let line = line.trim_start();
+    if let Some(rest) = line.strip_prefix("Running ") {
+        return Some(rest.split(" (").next().unwrap_or(rest));
+    }
+    line.starts_with("Doc-tests ").then_some(line)
+}
+
+/// The "finished in 12.34s" at the end of libtest's result line.
+fn finished_in(line: &str) -> Option<f64> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    rest.rsplit_once("finished in ")?
+        .1
+        .trim_end_matches('s')
+        .parse()
+        .ok()
 }
 
 /// Whether cargo test's own arguments (those before a `--`) pick packages with `-p`/`--package`.
@@ -275,6 +338,24 @@ mod tests {
             })
         );
         assert_eq!(parse_test_result("test foo ... ok"), None);
+    }
+
+    #[test]
+    fn binary_times() {
+        assert_eq!(
+            running_binary("     Running tests/chaos.rs (target/release/deps/chaos-0123)"),
+            Some("tests/chaos.rs")
+        );
+        assert_eq!(
+            running_binary("   Doc-tests linkpulse"),
+            Some("Doc-tests linkpulse")
+        );
+        assert_eq!(running_binary("test running ... ok"), None);
+        assert_eq!(
+            finished_in("test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 12.50s"),
+            Some(12.5)
+        );
+        assert_eq!(finished_in("test result: ok. 3 passed"), None);
     }
 
     #[test]
