@@ -45,6 +45,10 @@ fn fast_clients_get_every_bin_and_a_stuck_one_only_hurts_itself() {
         .start()
         .expect("sink");
 
+    // The reading clients stand for a controller, which runs real-time below the daemon's
+    // threads (as in the bench). At normal priority, a loaded machine can keep this thread off
+    // the CPU longer than its socket buffer covers (~20 ms of frames), and it loses frames.
+    linkpulse::clock::set_realtime_priority(5).expect("SCHED_FIFO 5 (the tests run as root)");
     let mut every =
         StreamClient::connect(&sock, Subscription::every_bin()).expect("client every bin");
     assert_eq!(every.hello().link_count, 2);
