@@ -1,5 +1,5 @@
 /*
- * linkpulse real-time stream, layout version 1 (see common/src/stream.rs, the source of truth).
+ * linkpulse real-time stream, layout version 3 (see common/src/stream.rs, the source of truth).
  *
  * Unix SOCK_SEQPACKET socket (default /run/linkpulse/stream.sock). The client sends one
  * lp_subscribe; the daemon answers with one message: an lp_hello followed by hello.link_count
@@ -12,9 +12,10 @@
 #ifndef LINKPULSE_STREAM_H
 #define LINKPULSE_STREAM_H
 
+#include <stddef.h>
 #include <stdint.h>
 
-#define LP_STREAM_VERSION 2
+#define LP_STREAM_VERSION 3
 #define LP_MAGIC_SUBSCRIBE 0x3153504Cu /* "LPS1" */
 #define LP_MAGIC_HELLO     0x3148504Cu /* "LPH1" */
 #define LP_MAGIC_FRAME     0x3146504Cu /* "LPF1" */
@@ -38,6 +39,7 @@
 #define LP_VALID_RTT     (1u << 1)
 #define LP_VALID_PROBES  (1u << 2)
 #define LP_VALID_TCP_RTT (1u << 3)
+#define LP_VALID_OWD     (1u << 4)
 #define LP_VALID_LATE    (1u << 31)
 
 struct lp_subscribe {
@@ -114,6 +116,20 @@ struct lp_link_record {
     uint64_t tcp_rtt_min_ns;
     uint64_t tcp_rtt_max_ns;
     uint64_t tcp_rtt_sum_ns;
+    /* With LP_VALID_OWD: one-way delays of the probe samples (among rtt_count) taken while
+       our clock and the reflector's both reported synchronisation. Signed ns: up = T2 - T1,
+       down = T4 - T3; a clock offset larger than the delay makes one negative, which
+       owd_error_max_ns (our maxerror + the reflector's Error Estimate, the largest among
+       them) bounds. Without LP_VALID_OWD all are 0. */
+    uint32_t owd_count;
+    uint32_t _pad1;
+    int64_t owd_up_min_ns;
+    int64_t owd_up_max_ns;
+    int64_t owd_up_sum_ns;
+    int64_t owd_down_min_ns;
+    int64_t owd_down_max_ns;
+    int64_t owd_down_sum_ns;
+    uint64_t owd_error_max_ns;
 };
 
 _Static_assert(sizeof(struct lp_subscribe) == 24, "lp_subscribe layout");
@@ -121,6 +137,8 @@ _Static_assert(sizeof(struct lp_hello) == 40, "lp_hello layout");
 _Static_assert(sizeof(struct lp_link_desc) == 56, "lp_link_desc layout");
 _Static_assert(sizeof(struct lp_error) == 128, "lp_error layout");
 _Static_assert(sizeof(struct lp_frame_header) == 64, "lp_frame_header layout");
-_Static_assert(sizeof(struct lp_link_record) == 112, "lp_link_record layout");
+_Static_assert(sizeof(struct lp_link_record) == 176, "lp_link_record layout");
+_Static_assert(offsetof(struct lp_link_record, tcp_rtt_count) == 80, "lp_link_record layout");
+_Static_assert(offsetof(struct lp_link_record, owd_count) == 112, "lp_link_record layout");
 
 #endif /* LINKPULSE_STREAM_H */

@@ -1,6 +1,6 @@
 //! The controller's real-time stream: fixed-layout little-endian records on a Unix
-//! SOCK_SEQPACKET socket (one message per frame). Layout version 2 (version 2 added the passive
-//! TCP RTT fields); `include/linkpulse_stream.h` is the same layout for C and Go readers (a
+//! SOCK_SEQPACKET socket (one message per frame). Layout version 3 (version 2 added the passive
+//! TCP RTT fields, version 3 the one-way delays); `include/linkpulse_stream.h` is the same layout for C and Go readers (a
 //! test compiles it and reads real frames).
 //!
 //! Conversation: the client sends one [`Subscribe`]; the server answers with a [`Hello`]
@@ -17,7 +17,7 @@ pub const MAGIC_FRAME: u32 = 0x3146_504C;
 /// "LPE1": an error; the server closes the connection after it.
 pub const MAGIC_ERROR: u32 = 0x3145_504C;
 /// Layout version of every record here.
-pub const STREAM_VERSION: u16 = 2;
+pub const STREAM_VERSION: u16 = 3;
 
 /// Client → server. `link_mask` bit i subscribes link i (0 = every link); `decimation` N ≥ 1
 /// aggregates N consecutive bins exactly (sums; valid only if every bin was), aligned on the
@@ -123,6 +123,8 @@ pub const VALID_RTT: u32 = 1 << 1;
 pub const VALID_PROBES: u32 = 1 << 2;
 /// The `tcp_rtt_*` fields are measured (passive RTT on, link attached for the whole window).
 pub const VALID_TCP_RTT: u32 = 1 << 3;
+/// The `owd_*` fields hold at least one probe whose two clocks reported synchronisation.
+pub const VALID_OWD: u32 = 1 << 4;
 /// The record carries late data carried from earlier bins.
 pub const VALID_LATE: u32 = 1 << 31;
 
@@ -136,6 +138,12 @@ pub const VALID_LATE: u32 = 1 << 31;
 /// TCP RTT fields (with [`VALID_TCP_RTT`]): passive RTT samples (TCP timestamp echoes) whose
 /// echo reached the router in the window: count, min, max, sum (min/max 0 when the count is
 /// 0; the kernel saturates min/max at u32::MAX ns, 4.29 s). Late samples set [`VALID_LATE`].
+///
+/// One-way delay fields (with [`VALID_OWD`]): of the probe samples counted in `rtt_count`, those
+/// taken while our clock and the reflector's both reported synchronisation: count, up
+/// (T2 − T1) and down (T4 − T3) min, max and sum, signed ns (a clock offset larger than the
+/// delay makes one negative), and the largest error bound among them (our kernel's maxerror
+/// plus the reflector's Error Estimate). Without `VALID_OWD` they are 0 and mean nothing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LinkRecord {
@@ -155,6 +163,15 @@ pub struct LinkRecord {
     pub tcp_rtt_min_ns: u64,
     pub tcp_rtt_max_ns: u64,
     pub tcp_rtt_sum_ns: u64,
+    pub owd_count: u32,
+    pub _pad1: u32,
+    pub owd_up_min_ns: i64,
+    pub owd_up_max_ns: i64,
+    pub owd_up_sum_ns: i64,
+    pub owd_down_min_ns: i64,
+    pub owd_down_max_ns: i64,
+    pub owd_down_sum_ns: i64,
+    pub owd_error_max_ns: u64,
 }
 
 impl LinkRecord {
@@ -203,6 +220,24 @@ impl LinkRecord {
         })
     }
 
+    /// One-way delays in the window, if any probe had both clocks synchronised.
+    pub fn owd(&self) -> Option<OneWayDelays> {
+        if self.valid & VALID_OWD == 0 || self.owd_count == 0 {
+            return None;
+        }
+        let n = i64::from(self.owd_count);
+        Some(OneWayDelays {
+            count: self.owd_count,
+            up_min_ns: self.owd_up_min_ns,
+            up_max_ns: self.owd_up_max_ns,
+            up_mean_ns: self.owd_up_sum_ns / n,
+            down_min_ns: self.owd_down_min_ns,
+            down_max_ns: self.owd_down_max_ns,
+            down_mean_ns: self.owd_down_sum_ns / n,
+            error_max_ns: self.owd_error_max_ns,
+        })
+    }
+
     /// Probes sent in the window, when the link is probed.
     pub fn probes(&self) -> Option<u32> {
         self.has_probes().then_some(self.probes_sent)
@@ -214,7 +249,23 @@ const _: () = assert!(core::mem::size_of::<Hello>() == 40);
 const _: () = assert!(core::mem::size_of::<LinkDesc>() == 56);
 const _: () = assert!(core::mem::size_of::<ErrorMsg>() == 128);
 const _: () = assert!(core::mem::size_of::<FrameHeader>() == 64);
-const _: () = assert!(core::mem::size_of::<LinkRecord>() == 112);
+const _: () = assert!(core::mem::size_of::<LinkRecord>() == 176);
+// The same offsets as the C header's asserts.
+const _: () = assert!(core::mem::offset_of!(LinkRecord, tcp_rtt_count) == 80);
+const _: () = assert!(core::mem::offset_of!(LinkRecord, owd_count) == 112);
+
+/// A record's one-way delays, read by [`LinkRecord::owd`] (signed ns).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OneWayDelays {
+    pub count: u32,
+    pub up_min_ns: i64,
+    pub up_max_ns: i64,
+    pub up_mean_ns: i64,
+    pub down_min_ns: i64,
+    pub down_max_ns: i64,
+    pub down_mean_ns: i64,
+    pub error_max_ns: u64,
+}
 
 /// Marker for the records above: `#[repr(C)]`, integers only, no implicit padding, so any
 /// byte string of the right length is a valid value and a value's bytes are fully defined.

@@ -130,6 +130,21 @@ struct Seen {
 /// How far behind real time the aligner may be before it skips to the present (and says so).
 const MAX_BEHIND_NS: u64 = 2_000_000_000;
 
+/// A link's probe figures of one bin while it is open: RTT samples and sent probes, and the
+/// one-way delays of the samples that have them (a sample always counts in `rtt`).
+#[derive(Clone, Copy, Default)]
+struct ProbeAcc {
+    rtt: RttBin,
+    owd: crate::frame::OwdBin,
+}
+
+impl ProbeAcc {
+    fn merge(&mut self, o: &ProbeAcc) {
+        self.rtt.merge(&o.rtt);
+        self.owd.merge(&o.owd);
+    }
+}
+
 pub struct Aligner {
     width: u64,
     grace: u64,
@@ -143,8 +158,8 @@ pub struct Aligner {
     seen: Box<[Seen]>,
     carry: [Counts; SLOTS_PER_CPU],
     /// Probe figures of the same bins as `pending` (empty until [`Aligner::set_probes`]).
-    rtt_pending: Box<[[RttBin; MAX_LINKS]]>,
-    rtt_carry: [RttBin; MAX_LINKS],
+    rtt_pending: Box<[[ProbeAcc; MAX_LINKS]]>,
+    rtt_carry: [ProbeAcc; MAX_LINKS],
     probed_mask: u64,
     probe_feed: Option<rtrb::Consumer<GridEvent>>,
     /// The kernel matches TCP timestamps (frames then mark valid links in `tcp_rtt_mask`).
@@ -174,7 +189,7 @@ impl Aligner {
             seen: vec![Seen::default(); slots].into_boxed_slice(),
             carry: [Counts::default(); SLOTS_PER_CPU],
             rtt_pending: Box::new([]),
-            rtt_carry: [RttBin::default(); MAX_LINKS],
+            rtt_carry: [ProbeAcc::default(); MAX_LINKS],
             probed_mask: 0,
             probe_feed: None,
             tcp_rtt_on: false,
@@ -216,7 +231,8 @@ impl Aligner {
         self.probed_mask = probed_mask;
         self.probe_feed = feed;
         if probed_mask != 0 && self.rtt_pending.is_empty() {
-            self.rtt_pending = vec![[RttBin::default(); MAX_LINKS]; self.window].into_boxed_slice();
+            self.rtt_pending =
+                vec![[ProbeAcc::default(); MAX_LINKS]; self.window].into_boxed_slice();
         }
     }
 
@@ -239,7 +255,8 @@ impl Aligner {
                 link,
                 t4_tai_ns,
                 rtt_ns,
-            } => (link as usize, t4_tai_ns, Some(rtt_ns)),
+                owd,
+            } => (link as usize, t4_tai_ns, Some((rtt_ns, owd))),
             GridEvent::Sent { link, t1_tai_ns } => (link as usize, t1_tai_ns, None),
         };
         if link >= MAX_LINKS || self.rtt_pending.is_empty() {
@@ -256,8 +273,13 @@ impl Aligner {
             &mut self.rtt_pending[k][link]
         };
         match rtt {
-            Some(r) => acc.add_sample(r),
-            None => acc.probes_sent = acc.probes_sent.saturating_add(1),
+            Some((r, owd)) => {
+                acc.rtt.add_sample(r);
+                if let Some(o) = owd {
+                    acc.owd.add(&o);
+                }
+            }
+            None => acc.rtt.probes_sent = acc.rtt.probes_sent.saturating_add(1),
         }
     }
 
@@ -394,7 +416,7 @@ impl Aligner {
         for bin in self.rtt_pending.iter_mut() {
             for (l, r) in bin.iter_mut().enumerate() {
                 self.rtt_carry[l].merge(r);
-                *r = RttBin::default();
+                *r = ProbeAcc::default();
             }
         }
     }
@@ -436,18 +458,19 @@ impl Aligner {
             }
             f.links[l] = lb;
             f.tcp_rtt[l] = RttBin::from_acc(&tcp);
-            let mut r = RttBin::default();
+            let mut r = ProbeAcc::default();
             if let Some(p) = self.rtt_pending.get_mut(k) {
                 r = p[l];
-                p[l] = RttBin::default();
+                p[l] = ProbeAcc::default();
             }
             let carry = self.rtt_carry[l];
-            if !carry.is_empty() {
+            if !carry.rtt.is_empty() {
                 r.merge(&carry);
-                self.rtt_carry[l] = RttBin::default();
+                self.rtt_carry[l] = ProbeAcc::default();
                 f.rtt_late_mask |= 1 << l;
             }
-            f.rtt[l] = r;
+            f.rtt[l] = r.rtt;
+            f.owd[l] = r.owd;
             let since = ctx.attached_since[l];
             if l < links {
                 if since != 0 && since <= bin {
@@ -859,7 +882,64 @@ mod tests {
             link,
             t4_tai_ns: t4,
             rtt_ns: rtt,
+            owd: None,
         }
+    }
+
+    fn synced_sample(link: u16, t4: u64, up: i64, down: i64, error: u64) -> GridEvent {
+        GridEvent::Sample {
+            link,
+            t4_tai_ns: t4,
+            rtt_ns: (up + down) as u64,
+            owd: Some(crate::probe::oneway::OneWay {
+                up_ns: up,
+                down_ns: down,
+                error_ns: error,
+            }),
+        }
+    }
+
+    #[test]
+    fn one_way_delays_go_with_their_sample_and_stay_empty_without_synced_clocks() {
+        let mut a = Aligner::new(W, G, 1);
+        let (mut tx, rx) = rtrb::RingBuffer::new(64);
+        a.set_probes(0b11, Some(rx));
+        a.start(T0);
+        // Bin 0: two synced samples and an unsynced one on link 0; link 1 only unsynced.
+        for e in [
+            synced_sample(0, T0 + 10, 20_000, 25_000, 1_500),
+            sample(0, T0 + 20, 44_000),
+            synced_sample(0, T0 + 30, -3_000, 48_000, 2_500),
+            sample(1, T0 + 40, 40_000),
+        ] {
+            tx.push(e).unwrap();
+        }
+        a.drain_probes();
+        let mut out = Vec::new();
+        a.close_due(&ctx(T0 + W + G, 2), |f| out.push(*f));
+        assert_eq!(out.len(), 1);
+        let (r, o) = (&out[0].rtt[0], &out[0].owd[0]);
+        assert_eq!(r.rtt_count, 3, "every sample counts in the RTT");
+        assert_eq!(o.count, 2, "only the synced ones have one-way delays");
+        assert_eq!(
+            (o.up_min_ns, o.up_max_ns, o.up_sum_ns),
+            (-3_000, 20_000, 17_000)
+        );
+        assert_eq!(
+            (o.down_min_ns, o.down_max_ns, o.down_sum_ns),
+            (25_000, 48_000, 73_000)
+        );
+        assert_eq!(o.error_max_ns, 2_500);
+        assert!(out[0].owd[1].is_empty());
+        assert_eq!(out[0].owd[1], crate::frame::OwdBin::default());
+        // A late synced sample is carried into the next frame with its RTT.
+        tx.push(synced_sample(0, T0 + 5, 1_000, 2_000, 10)).unwrap();
+        a.drain_probes();
+        a.close_due(&ctx(T0 + 2 * W + G, 2), |f| out.push(*f));
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].rtt_late_mask, 0b1);
+        assert_eq!((out[1].rtt[0].rtt_count, out[1].owd[0].count), (1, 1));
+        assert_eq!(out[1].owd[0].up_sum_ns, 1_000);
     }
 
     fn sent(link: u16, t1: u64) -> GridEvent {

@@ -89,6 +89,72 @@ impl RttBin {
     }
 }
 
+/// One-way delays of one link in one bin: the probes whose reply arrived in the bin (by T4,
+/// like [`RttBin`]) and whose two clocks both reported synchronisation; no others, so an
+/// unsynchronised link stays empty, never zero. Delays are signed: a clock offset larger than
+/// the delay makes one negative, and `error_max_ns` bounds that offset. Mins start at
+/// `i64::MAX` and maxes at `i64::MIN` while `count` is 0, so merging is plain min/max.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwdBin {
+    pub count: u32,
+    pub _pad: u32,
+    pub up_min_ns: i64,
+    pub up_max_ns: i64,
+    pub up_sum_ns: i64,
+    pub down_min_ns: i64,
+    pub down_max_ns: i64,
+    pub down_sum_ns: i64,
+    /// The largest error bound of the probes counted (our maxerror + the reflector's estimate).
+    pub error_max_ns: u64,
+}
+
+impl Default for OwdBin {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            _pad: 0,
+            up_min_ns: i64::MAX,
+            up_max_ns: i64::MIN,
+            up_sum_ns: 0,
+            down_min_ns: i64::MAX,
+            down_max_ns: i64::MIN,
+            down_sum_ns: 0,
+            error_max_ns: 0,
+        }
+    }
+}
+
+impl OwdBin {
+    #[inline]
+    pub fn add(&mut self, o: &crate::probe::oneway::OneWay) {
+        self.count = self.count.saturating_add(1);
+        self.up_min_ns = self.up_min_ns.min(o.up_ns);
+        self.up_max_ns = self.up_max_ns.max(o.up_ns);
+        self.up_sum_ns = self.up_sum_ns.saturating_add(o.up_ns);
+        self.down_min_ns = self.down_min_ns.min(o.down_ns);
+        self.down_max_ns = self.down_max_ns.max(o.down_ns);
+        self.down_sum_ns = self.down_sum_ns.saturating_add(o.down_ns);
+        self.error_max_ns = self.error_max_ns.max(o.error_ns);
+    }
+
+    #[inline]
+    pub fn merge(&mut self, o: &OwdBin) {
+        self.count = self.count.saturating_add(o.count);
+        self.up_min_ns = self.up_min_ns.min(o.up_min_ns);
+        self.up_max_ns = self.up_max_ns.max(o.up_max_ns);
+        self.up_sum_ns = self.up_sum_ns.saturating_add(o.up_sum_ns);
+        self.down_min_ns = self.down_min_ns.min(o.down_min_ns);
+        self.down_max_ns = self.down_max_ns.max(o.down_max_ns);
+        self.down_sum_ns = self.down_sum_ns.saturating_add(o.down_sum_ns);
+        self.error_max_ns = self.error_max_ns.max(o.error_max_ns);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Frame {
@@ -114,6 +180,9 @@ pub struct Frame {
     pub rtt_late_mask: u64,
     /// Per link: probe RTT samples and probes sent in this bin (see [`RttBin`]).
     pub rtt: [RttBin; MAX_LINKS],
+    /// Per link: one-way delays of the probes in `rtt` whose clocks were both synchronised
+    /// (empty otherwise; carried late with them, under `rtt_late_mask`).
+    pub owd: [OwdBin; MAX_LINKS],
     /// Bit i: link i's `tcp_rtt` entry is measured (passive RTT on, link valid).
     pub tcp_rtt_mask: u64,
     /// Per link: passive TCP RTT samples whose echo arrived in this bin (`probes_sent` unused;
@@ -138,6 +207,7 @@ impl Default for Frame {
             probed_mask: 0,
             rtt_late_mask: 0,
             rtt: [RttBin::default(); MAX_LINKS],
+            owd: [OwdBin::default(); MAX_LINKS],
             tcp_rtt_mask: 0,
             tcp_rtt: [RttBin::default(); MAX_LINKS],
         }

@@ -1,9 +1,9 @@
 //! The consumers' frame queues: an SPSC ring (rtrb) of `u64` words holding each frame
-//! compactly instead of the fixed 3.1 KB [`Frame`] (32 links, the RTT parts of every link):
-//! the header, the traffic records up to the last non-empty link, then the probe records and
-//! the passive TCP RTT records of the links that have any. At 16 links without RTT records a
-//! frame takes 600 bytes, so a queue that covers 100 ms of 100 µs bins takes 0.6 MB instead of
-//! 3.1 MB — most of the daemon's heap.
+//! compactly instead of the fixed 5.2 KB [`Frame`] (32 links, the RTT and one-way delay parts
+//! of every link): the header, the traffic records up to the last non-empty link, then the
+//! probe, passive TCP RTT and one-way delay records of the links that have any. At 16 links
+//! without RTT records a frame takes 624 bytes, so a queue that covers 100 ms of 100 µs bins
+//! takes 0.6 MB instead of 5.2 MB — most of the daemon's heap.
 //!
 //! The ingest thread encodes a frame once ([`Encoded`]) and copies the words into every
 //! queue; each consumer decodes them back into a `Frame` equal to the one published. Neither
@@ -11,22 +11,25 @@
 //! the fanout), never part of one.
 use linkpulse_common::{DIRS, MAX_LINKS};
 
-use crate::frame::{Frame, LinkBin, RttBin};
+use crate::frame::{Frame, LinkBin, OwdBin, RttBin};
 
 /// Word 0 (length, link records), then the header fields and the masks of the records present.
-const HEADER_WORDS: usize = 13;
+const HEADER_WORDS: usize = 14;
 /// packets[2], bytes[2].
 const LINK_WORDS: usize = 2 * DIRS;
 /// count | sent, min, max, sum.
 const RTT_WORDS: usize = 4;
-/// The largest encoded frame: every link with traffic, probe and TCP RTT records.
-pub const MAX_WORDS: usize = HEADER_WORDS + MAX_LINKS * (LINK_WORDS + 2 * RTT_WORDS);
+/// count, up min/max/sum, down min/max/sum, error bound.
+const OWD_WORDS: usize = 8;
+/// The largest encoded frame: every link with traffic, probe, TCP RTT and one-way records.
+pub const MAX_WORDS: usize = HEADER_WORDS + MAX_LINKS * (LINK_WORDS + 2 * RTT_WORDS + OWD_WORDS);
 
 const _: () = assert!(MAX_WORDS < 1 << 16, "length fits word 0's low 16 bits");
 
-/// Words of a frame with `links` traffic records and `rtt` probe and TCP RTT records.
-pub const fn frame_words(links: usize, rtt: usize) -> usize {
-    HEADER_WORDS + links * LINK_WORDS + rtt * RTT_WORDS
+/// Words of a frame with `links` traffic records, `rtt` probe and TCP RTT records and `owd`
+/// one-way delay records.
+pub const fn frame_words(links: usize, rtt: usize, owd: usize) -> usize {
+    HEADER_WORDS + links * LINK_WORDS + rtt * RTT_WORDS + owd * OWD_WORDS
 }
 
 /// Bit i set: record i of `bins` is not empty.
@@ -65,6 +68,41 @@ fn get_rtt(w: &[u64], at: &mut usize, bins: &mut [RttBin; MAX_LINKS], mask: u64)
     }
 }
 
+fn put_owd(w: &mut [u64], at: &mut usize, bins: &[OwdBin; MAX_LINKS], mask: u64) {
+    for (i, o) in bins.iter().enumerate() {
+        if mask & (1 << i) != 0 {
+            w[*at] = u64::from(o.count);
+            w[*at + 1] = o.up_min_ns as u64;
+            w[*at + 2] = o.up_max_ns as u64;
+            w[*at + 3] = o.up_sum_ns as u64;
+            w[*at + 4] = o.down_min_ns as u64;
+            w[*at + 5] = o.down_max_ns as u64;
+            w[*at + 6] = o.down_sum_ns as u64;
+            w[*at + 7] = o.error_max_ns;
+            *at += OWD_WORDS;
+        }
+    }
+}
+
+fn get_owd(w: &[u64], at: &mut usize, bins: &mut [OwdBin; MAX_LINKS], mask: u64) {
+    for (i, o) in bins.iter_mut().enumerate() {
+        if mask & (1 << i) != 0 {
+            *o = OwdBin {
+                count: w[*at] as u32,
+                _pad: 0,
+                up_min_ns: w[*at + 1] as i64,
+                up_max_ns: w[*at + 2] as i64,
+                up_sum_ns: w[*at + 3] as i64,
+                down_min_ns: w[*at + 4] as i64,
+                down_max_ns: w[*at + 5] as i64,
+                down_sum_ns: w[*at + 6] as i64,
+                error_max_ns: w[*at + 7],
+            };
+            *at += OWD_WORDS;
+        }
+    }
+}
+
 /// One frame in its queue form (built once per frame, pushed into every queue).
 pub struct Encoded {
     words: [u64; MAX_WORDS],
@@ -98,9 +136,16 @@ impl Encoded {
                 .count();
         let rtt_mask = present(&f.rtt);
         let tcp_mask = present(&f.tcp_rtt);
+        let owd_mask = f
+            .owd
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| !o.is_empty())
+            .fold(0u64, |m, (i, _)| m | 1 << i);
         let len = frame_words(
             links,
             (rtt_mask.count_ones() + tcp_mask.count_ones()) as usize,
+            owd_mask.count_ones() as usize,
         );
         let w = &mut self.words;
         w[0] = len as u64 | (links as u64) << 16;
@@ -116,6 +161,7 @@ impl Encoded {
         w[10] = rtt_mask;
         w[11] = f.tcp_rtt_mask;
         w[12] = tcp_mask;
+        w[13] = owd_mask;
         let mut at = HEADER_WORDS;
         for l in &f.links[..links] {
             w[at..at + DIRS].copy_from_slice(&l.packets);
@@ -124,6 +170,7 @@ impl Encoded {
         }
         put_rtt(w, &mut at, &f.rtt, rtt_mask);
         put_rtt(w, &mut at, &f.tcp_rtt, tcp_mask);
+        put_owd(w, &mut at, &f.owd, owd_mask);
         self.len = len;
     }
 
@@ -139,14 +186,17 @@ pub fn decode(w: &[u64]) -> Option<Frame> {
     let links = ((head >> 16) & 0xffff) as usize;
     let rtt_mask = *w.get(10)?;
     let tcp_mask = *w.get(12)?;
+    let owd_mask = *w.get(13)?;
     let beyond = |m: u64| m.checked_shr(MAX_LINKS as u32).unwrap_or(0) != 0;
     if links > MAX_LINKS
         || beyond(rtt_mask)
         || beyond(tcp_mask)
+        || beyond(owd_mask)
         || len
             != frame_words(
                 links,
                 (rtt_mask.count_ones() + tcp_mask.count_ones()) as usize,
+                owd_mask.count_ones() as usize,
             )
         || w.len() < len
     {
@@ -174,6 +224,7 @@ pub fn decode(w: &[u64]) -> Option<Frame> {
     }
     get_rtt(w, &mut at, &mut f.rtt, rtt_mask);
     get_rtt(w, &mut at, &mut f.tcp_rtt, tcp_mask);
+    get_owd(w, &mut at, &mut f.owd, owd_mask);
     Some(f)
 }
 
@@ -233,7 +284,9 @@ pub fn frame_queue(frames: usize) -> (FrameProducer, FrameConsumer) {
 /// probe records each (the configuration at start; more links after a reload shorten the
 /// span it holds in proportion). Passive TCP RTT records are not counted: they come only in
 /// bins where an echo arrived; if every link had one in every bin, a queue of 16 links with 16
-/// probed would hold ~60 % of the span. At least four frames of the largest size.
+/// probed would hold ~60 % of the span. One-way delay records are not counted either: they come
+/// with a probe's reply, and only while both clocks are synchronised. At least four frames of
+/// the largest size.
 pub fn frame_queue_for(
     span_ns: u64,
     width_ns: u64,
@@ -242,7 +295,7 @@ pub fn frame_queue_for(
 ) -> (FrameProducer, FrameConsumer) {
     let frames = span_ns.div_ceil(width_ns.max(1)) as usize;
     let words = frames
-        .saturating_mul(frame_words(links.min(MAX_LINKS), probed.min(MAX_LINKS)))
+        .saturating_mul(frame_words(links.min(MAX_LINKS), probed.min(MAX_LINKS), 0))
         .max(4 * MAX_WORDS);
     queue_words(words)
 }
@@ -282,6 +335,11 @@ mod tests {
         f.tcp_rtt_mask = f.valid_mask;
         f.tcp_rtt[2].add_sample(31_000_000);
         f.tcp_rtt[2].add_sample(29_000_000);
+        f.owd[1].add(&crate::probe::oneway::OneWay {
+            up_ns: -2_000,
+            down_ns: 21_000_000,
+            error_ns: 900,
+        });
         f
     }
 
@@ -301,9 +359,9 @@ mod tests {
         assert!(rx.pop().is_err());
         assert_eq!(
             Encoded::new(&sample(16)).words().len(),
-            13 + 16 * 4 + 2 * 4 + 4
+            14 + 16 * 4 + 2 * 4 + 4 + 8
         );
-        assert_eq!(Encoded::new(&Frame::default()).words().len(), 13);
+        assert_eq!(Encoded::new(&Frame::default()).words().len(), 14);
         // The TCP records come back where they were, apart from the probe records.
         let mut only_tcp = Frame::default();
         only_tcp.tcp_rtt[31].add_sample(1);
@@ -331,7 +389,7 @@ mod tests {
     #[test]
     fn sized_in_time() {
         let (tx, _) = frame_queue_for(100_000_000, 100_000, 16, 0);
-        assert_eq!(tx.capacity_words(), 1000 * frame_words(16, 0));
+        assert_eq!(tx.capacity_words(), 1000 * frame_words(16, 0, 0));
         let (tx, _) = frame_queue_for(1_000_000, 1_000_000_000, 16, 0);
         assert_eq!(tx.capacity_words(), 4 * MAX_WORDS);
     }
@@ -339,7 +397,7 @@ mod tests {
     #[test]
     fn garbage_is_not_a_frame() {
         assert!(decode(&[]).is_none());
-        assert!(decode(&[5; 13]).is_none());
+        assert!(decode(&[5; 14]).is_none());
         let e = Encoded::new(&sample(8));
         assert!(decode(&e.words()[..e.words().len() - 1]).is_none());
     }

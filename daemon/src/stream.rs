@@ -24,8 +24,8 @@ use linkpulse_common::{
     stream::{
         as_bytes, fixed_str, read, ErrorMsg, FrameHeader, Hello, LinkDesc, LinkRecord, Subscribe,
         ERR_BAD_REQUEST, ERR_NO_LINKS, ERR_TOO_MANY_CLIENTS, ERR_VERSION, MAGIC_FRAME, MAGIC_HELLO,
-        MAGIC_SUBSCRIBE, STREAM_VERSION, VALID_LATE, VALID_PROBES, VALID_RTT, VALID_TCP_RTT,
-        VALID_TRAFFIC,
+        MAGIC_SUBSCRIBE, STREAM_VERSION, VALID_LATE, VALID_OWD, VALID_PROBES, VALID_RTT,
+        VALID_TCP_RTT, VALID_TRAFFIC,
     },
     DIRS, MAX_LINKS,
 };
@@ -33,7 +33,7 @@ use linkpulse_common::{
 use crate::{
     clock,
     config::StreamConfig,
-    frame::{Frame, RttBin},
+    frame::{Frame, OwdBin, RttBin},
     shared::Shared,
 };
 
@@ -86,6 +86,8 @@ struct Sub {
     links: [LinkRecord; MAX_LINKS],
     /// Probe figures of the aggregate (min/max merge needs the empty state `RttBin` has).
     rtt: [RttBin; MAX_LINKS],
+    /// One-way delays of the aggregate's synced probe samples.
+    owd: [OwdBin; MAX_LINKS],
     /// Links whose passive TCP RTT was measured in every bin of the aggregate, and its figures.
     tcp: u64,
     tcp_rtt: [RttBin; MAX_LINKS],
@@ -605,6 +607,7 @@ impl Sub {
             probed: 0,
             links: [LinkRecord::default(); MAX_LINKS],
             rtt: [RttBin::default(); MAX_LINKS],
+            owd: [OwdBin::default(); MAX_LINKS],
             tcp: 0,
             tcp_rtt: [RttBin::default(); MAX_LINKS],
             dropped: 0,
@@ -644,6 +647,9 @@ impl Sub {
             for r in self.rtt.iter_mut() {
                 *r = RttBin::default();
             }
+            for o in self.owd.iter_mut() {
+                *o = OwdBin::default();
+            }
             self.tcp = u64::MAX;
             for r in self.tcp_rtt.iter_mut() {
                 *r = RttBin::default();
@@ -664,6 +670,7 @@ impl Sub {
                 rec.bytes[d] += f.links[i].bytes[d];
             }
             self.rtt[i].merge(&f.rtt[i]);
+            self.owd[i].merge(&f.owd[i]);
             self.tcp_rtt[i].merge(&f.tcp_rtt[i]);
         }
         self.count += 1;
@@ -703,6 +710,18 @@ impl Sub {
                 rec.probes_sent = r.probes_sent;
                 rec.rtt_sum_ns = r.rtt_sum_ns;
                 (rec.rtt_min_ns, rec.rtt_max_ns) = r.min_max();
+                let o = &self.owd[i];
+                if !o.is_empty() {
+                    rec.valid |= VALID_OWD;
+                    rec.owd_count = o.count;
+                    rec.owd_up_min_ns = o.up_min_ns;
+                    rec.owd_up_max_ns = o.up_max_ns;
+                    rec.owd_up_sum_ns = o.up_sum_ns;
+                    rec.owd_down_min_ns = o.down_min_ns;
+                    rec.owd_down_max_ns = o.down_max_ns;
+                    rec.owd_down_sum_ns = o.down_sum_ns;
+                    rec.owd_error_max_ns = o.error_max_ns;
+                }
             }
             let t = &self.tcp_rtt[i];
             if self.tcp & (1 << i) != 0 {
@@ -770,6 +789,61 @@ mod tests {
             .chunks_exact(std::mem::size_of::<LinkRecord>())
             .filter_map(read::<LinkRecord>)
             .collect()
+    }
+
+    #[test]
+    fn decimation_aggregates_one_way_delays_only_from_synced_probes() {
+        let ow = |up, down, error_ns| crate::probe::oneway::OneWay {
+            up_ns: up,
+            down_ns: down,
+            error_ns,
+        };
+        let mut s = sub(0b11, 2);
+        let mut a = frame(0, &[45_000, 44_000], 1);
+        a.owd[1].add(&ow(20_000, 24_000, 700));
+        let b = frame(1, &[50_000], 1);
+        let mut c = frame(2, &[40_000], 1);
+        c.owd[1].add(&ow(-1_000, 41_000, 300));
+        let d = frame(3, &[40_000], 1);
+        assert!(!s.push(&a));
+        assert!(s.push(&b));
+        s.encode();
+        let r = records(&s);
+        assert_eq!(r[1].rtt_count, 3);
+        assert_eq!(
+            r[1].owd(),
+            Some(linkpulse_common::stream::OneWayDelays {
+                count: 1,
+                up_min_ns: 20_000,
+                up_max_ns: 20_000,
+                up_mean_ns: 20_000,
+                down_min_ns: 24_000,
+                down_max_ns: 24_000,
+                down_mean_ns: 24_000,
+                error_max_ns: 700,
+            })
+        );
+        assert_eq!(r[1].valid & VALID_OWD, VALID_OWD);
+        assert_eq!((r[0].valid & VALID_OWD, r[0].owd()), (0, None));
+        // The next aggregate starts empty: only c's delays, a negative one kept as it is.
+        assert!(!s.push(&c));
+        assert!(s.push(&d));
+        s.encode();
+        let r = records(&s);
+        let o = r[1].owd().expect("c was synced");
+        assert_eq!(
+            (o.count, o.up_min_ns, o.down_max_ns, o.error_max_ns),
+            (1, -1_000, 41_000, 300)
+        );
+        // No synced probe at all: the fields stay 0 and unmarked.
+        assert!(!s.push(&frame(4, &[1], 1)));
+        assert!(s.push(&frame(5, &[1], 1)));
+        s.encode();
+        let r = records(&s);
+        assert_eq!(
+            (r[1].valid & VALID_OWD, r[1].owd_count, r[1].owd_up_sum_ns),
+            (0, 0, 0)
+        );
     }
 
     #[test]

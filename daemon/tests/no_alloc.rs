@@ -182,10 +182,17 @@ fn ingest_tick_allocates_nothing() {
         } else {
             now - W + 10
         };
+        // Every other sample with synced clocks: one-way delays take the same path.
+        let owd = (i % 2 == 0).then_some(linkpulse::probe::oneway::OneWay {
+            up_ns: 9_000_000,
+            down_ns: 11_000_000 + i as i64,
+            error_ns: 1_000,
+        });
         let sample = GridEvent::Sample {
             link: 1,
             t4_tai_ns: t4,
             rtt_ns: 20_000_000 + i,
+            owd,
         };
         let sent = GridEvent::Sent {
             link: 0,

@@ -44,9 +44,11 @@ int main(int argc, char **argv) {
             struct lp_link_record r;
             memcpy(&r, buf + sizeof h + i * sizeof r, sizeof r);
             printf("  link=%" PRIu32 " valid=%" PRIu32 " pkts=%" PRIu64 "/%" PRIu64 " bytes=%" PRIu64 "/%" PRIu64
-                   " tcp=%" PRIu32 "/%" PRIu64 "/%" PRIu64 "/%" PRIu64 "\n",
+                   " tcp=%" PRIu32 "/%" PRIu64 "/%" PRIu64 "/%" PRIu64
+                   " owd=%" PRIu32 "/%" PRId64 "/%" PRId64 "/%" PRIu64 "\n",
                    r.index, r.valid, r.packets[0], r.packets[1], r.bytes[0], r.bytes[1],
-                   r.tcp_rtt_count, r.tcp_rtt_min_ns, r.tcp_rtt_max_ns, r.tcp_rtt_sum_ns);
+                   r.tcp_rtt_count, r.tcp_rtt_min_ns, r.tcp_rtt_max_ns, r.tcp_rtt_sum_ns,
+                   r.owd_count, r.owd_up_sum_ns, r.owd_down_sum_ns, r.owd_error_max_ns);
         }
     }
     return 0;

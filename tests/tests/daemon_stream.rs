@@ -236,7 +236,7 @@ fn bad_requests_get_a_clear_error_and_c_reads_real_frames() {
         );
         for r in &recs {
             expected += &format!(
-                "  link={} valid={} pkts={}/{} bytes={}/{} tcp={}/{}/{}/{}\n",
+                "  link={} valid={} pkts={}/{} bytes={}/{} tcp={}/{}/{}/{} owd={}/{}/{}/{}\n",
                 r.index,
                 r.valid,
                 r.packets[0],
@@ -246,7 +246,11 @@ fn bad_requests_get_a_clear_error_and_c_reads_real_frames() {
                 r.tcp_rtt_count,
                 r.tcp_rtt_min_ns,
                 r.tcp_rtt_max_ns,
-                r.tcp_rtt_sum_ns
+                r.tcp_rtt_sum_ns,
+                r.owd_count,
+                r.owd_up_sum_ns,
+                r.owd_down_sum_ns,
+                r.owd_error_max_ns
             );
             if r.index == 1 && r.packets[1] > 0 && r.valid & VALID_TRAFFIC != 0 {
                 with_traffic += 1;

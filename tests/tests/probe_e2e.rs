@@ -626,6 +626,26 @@ fn stream_frames_carry_every_probe_sample_in_its_bin() {
         "a probed link's records carry VALID_RTT and VALID_PROBES"
     );
     let in_frames: u64 = bins.iter().map(|b| u64::from(b.rec.rtt_count)).sum();
+    // One-way delays need both clocks synchronised; sender and reflector share this machine's.
+    let synced = linkpulse::clock::ClockState::read().is_ok_and(|c| c.synced);
+    let owd: u64 = bins
+        .iter()
+        .map(|b| b.rec.owd().map_or(0, |o| u64::from(o.count)))
+        .sum();
+    if synced {
+        assert_eq!(
+            owd, in_frames,
+            "synced clocks: every sample has one-way delays"
+        );
+    } else {
+        assert_eq!(
+            owd, 0,
+            "unsynchronised clock: no one-way delay in any frame"
+        );
+        assert!(bins
+            .iter()
+            .all(|b| b.rec.owd_count == 0 && b.rec.owd_up_sum_ns == 0));
+    }
     assert!(samples.len() > 500, "only {} samples", samples.len());
     assert_eq!(
         samples.len() as u64,

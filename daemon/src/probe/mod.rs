@@ -40,6 +40,8 @@ pub enum GridEvent {
         link: u16,
         t4_tai_ns: u64,
         rtt_ns: u64,
+        /// Only when both clocks report synchronisation (see [`oneway`]).
+        owd: Option<oneway::OneWay>,
     },
     Sent {
         link: u16,

@@ -546,7 +546,8 @@ impl Sender {
 impl Feeds {
     /// One sample: into the link's per-second figures and to every feed.
     fn record(&mut self, shared: &Shared, l: &mut Link, s: Sample) {
-        if let Some(o) = super::oneway::one_way(&s, &self.local_clock) {
+        let owd = super::oneway::one_way(&s, &self.local_clock);
+        if let Some(o) = owd {
             l.sec_owd_n += 1;
             l.sec_owd_up_sum = l.sec_owd_up_sum.saturating_add(o.up_ns);
             l.sec_owd_down_sum = l.sec_owd_down_sum.saturating_add(o.down_ns);
@@ -574,6 +575,7 @@ impl Feeds {
                 link: s.link,
                 t4_tai_ns: s.t4_tai_ns,
                 rtt_ns: s.rtt_ns,
+                owd,
             };
             if g.push(e).is_err() {
                 shared.probe.grid_dropped.fetch_add(1, Ordering::Relaxed);
