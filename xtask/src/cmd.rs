@@ -40,7 +40,7 @@ pub fn tools_dir() -> Result<PathBuf> {
 }
 
 /// `cargo` with the environment every build needs: `TOOLS/bin` first in PATH, because the daemon's
-/// build.rs builds ebpf/ through aya-build, and rustc's bpf target runs `bpf-linker` from PATH;
+/// build.rs builds ebpf/ with Debian's cargo, and rustc's bpf target runs `bpf-linker` from PATH;
 /// `LINKPULSE_TOOLS_DIR` so that nested tools find the same dir.
 pub fn cargo(args: &[&str]) -> Result<Command> {
     let tools = tools_dir()?;

@@ -16,7 +16,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ),
     (
         "cargo-web",
-        "Debian's cargo: aya-build runs it for ebpf/; it also builds bpf-linker",
+        "Debian's cargo: daemon/build.rs runs it for ebpf/; it also builds bpf-linker",
     ),
     (
         "libstd-rust-web-dev-bpf",
@@ -96,7 +96,6 @@ pub fn run_with(cross: bool) -> Result<()> {
     check_btf()?;
     check_kernel_version();
     ensure_packages()?;
-    check_rustup()?;
     ensure_bpf_linker()?;
     crate::pyvenv::ensure_schemathesis()?;
     if cross {
@@ -248,25 +247,6 @@ fn is_installed(dpkg_output: &str, name: &str) -> bool {
         };
         same && status.trim() == "install ok installed"
     })
-}
-
-/// aya-build builds ebpf/ with `rustup run /usr cargo ...`, so the build needs rustup even though
-/// the eBPF toolchain itself is Debian's.
-fn check_rustup() -> Result<()> {
-    match Command::new("rustup").arg("--version").output() {
-        Ok(out) if out.status.success() => {
-            report("ok", "rustup (aya-build runs `rustup run /usr cargo`)");
-            Ok(())
-        }
-        _ => {
-            report("error", "rustup");
-            bail!(
-                "rustup is not on PATH: the daemon's build.rs builds the eBPF crate with \
-                 `rustup run /usr cargo`. Fix: install rustup with a stable toolchain \
-                 (rustup.rs) and make sure ~/.cargo/bin is in PATH"
-            )
-        }
-    }
 }
 
 fn ensure_bpf_linker() -> Result<()> {

@@ -158,7 +158,8 @@ fn test_command(extra: &[String], build_only: bool) -> Result<Command> {
         let cargo_args = extra.iter().take_while(|a| *a != "--");
         test.args(cargo_args).arg("--no-run");
     } else {
-        test.args(extra);
+        // Every test binary runs even after one fails, like the steps: one CI run reports all.
+        test.arg("--no-fail-fast").args(extra);
     }
     Ok(test)
 }
