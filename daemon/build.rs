@@ -39,8 +39,6 @@ fn main() -> anyhow::Result<()> {
              `cargo xtask setup` (it installs rustc-web and libstd-rust-web-dev-bpf)"
         );
     }
-    // aya-ebpf needs `asm_experimental_arch`; enabling it for that crate only keeps the build
-    // from needing -Z build-std (which would need rust-src, absent here).
     let arch = env::var("CARGO_CFG_TARGET_ARCH")?;
     if env::var("CARGO_CFG_TARGET_ENDIAN")? != "little" {
         anyhow::bail!("linkpulse's kernel programs are built for bpfel (little-endian hosts) only");
@@ -78,7 +76,9 @@ fn main() -> anyhow::Result<()> {
         .arg(&target_dir)
         .env("PATH", &path)
         .env("RUSTC", "/usr/bin/rustc")
-        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        // aya-ebpf and our programs (crate `linkpulse`, the bin) need `asm_experimental_arch`:
+        // the unstable features are enabled for those two crates only.
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf,linkpulse")
         .env("CARGO_ENCODED_RUSTFLAGS", flags)
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("RUSTC_WRAPPER")

@@ -4,7 +4,9 @@
 //!
 //! On egress, the first departure of each (flow, TSval) is stamped into `TCP_TS` (an LRU hash);
 //! on ingress, a packet of the reverse flow whose TSecr echoes a stored TSval gives one RTT
-//! sample (now − stamp) and deletes the entry.
+//! sample (now − stamp) and marks the entry matched. Matched entries stay until the LRU evicts
+//! them, so later segments carrying that TSval skip the insert and later echoes give no second
+//! sample: exactly one sample per (flow, link, TSval).
 
 /// Name of the LRU hash (flow, TSval) → TAI ns of first departure.
 pub const MAP_TCP_TS: &str = "TCP_TS";
@@ -13,7 +15,7 @@ pub const MAP_TCP_STATS: &str = "TCP_STATS";
 /// Name of the global switching the matching on (1) or off (0), set by the loader.
 pub const GLOBAL_TCP_RTT_ON: &str = "TCP_RTT_ON";
 
-/// `TCP_STATS` index: RTT samples taken (an echoed TSval found and deleted).
+/// `TCP_STATS` index: RTT samples taken (an echoed TSval found unmatched and marked matched).
 pub const TCP_STAT_SAMPLES: u32 = 0;
 /// `TCP_STATS` index: TSvals stored (first departure of a (flow, TSval)).
 pub const TCP_STAT_INSERTS: u32 = 1;

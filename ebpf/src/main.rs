@@ -8,6 +8,9 @@
 //! the ingress slot's bin.
 #![no_std]
 #![no_main]
+// Inline asm on bpf (the atomic exchange in `xchg_u64`); daemon/build.rs allows it for this
+// crate through RUSTC_BOOTSTRAP.
+#![feature(asm_experimental_arch)]
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
@@ -36,10 +39,10 @@ static BIN_WIDTH_NS: u64 = 100_000;
 #[no_mangle]
 static TCP_RTT_ON: u64 = 1;
 
-/// (flow, link, TSval) → CLOCK_TAI ns of the first departure of that TSval. max_entries is
-/// set by the loader (`[tcp_rtt] table_entries`); the LRU drops the least recently used
-/// entries when it is full (TSvals that are never echoed, e.g. the second segment of a
-/// delayed-ACK pair, leave this way too).
+/// (flow, link, TSval) → CLOCK_TAI ns of the first departure of that TSval, or `TS_USED` once
+/// it has given its sample. max_entries is set by the loader (`[tcp_rtt] table_entries`); the
+/// LRU drops the least recently used entries when it is full: matched ones and TSvals that
+/// are never echoed (e.g. the second segment of a delayed-ACK pair) leave only this way.
 #[map(name = "TCP_TS")]
 static TCP_TS: LruHashMap<TsKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
@@ -85,6 +88,8 @@ const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const TCP_FLAG_ACK: u8 = 0x10;
 const EEXIST: i32 = 17;
+/// `TCP_TS` value of a TSval that gave its sample (a CLOCK_TAI stamp is never 0).
+const TS_USED: u64 = 0;
 
 #[classifier]
 pub fn lp_ingress(ctx: TcContext) -> i32 {
@@ -318,10 +323,12 @@ impl OptBytes for SkbOpts<'_> {
 }
 
 /// Passive RTT. Egress: a TCP segment with the timestamp option stores (flow, link, TSval) →
-/// `now` unless that TSval already left (BPF_NOEXIST: the first departure counts, a
+/// `now` unless that TSval is already there (BPF_NOEXIST: the first departure counts, a
 /// retransmission or the next segment of the same clock tick does not move it). Ingress: a
-/// segment with ACK of the reverse flow whose TSecr is stored gives `now − stored` and deletes
-/// the entry (only the deleting CPU takes the sample, so a duplicate echo gives none).
+/// segment with ACK of the reverse flow whose TSecr is stored and not yet matched gives
+/// `now − stored` and marks the entry `TS_USED` (exactly one sample per (flow, link, TSval):
+/// first departure → first echo; later echoes and departures of that TSval find it and do
+/// nothing). Matched entries leave the table by LRU eviction only.
 /// IPv6 extension headers are not walked: such packets give no sample.
 #[inline(always)]
 fn tcp_rtt(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: u64) -> Option<u64> {
@@ -409,13 +416,41 @@ fn tcp_rtt(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: u64)
     key.local_port = dport;
     key.remote_port = sport;
     key.tsval = tsecr;
-    let p = TCP_TS.get_ptr(&key)?;
-    // SAFETY: a preallocated map value, valid memory while the program runs. Another CPU may
-    // delete and reuse it meanwhile: it is read once, and used only if our delete succeeds.
-    let sent = unsafe { core::ptr::read_volatile(p) };
-    TCP_TS.remove(&key).ok()?;
+    let p = TCP_TS.get_ptr_mut(&key)?;
+    // SAFETY (both): a preallocated, 8-byte aligned map value, valid memory while the program
+    // runs (if the LRU evicts and reuses it meanwhile, that other TSval loses its sample).
+    // Already matched: the usual case for the 2nd..nth ACK echoing one TSval, a plain read.
+    if unsafe { core::ptr::read_volatile(p) } == TS_USED {
+        return None;
+    }
+    // The entry stays (marked used) so that later segments with this TSval find it and skip
+    // the insert; one exchange, so of two CPUs seeing the same echo only one takes the sample.
+    let sent = unsafe { xchg_u64(p, TS_USED) };
+    if sent == TS_USED {
+        return None;
+    }
     count_tcp_stat(TCP_STAT_SAMPLES);
     Some(now.saturating_sub(sent))
+}
+
+/// Stores `new` at `p` and returns what was there, atomically (BPF_XCHG). Rust's bpf target
+/// has no atomic read-modify-write operations (no CAS), so this is the instruction itself.
+///
+/// # Safety
+/// `p` must point to a valid, 8-byte aligned u64 (a map value).
+#[inline(always)]
+unsafe fn xchg_u64(p: *mut u64, new: u64) -> u64 {
+    let mut v = new;
+    // SAFETY: per the caller; the instruction reads and writes only *p.
+    unsafe {
+        core::arch::asm!(
+            "{v} = xchg_64({p} + 0, {v})",
+            p = in(reg) p,
+            v = inout(reg) v,
+            options(nostack),
+        );
+    }
+    v
 }
 
 #[inline(always)]

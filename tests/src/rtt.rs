@@ -35,7 +35,8 @@ pub struct TcpTruthSample {
 /// The passive RTT the kernel programs should find on `modem`, replayed from the truth by the
 /// same rules: every router → server segment with a timestamp option stores (ports, TSval) at
 /// its arrival unless stored already (whatever its fate: the router sent it); every delivered
-/// server → router segment with ACK whose TSecr is stored takes it (a sample) and removes it.
+/// server → router segment with ACK whose TSecr is stored and not yet matched gives a sample
+/// and marks it matched (it stays: one sample per (flow, TSval), first departure → first echo).
 /// Events run in router order (up by arrival, down by delivery). Flows are told apart by
 /// their ports (the testbed gives each modem one address pair). Returns the samples and the
 /// number of TSvals stored.
@@ -55,7 +56,9 @@ pub fn tcp_rtt_truth(records: &[TruthRecord], modem: u16) -> (Vec<TcpTruthSample
         })
         .collect();
     ev.sort_by_key(|e| e.0);
-    let mut table: std::collections::HashMap<(u16, u16, u32), u64> = Default::default();
+    // (sport, dport, TSval) → (first departure, matched): an entry stays once matched, as in
+    // the kernel's table, so each TSval gives at most one sample.
+    let mut table: std::collections::HashMap<(u16, u16, u32), (u64, bool)> = Default::default();
     let mut stored = 0;
     let mut samples = Vec::new();
     for (t, r, f, (tsval, tsecr)) in ev {
@@ -64,7 +67,7 @@ pub fn tcp_rtt_truth(records: &[TruthRecord], modem: u16) -> (Vec<TcpTruthSample
                 if let std::collections::hash_map::Entry::Vacant(v) =
                     table.entry((f.sport, f.dport, tsval))
                 {
-                    v.insert(t);
+                    v.insert((t, false));
                     stored += 1;
                 }
             }
@@ -72,11 +75,12 @@ pub fn tcp_rtt_truth(records: &[TruthRecord], modem: u16) -> (Vec<TcpTruthSample
                 if f.flags & TcpFacts::ACK == 0 {
                     continue;
                 }
-                if let Some(t0) = table.remove(&(f.dport, f.sport, tsecr)) {
+                if let Some((t0, used @ false)) = table.get_mut(&(f.dport, f.sport, tsecr)) {
+                    *used = true;
                     samples.push(TcpTruthSample {
                         echo_write_ns: t,
                         echo_out_ns: r.t_out_ns,
-                        rtt_ns: t as i64 - t0 as i64,
+                        rtt_ns: t as i64 - *t0 as i64,
                     });
                 }
             }
