@@ -47,6 +47,7 @@ pub struct TsKey {
 }
 
 const _: () = assert!(core::mem::size_of::<TsKey>() == 44);
+const _: () = assert!(core::mem::align_of::<TsKey>() == 4);
 
 #[cfg(feature = "user")]
 mod pod {
