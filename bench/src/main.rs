@@ -126,13 +126,17 @@ fn stats_delta(before: &ProgStats, after: &ProgStats, name: &str) -> (f64, f64) 
     ((a.0 - b.0) as f64, (a.1 - b.1) as f64)
 }
 
-/// A TCP flow with timestamps (Linux's default) from the router to the peer over wwan0 for
-/// `dur`: 100-byte writes without Nagle, so most segments are small; the peer's ACKs come
-/// back. Returns the bytes the peer received.
-fn tcp_flow(net: &BenchNet, dur: Duration) -> anyhow::Result<u64> {
+/// A TCP flow with timestamps (Linux's default) from `client_ns` to `addr` (listened on in
+/// `server_ns`) for `dur`: 100-byte writes without Nagle, so segments are small while the
+/// window is open; the server's ACKs come back. Returns the bytes the server received.
+fn tcp_flow(
+    client_ns: &str,
+    server_ns: &str,
+    addr: std::net::SocketAddr,
+    dur: Duration,
+) -> anyhow::Result<u64> {
     use std::io::{Read, Write};
-    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::new(198, 18, 0, 1), 5299));
-    let listener = netns::run_in(&net.peer, || std::net::TcpListener::bind(addr))??;
+    let listener = netns::run_in(server_ns, || std::net::TcpListener::bind(addr))??;
     let server = std::thread::spawn(move || -> u64 {
         let Ok((mut s, _)) = listener.accept() else {
             return 0;
@@ -147,7 +151,7 @@ fn tcp_flow(net: &BenchNet, dur: Duration) -> anyhow::Result<u64> {
         }
         n
     });
-    let mut c = netns::run_in(&net.router, || {
+    let mut c = netns::run_in(client_ns, || {
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
     })??;
     c.set_nodelay(true)?;
@@ -162,10 +166,93 @@ fn tcp_flow(net: &BenchNet, dur: Duration) -> anyhow::Result<u64> {
         .map_err(|_| anyhow::anyhow!("TCP sink thread panicked"))
 }
 
+/// What one TCP flow cost our programs and the empty one (bpf_stats), with the link's probe
+/// match configured as in production.
+struct TcpCost {
+    /// ns per run over both directions, ours and the empty program's.
+    ours: f64,
+    empty: f64,
+    ingress: f64,
+    egress: f64,
+    runs_in: f64,
+    runs_out: f64,
+    bytes: u64,
+    inserts: u64,
+    samples: u64,
+}
+
+impl TcpCost {
+    fn measure(
+        kernel: &mut Kernel,
+        client_ns: &str,
+        server_ns: &str,
+        addr: std::net::SocketAddr,
+    ) -> anyhow::Result<TcpCost> {
+        // Probes configured on the link (one more lookup and header load per packet).
+        let mut probe = kernel.take_probe_maps()?;
+        probe.conf.set(
+            0,
+            linkpulse_common::probe::ProbeConf {
+                sender_port: 40_862,
+                reflector_port: 862,
+                _pad: 0,
+            },
+            0,
+        )?;
+        let tcp_before = kernel.tcp_stats();
+        let before = kernel.program_stats();
+        let bytes = tcp_flow(client_ns, server_ns, addr, Duration::from_secs(3))?;
+        let after = kernel.program_stats();
+        let tcp = kernel.tcp_stats();
+        let delta = |name: &str| stats_delta(&before, &after, name);
+        let (ti, ci) = delta("lp_ingress");
+        let (te, ce) = delta("lp_egress");
+        let (t0, c0) = delta("lp_empty");
+        let samples = tcp.samples - tcp_before.samples;
+        anyhow::ensure!(
+            ci > 0.0 && ce > 0.0 && c0 > 0.0 && samples > 0,
+            "TCP phase: bpf_stats counted ingress {ci}, egress {ce}, empty {c0}; {samples} RTT samples"
+        );
+        Ok(TcpCost {
+            ours: (ti + te) / (ci + ce),
+            empty: t0 / c0,
+            ingress: ti / ci,
+            egress: te / ce,
+            runs_in: ci,
+            runs_out: ce,
+            bytes,
+            inserts: tcp.inserts - tcp_before.inserts,
+            samples,
+        })
+    }
+
+    fn metric(&self, name: &'static str, flow: &str) -> Metric {
+        Metric::new(name, self.ours - self.empty, "ns")
+            .peer(
+                self.empty,
+                "empty tc program on the same iface, same packets (bpf_stats)",
+            )
+            .target("≤ 100 over the empty program")
+            .note(format!(
+                "ours {:.0} ns in all (ingress {:.0}, egress {:.0}); {} + {} program runs of {flow} \
+                 ({} MB), {} TSvals stored, {} RTT samples, probe match configured",
+                self.ours,
+                self.ingress,
+                self.egress,
+                self.runs_out,
+                self.runs_in,
+                self.bytes / 1_000_000,
+                self.inserts,
+                self.samples,
+            ))
+    }
+}
+
 /// ebpf.ns_per_packet: our programs' cost per packet minus the empty program's, both attached
 /// to the same interface and run by the same packets (bpf_stats run_time_ns / run_cnt).
-/// ebpf.ns_per_packet_with_probes_and_tcp: the same over a TCP flow with timestamps (every
-/// egress segment stores its TSval, ACKs match them), the link's probe match configured.
+/// ebpf.ns_per_packet_with_probes_and_tcp: the same over a TCP flow with timestamps over the
+/// bare veth (RTT ~20 µs: every TSval tick is stored and echoed before the next), the link's
+/// probe match configured; ebpf.ns_per_packet_tcp_rtt_40ms: the same flow at a cellular RTT.
 fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
     let net = BenchNet::up("c", 1)?;
     let _stats = BpfStats::enable()?;
@@ -232,55 +319,14 @@ fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
     let mut kernel = load(linkpulse::config::TcpRttConfig::default())?;
     let (ours, empty, ing, egr, sent_out, sent_in) = udp(&kernel)?;
 
-    // Probes configured on the link (one more lookup and header load per packet), then TCP.
-    let mut probe = kernel.take_probe_maps()?;
-    probe.conf.set(
-        0,
-        linkpulse_common::probe::ProbeConf {
-            sender_port: 40_862,
-            reflector_port: 862,
-            _pad: 0,
-        },
-        0,
-    )?;
-    let tcp_before = kernel.tcp_stats();
-    let before = kernel.program_stats();
-    let received = tcp_flow(&net, Duration::from_secs(3))?;
-    let after = kernel.program_stats();
-    let tcp = kernel.tcp_stats();
-    let delta = |name: &str| stats_delta(&before, &after, name);
-    let (tti, tci) = delta("lp_ingress");
-    let (tte, tce) = delta("lp_egress");
-    let (tt0, tc0) = delta("lp_empty");
-    let samples = tcp.samples - tcp_before.samples;
-    anyhow::ensure!(
-        tci > 0.0 && tce > 0.0 && tc0 > 0.0 && samples > 0,
-        "TCP phase: bpf_stats counted ingress {tci}, egress {tce}, empty {tc0}; {samples} RTT samples"
-    );
-    let tcp_empty = tt0 / tc0;
-    let tcp_ours = (tti + tte) / (tci + tce);
-    drop(kernel);
-    let with_tcp = Metric::new(
+    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::new(198, 18, 0, 1), 5299));
+    let with_tcp = TcpCost::measure(&mut kernel, &net.router, &net.peer, addr)?.metric(
         "ebpf.ns_per_packet_with_probes_and_tcp",
-        tcp_ours - tcp_empty,
-        "ns",
-    )
-    .peer(
-        tcp_empty,
-        "empty tc program on the same iface, same packets (bpf_stats)",
-    )
-    .target("≤ 100 over the empty program")
-    .note(format!(
-        "ours {tcp_ours:.0} ns in all (ingress {:.0}, egress {:.0}); {} + {} program runs of a \
-         TCP flow with timestamps ({} MB), {} TSvals stored, {samples} RTT samples, probe \
-         match configured",
-        tti / tci,
-        tte / tce,
-        tce,
-        tci,
-        received / 1_000_000,
-        tcp.inserts - tcp_before.inserts,
-    ));
+        "a TCP flow with timestamps over a bare veth (RTT ~20 µs)",
+    );
+    drop(kernel);
+    drop(net);
+    let at_40ms = tcp_cost_40ms()?;
     Ok(vec![
         Metric::new("ebpf.ns_per_packet", ours - empty, "ns")
             .peer(
@@ -296,7 +342,54 @@ fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
                 off.1
             )),
         with_tcp,
+        at_40ms,
     ])
+}
+
+/// ebpf.ns_per_packet_tcp_rtt_40ms: the same flow through the testbed's emulated link (20 ms
+/// each way, no jitter, user-space emulator): a cellular-like RTT, where a TSval stays in
+/// flight for ~40 ms, so most egress runs find their TSval stored and the ACKs of one tick
+/// echo it many times.
+fn tcp_cost_40ms() -> anyhow::Result<Metric> {
+    use linkpulse_testbed::{emulator::LinkProfile, ModemKind, ModemSpec, Testbed, TestbedSpec};
+    let dir = rtt::TempDir::new("ebpf40")?;
+    let way = |seed| LinkProfile {
+        delay_us: 20_000,
+        seed,
+        ..LinkProfile::unlimited()
+    };
+    let bed = Testbed::up_with(
+        TestbedSpec {
+            name: "lpbe40".into(),
+            modems: vec![ModemSpec {
+                ifname: "wwan0".into(),
+                kind: ModemKind::Veth,
+                up: way(41),
+                down: way(42),
+            }],
+            state_dir: dir.0.join("testbed"),
+        },
+        linkpulse_testbed::TestbedOptions::default(),
+    )?;
+    let _stats = BpfStats::enable()?;
+    let mut kernel = netns::run_in(bed.router_ns(), || -> anyhow::Result<Kernel> {
+        let (mut k, _data) = Kernel::load(100_000, linkpulse::config::TcpRttConfig::default())?;
+        k.attach_baseline("wwan0")?;
+        let ix = linkpulse::kernel::ifindex("wwan0").context("wwan0 missing")?;
+        k.attach("wwan0", ix, 0, 14)?;
+        Ok(k)
+    })??;
+    let (_, srv) = bed.modem_addr_v4(0);
+    let cost = TcpCost::measure(
+        &mut kernel,
+        bed.router_ns(),
+        bed.server_ns(),
+        std::net::SocketAddr::from((srv, 5299)),
+    )?;
+    Ok(cost.metric(
+        "ebpf.ns_per_packet_tcp_rtt_40ms",
+        "a TCP flow with timestamps through the emulated link (20 ms each way)",
+    ))
 }
 
 /// Sums every frame a subscription receives, per link and direction.

@@ -54,9 +54,9 @@ impl Drop for Killed {
 }
 
 /// A temporary directory removed on drop.
-struct TempDir(std::path::PathBuf);
+pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
 impl TempDir {
-    fn new(tag: &str) -> anyhow::Result<TempDir> {
+    pub(crate) fn new(tag: &str) -> anyhow::Result<TempDir> {
         let p = std::env::temp_dir().join(format!("lpbench-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
