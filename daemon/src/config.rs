@@ -123,8 +123,9 @@ struct RawTcpRtt {
     /// Default true.
     #[serde(default = "default_true")]
     enabled: bool,
-    /// TSvals in flight the kernel remembers, all links together (LRU: the least recently
-    /// used go first when it is full). 64..=1048576. Default 16384 (~1 MiB).
+    /// TSvals the kernel remembers, all links together: in flight and, until evicted, matched
+    /// (LRU: the least recently used go first when it is full). 64..=1048576. Default 16384
+    /// (~1 MiB).
     #[serde(default = "default_tcp_table_entries")]
     table_entries: Spanned<u32>,
 }
