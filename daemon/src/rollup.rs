@@ -1,6 +1,7 @@
 //! Rollups: every window (500 ms by default, epoch-aligned, stamped at its start) per link,
 //! from the aligned frames — bytes and packets per direction, mean and peak rate and the
-//! p50/p95/p99 of the per-bin rates, and whether the window is complete. The store keeps them
+//! p50/p95/p99 of the per-bin rates, the passive TCP RTT of the bins (samples, exact min, mean
+//! and max), and whether the window is complete. The store keeps them
 //! for weeks; the forwarder sends them to the central InfluxDB.
 //!
 //! A window is complete only if every one of its bins was published, valid for the link,
@@ -10,7 +11,7 @@
 use linkpulse_common::{DIRS, MAX_LINKS};
 use linkpulse_sink::store::Rollup;
 
-use crate::frame::{Frame, FLAG_CLOCK_STEP, FLAG_CLOCK_UNSYNC, FLAG_SKIPPED};
+use crate::frame::{Frame, RttBin, FLAG_CLOCK_STEP, FLAG_CLOCK_UNSYNC, FLAG_SKIPPED};
 
 /// Link state codes in rollups (the link-health issue refines "up" into up/degraded/down).
 pub const LINK_STATE_MISSING: u8 = 0;
@@ -26,6 +27,9 @@ struct LinkAcc {
     bins: [Vec<u32>; DIRS],
     valid_bins: u64,
     late: bool,
+    /// Passive TCP RTT of the window's bins (by the bin its echo arrived in, late ones in the
+    /// frame that carried them, like the counts).
+    tcp: RttBin,
 }
 
 pub struct RollupBuilder {
@@ -70,6 +74,7 @@ impl RollupBuilder {
                     bins: [Vec::with_capacity(cap), Vec::with_capacity(cap)],
                     valid_bins: 0,
                     late: false,
+                    tcp: RttBin::default(),
                 })
                 .collect(),
             scratch: Vec::with_capacity(cap),
@@ -119,6 +124,9 @@ impl RollupBuilder {
                 if acc.bins[d].len() < acc.bins[d].capacity() {
                     acc.bins[d].push(b.bytes[d].min(u32::MAX as u64) as u32);
                 }
+            }
+            if f.tcp_rtt_mask & (1 << l) != 0 {
+                acc.tcp.merge(&f.tcp_rtt[l]);
             }
             if f.is_valid(l) {
                 acc.valid_bins += 1;
@@ -195,6 +203,18 @@ impl RollupBuilder {
                 probes_lost_fwd: 0,
                 probes_sent_bwd: 0,
                 probes_lost_bwd: 0,
+                tcp_rtt_samples: u64::from(acc.tcp.rtt_count),
+                tcp_rtt_min_ns: (acc.tcp.rtt_count > 0).then_some(acc.tcp.rtt_min_ns),
+                tcp_rtt_mean_ns: (acc.tcp.rtt_count > 0)
+                    .then(|| acc.tcp.rtt_sum_ns / u64::from(acc.tcp.rtt_count)),
+                tcp_rtt_max_ns: (acc.tcp.rtt_count > 0).then_some(acc.tcp.rtt_max_ns),
+                // Filled from the probes' windows (rollup_probe.rs).
+                owd_samples: 0,
+                owd_up_mean_ns: None,
+                owd_up_max_ns: None,
+                owd_down_mean_ns: None,
+                owd_down_max_ns: None,
+                owd_error_ns: None,
             });
             acc.bytes = [0; DIRS];
             acc.packets = [0; DIRS];
@@ -202,6 +222,7 @@ impl RollupBuilder {
             acc.bins[1].clear();
             acc.valid_bins = 0;
             acc.late = false;
+            acc.tcp = RttBin::default();
         }
         self.seen_bins = 0;
         self.broken = false;
@@ -287,6 +308,48 @@ mod tests {
         assert_eq!(r.rx_rate_p50_bps, 0.0);
         assert!((r.rx_rate_mean_bps - 1e6).abs() < 1.0);
         assert!(r.rx_rate_p99_bps <= 100e6);
+    }
+
+    #[test]
+    fn tcp_rtt_of_the_bins_sums_exactly_and_is_empty_without_samples() {
+        let n = 5000u64;
+        // Window 0: samples in bins 3 (two), 4000 (one) and one late one carried by bin 4999;
+        // a masked-out bin's figures are not counted. Window 1: measured, no sample.
+        let out = run((0..2 * n + 1).map(|i| {
+            let mut f = frame(i, T0 + (i * W) as i64, 10, true, 0);
+            f.tcp_rtt_mask = 1;
+            match i {
+                3 => {
+                    f.tcp_rtt[0].add_sample(30_000_000);
+                    f.tcp_rtt[0].add_sample(10_000_000);
+                }
+                4000 => f.tcp_rtt[0].add_sample(20_000_001),
+                4999 => f.tcp_rtt[0].add_sample(50_000_000),
+                4001 => {
+                    f.tcp_rtt[0].add_sample(1);
+                    f.tcp_rtt_mask = 0;
+                }
+                _ => {}
+            }
+            f
+        }));
+        let link0: Vec<_> = out.iter().filter(|r| r.link_id == 0).collect();
+        assert_eq!(link0.len(), 2);
+        let r = link0[0];
+        assert_eq!(r.tcp_rtt_samples, 4);
+        assert_eq!(r.tcp_rtt_min_ns, Some(10_000_000));
+        assert_eq!(r.tcp_rtt_max_ns, Some(50_000_000));
+        assert_eq!(r.tcp_rtt_mean_ns, Some(110_000_001 / 4));
+        let r = link0[1];
+        assert_eq!(r.tcp_rtt_samples, 0);
+        assert_eq!(
+            (r.tcp_rtt_min_ns, r.tcp_rtt_mean_ns, r.tcp_rtt_max_ns),
+            (None, None, None)
+        );
+        assert_eq!(
+            r.owd_up_mean_ns, None,
+            "one-way delays come from the probes"
+        );
     }
 
     #[test]

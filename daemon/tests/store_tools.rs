@@ -26,6 +26,11 @@ fn row(link: u32, w: u64) -> Rollup {
         tx_bytes: 1000 * u64::from(link) + w,
         rx_rate_mean_bps: w as f64 / 3.0,
         rtt_min_ns: w.is_multiple_of(2).then_some(w * 10),
+        tcp_rtt_samples: w % 3,
+        tcp_rtt_mean_ns: (!w.is_multiple_of(3)).then_some(30_000_000 + w),
+        owd_samples: (w % 4) as u32,
+        owd_up_mean_ns: (!w.is_multiple_of(4)).then_some(-(w as i64)),
+        owd_error_ns: (!w.is_multiple_of(4)).then_some(500_000),
         ..Default::default()
     }
 }
@@ -88,9 +93,27 @@ fn export_and_resync_from_the_command_line() {
         "{}",
         lines[1]
     );
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).expect(name);
     for (i, l) in lines[1..].iter().enumerate() {
         let f: Vec<&str> = l.split(',').collect();
         let w = 10 + i as u64;
+        assert_eq!(f.len(), header.len(), "{l}");
+        assert_eq!(f[col("tcp_rtt_samples")], (w % 3).to_string());
+        let some = |on: bool, v: String| if on { v } else { String::new() };
+        assert_eq!(
+            f[col("tcp_rtt_mean_ns")],
+            some(!w.is_multiple_of(3), (30_000_000 + w).to_string())
+        );
+        assert_eq!(f[col("tcp_rtt_max_ns")], "");
+        assert_eq!(
+            f[col("owd_up_mean_ns")],
+            some(!w.is_multiple_of(4), format!("-{w}"))
+        );
+        assert_eq!(
+            f[col("owd_error_ns")],
+            some(!w.is_multiple_of(4), "500000".into())
+        );
         assert_eq!(f[2], "1");
         assert_eq!(f[3], (T0 + w * W).to_string());
         assert_eq!(f[11], (1000 + w).to_string(), "tx_bytes of {l}");

@@ -45,6 +45,28 @@ fn rollup(link: u32, window: u64, boot: u64) -> Rollup {
         probes_lost_fwd: (window % 4) as u32,
         probes_sent_bwd: 9,
         probes_lost_bwd: 0,
+        ..v4_fields(window)
+    }
+}
+
+/// The schema v4 fields of a test row: TCP RTT in 4 windows of 5, one-way delays (some
+/// negative) in 5 of 6.
+fn v4_fields(window: u64) -> Rollup {
+    let tcp = window % 5;
+    let owd = (window % 6) as u32;
+    let up = 10_000_000 - (window % 7) as i64 * 3_000_000;
+    Rollup {
+        tcp_rtt_samples: tcp,
+        tcp_rtt_min_ns: (tcp > 0).then_some(30_000_000 + window % 11),
+        tcp_rtt_mean_ns: (tcp > 0).then_some(35_000_000 + window % 13),
+        tcp_rtt_max_ns: (tcp > 0).then_some(40_000_000 + window % 17),
+        owd_samples: owd,
+        owd_up_mean_ns: (owd > 0).then_some(up),
+        owd_up_max_ns: (owd > 0).then_some(up + 1_000),
+        owd_down_mean_ns: (owd > 0).then_some(15_000_000 + (window % 19) as i64),
+        owd_down_max_ns: (owd > 0).then_some(16_000_000 + (window % 23) as i64),
+        owd_error_ns: (owd > 0).then_some(500_000 + window % 3),
+        ..Rollup::default()
     }
 }
 
@@ -804,6 +826,9 @@ fn check_tiers_match_rows(store: &Store, links: &[u32], span: (u64, u64)) -> usi
                     (g.rx_rate_wsum, e.rx_rate_wsum),
                     (g.tx_rate_wsum, e.tx_rate_wsum),
                     (g.rtt_wsum, e.rtt_wsum),
+                    (g.tcp_rtt_wsum, e.tcp_rtt_wsum),
+                    (g.owd_up_wsum, e.owd_up_wsum),
+                    (g.owd_down_wsum, e.owd_down_wsum),
                 ] {
                     assert!(
                         (a - b).abs() <= 1e-12 * a.abs().max(b.abs()),
@@ -889,4 +914,124 @@ fn tiers_equal_the_rows_through_replays_changes_clock_steps_rebuilds_and_trims()
         }
     }
     assert_eq!(store.trim_tiers(cut).expect("again"), 0, "idempotent");
+}
+
+/// Schema v3 → v4 on start: rows and tier buckets stored by v3 (shorter tuples, v3 formats)
+/// keep working — read back without the v4 fields, their buckets equal to the rows — and puts
+/// of new rows, replays and changed re-puts of old ones fold into those buckets exactly.
+#[test]
+fn migration_from_v3_keeps_old_rows_and_tiers_and_adds_the_new_fields() {
+    use linkpulse_sink::store::{FIELDS, FIELDS_V3, TIER_FIELDS};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start(dir.path());
+    let n = 3000u64;
+    let old: Vec<Rollup> = (0..n)
+        .flat_map(|w| [rollup(1, w, 1), rollup(4, w, 1)])
+        .collect();
+    for b in old.chunks(500) {
+        store.put_rollups(b).expect("put");
+    }
+    // Back to what v3 stored: tuples and formats without the v4 fields, version 3.
+    let format = |fields: &[(&str, &str, bool)]| {
+        fields
+            .iter()
+            .map(|(name, ty, nullable)| {
+                format!("{{name = '{name}', type = '{ty}', is_nullable = {nullable}}}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let lua = format!(
+        r#"
+local function shorten(space, keep)
+    local rows = space:select({{}}, {{limit = 1000000}})
+    for i = 1, #rows, 1000 do
+        box.begin()
+        for j = i, math.min(i + 999, #rows) do
+            local t = rows[j]:totable()
+            for k = #t, keep + 1, -1 do t[k] = nil end
+            space:replace(t)
+        end
+        box.commit()
+    end
+end
+shorten(box.space.rollups, {v3})
+shorten(box.space.tiers, 24)
+box.space.rollups:format({{{rollups}}})
+box.space.tiers:format({{{tiers}}})
+box.space._linkpulse_meta:replace{{'schema_version', 3}}
+return true
+"#,
+        v3 = FIELDS_V3,
+        rollups = format(&FIELDS[..FIELDS_V3]),
+        tiers = format(&TIER_FIELDS[..24]),
+    );
+    let _: (bool,) = store.client().eval(&lua, &[(); 0]).expect("back to v3");
+    let (len,): (u32,) = store
+        .client()
+        .eval(
+            "return #box.space.rollups:select({}, {limit = 1})[1]",
+            &[(); 0],
+        )
+        .expect("tuple length");
+    assert_eq!(len as usize, FIELDS_V3, "a v3 tuple");
+    store.stop();
+
+    let store = start(dir.path());
+    assert_eq!(store.schema_version().expect("version"), SCHEMA_VERSION);
+    // Old rows read back as before, without the v4 fields.
+    let back = read_all(&store, 0);
+    assert_eq!(back.len(), old.len());
+    for (b, o) in back.iter().zip(&old) {
+        let want = Rollup {
+            seq: b.seq,
+            tcp_rtt_samples: 0,
+            tcp_rtt_min_ns: None,
+            tcp_rtt_mean_ns: None,
+            tcp_rtt_max_ns: None,
+            owd_samples: 0,
+            owd_up_mean_ns: None,
+            owd_up_max_ns: None,
+            owd_down_mean_ns: None,
+            owd_down_max_ns: None,
+            owd_error_ns: None,
+            ..o.clone()
+        };
+        assert_eq!(b, &want);
+    }
+    let span = (0, u64::MAX);
+    check_tiers_match_rows(&store, &[1, 4], span);
+    // New windows in the old buckets, an old row put again unchanged (its v4 fields absent
+    // before, now 0 / None: the bucket is recomputed, same figures), old rows changed with
+    // their v4 fields, and a row put after a backward step.
+    let mut puts: Vec<Rollup> = (n..n + 500).map(|w| rollup(1, w, 1)).collect();
+    puts.push(Rollup {
+        seq: 0,
+        ..back[10].clone()
+    });
+    puts.extend((100..400).map(|w| rollup(4, w, 1)));
+    puts.extend((100..110).map(|w| rollup(1, w, 2)));
+    store.put_rollups(&puts).expect("put after the migration");
+    let checked = check_tiers_match_rows(&store, &[1, 4], span);
+    assert!(checked > 300, "{checked}");
+    let tiers = store
+        .read_tier(linkpulse_sink::store::TIERS_NS[2], 4, 0, u64::MAX, 100)
+        .expect("read_tier");
+    assert!(
+        tiers
+            .iter()
+            .any(|t| t.tcp_rtt_samples > 0 && t.owd_samples > 0),
+        "the re-put rows' v4 figures reach the hour tier: {tiers:?}"
+    );
+    let got = store
+        .read_range(4, T0 + 100 * W, T0 + 101 * W, 10)
+        .expect("read");
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        Rollup {
+            seq: 0,
+            ..got[0].clone()
+        },
+        rollup(4, 100, 1)
+    );
 }

@@ -373,6 +373,32 @@ pub fn expected_point(r: &Rollup, router: &str, site: &str) -> BTreeMap<String, 
     put("probes_lost_fwd", json!(r.probes_lost_fwd));
     put("probes_sent_bwd", json!(r.probes_sent_bwd));
     put("probes_lost_bwd", json!(r.probes_lost_bwd));
+    if r.tcp_rtt_samples > 0 {
+        put("tcp_rtt_samples", json!(r.tcp_rtt_samples));
+    }
+    if r.owd_samples > 0 {
+        put("owd_samples", json!(r.owd_samples));
+    }
+    for (k, v) in [
+        ("tcp_rtt_min_ns", r.tcp_rtt_min_ns),
+        ("tcp_rtt_mean_ns", r.tcp_rtt_mean_ns),
+        ("tcp_rtt_max_ns", r.tcp_rtt_max_ns),
+        ("owd_error_ns", r.owd_error_ns),
+    ] {
+        if let Some(v) = v {
+            put(k, json!(v));
+        }
+    }
+    for (k, v) in [
+        ("owd_up_mean_ns", r.owd_up_mean_ns),
+        ("owd_up_max_ns", r.owd_up_max_ns),
+        ("owd_down_mean_ns", r.owd_down_mean_ns),
+        ("owd_down_max_ns", r.owd_down_max_ns),
+    ] {
+        if let Some(v) = v {
+            put(k, json!(v));
+        }
+    }
     m
 }
 

@@ -290,6 +290,23 @@ fn csv_line(buf: &mut Vec<u8>, r: &Rollup) {
         r.probes_sent_bwd,
         r.probes_lost_bwd,
     );
+    // Schema v4 fields, same order as FIELDS; empty cells when not measured.
+    let sopt = |v: Option<i64>| v.map_or(String::new(), |v| v.to_string());
+    buf.pop(); // the newline
+    let _ = writeln!(
+        buf,
+        ",{},{},{},{},{},{},{},{},{},{}",
+        r.tcp_rtt_samples,
+        opt(r.tcp_rtt_min_ns),
+        opt(r.tcp_rtt_mean_ns),
+        opt(r.tcp_rtt_max_ns),
+        r.owd_samples,
+        sopt(r.owd_up_mean_ns),
+        sopt(r.owd_up_max_ns),
+        sopt(r.owd_down_mean_ns),
+        sopt(r.owd_down_max_ns),
+        opt(r.owd_error_ns),
+    );
 }
 
 /// The seq just before the first row (in seq order) whose window starts at or after `since`.

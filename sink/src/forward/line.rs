@@ -98,6 +98,21 @@ impl Encoder {
         f.int("probes_lost_fwd", u64::from(r.probes_lost_fwd));
         f.int("probes_sent_bwd", u64::from(r.probes_sent_bwd));
         f.int("probes_lost_bwd", u64::from(r.probes_lost_bwd));
+        // Schema v4; counts only when not 0, figures only when measured (no field = empty).
+        if r.tcp_rtt_samples > 0 {
+            f.int("tcp_rtt_samples", r.tcp_rtt_samples);
+        }
+        f.opt_int("tcp_rtt_min_ns", r.tcp_rtt_min_ns);
+        f.opt_int("tcp_rtt_mean_ns", r.tcp_rtt_mean_ns);
+        f.opt_int("tcp_rtt_max_ns", r.tcp_rtt_max_ns);
+        if r.owd_samples > 0 {
+            f.int("owd_samples", u64::from(r.owd_samples));
+        }
+        f.opt_signed("owd_up_mean_ns", r.owd_up_mean_ns);
+        f.opt_signed("owd_up_max_ns", r.owd_up_max_ns);
+        f.opt_signed("owd_down_mean_ns", r.owd_down_mean_ns);
+        f.opt_signed("owd_down_max_ns", r.owd_down_max_ns);
+        f.opt_int("owd_error_ns", r.owd_error_ns);
 
         f.out.push(b' ');
         write_u64(f.out, r.window_start_ns);
@@ -139,6 +154,17 @@ impl Fields<'_> {
     fn opt_int(&mut self, key: &str, v: Option<u64>) {
         if let Some(v) = v {
             self.int(key, v);
+        }
+    }
+
+    fn opt_signed(&mut self, key: &str, v: Option<i64>) {
+        if let Some(v) = v {
+            self.key(key);
+            if v < 0 {
+                self.out.push(b'-');
+            }
+            write_u64(self.out, v.unsigned_abs());
+            self.out.push(b'i');
         }
     }
 
@@ -291,8 +317,36 @@ mod tests {
     }
 
     #[test]
-    fn field_keys_need_no_escaping() {
+    fn tcp_rtt_and_one_way_delays_only_when_measured() {
+        let mut r = row();
+        r.tcp_rtt_samples = 3;
+        (r.tcp_rtt_min_ns, r.tcp_rtt_mean_ns, r.tcp_rtt_max_ns) = (Some(1), Some(2), Some(4));
+        r.owd_samples = 2;
+        (r.owd_up_mean_ns, r.owd_up_max_ns) = (Some(-1_500), Some(i64::MAX));
+        (r.owd_down_mean_ns, r.owd_down_max_ns) = (Some(i64::MIN), Some(0));
+        r.owd_error_ns = Some(502_000);
+        let (l, _) = line(&Encoder::new("r", ""), &r);
+        assert!(
+            l.contains(&format!(
+                "probes_lost_bwd=0i,tcp_rtt_samples=3i,tcp_rtt_min_ns=1i,tcp_rtt_mean_ns=2i,\
+                 tcp_rtt_max_ns=4i,owd_samples=2i,owd_up_mean_ns=-1500i,owd_up_max_ns={}i,\
+                 owd_down_mean_ns={}i,owd_down_max_ns=0i,owd_error_ns=502000i ",
+                i64::MAX,
+                i64::MIN
+            )),
+            "{l}"
+        );
+        // Not measured: no field at all (the default row has none of them).
         let (l, _) = line(&Encoder::new("r", ""), &row());
+        assert!(!l.contains("tcp_") && !l.contains("owd_"), "{l}");
+    }
+
+    #[test]
+    fn field_keys_need_no_escaping() {
+        let mut r = row();
+        (r.tcp_rtt_samples, r.tcp_rtt_min_ns, r.owd_samples) = (1, Some(1), 1);
+        (r.owd_up_mean_ns, r.owd_error_ns) = (Some(-1), Some(1));
+        let (l, _) = line(&Encoder::new("r", ""), &r);
         let fields = l.split(' ').nth(1).expect("fields");
         for kv in fields.split(',') {
             let k = kv.split('=').next().expect("key");

@@ -92,6 +92,35 @@ pub struct Rollup {
     /// back.
     pub probes_sent_bwd: u32,
     pub probes_lost_bwd: u32,
+    // Schema v4 (rows stored before it lack these: read back as 0 / None).
+    /// Passive TCP RTT samples (TCP timestamp echoes) that arrived in the window's bins.
+    #[serde(default)]
+    pub tcp_rtt_samples: u64,
+    /// Their RTT in nanoseconds, exact from the bins; `None` without a sample.
+    #[serde(default)]
+    pub tcp_rtt_min_ns: Option<u64>,
+    #[serde(default)]
+    pub tcp_rtt_mean_ns: Option<u64>,
+    #[serde(default)]
+    pub tcp_rtt_max_ns: Option<u64>,
+    /// Answered probes sent in the window whose one-way delays are known: both clocks (ours by
+    /// adjtimex, the reflector's by its Error Estimate S bit) synchronised.
+    #[serde(default)]
+    pub owd_samples: u32,
+    /// One-way delays of those probes, nanoseconds (up = T2 − T1, down = T4 − T3): mean and max;
+    /// `None` when `owd_samples` is 0 (never a zero). Negative when the clocks' real offset
+    /// exceeds the delay: `owd_error_ns` bounds that.
+    #[serde(default)]
+    pub owd_up_mean_ns: Option<i64>,
+    #[serde(default)]
+    pub owd_up_max_ns: Option<i64>,
+    #[serde(default)]
+    pub owd_down_mean_ns: Option<i64>,
+    #[serde(default)]
+    pub owd_down_max_ns: Option<i64>,
+    /// The largest error bound of those probes' delays (our maxerror + the reflector's estimate).
+    #[serde(default)]
+    pub owd_error_ns: Option<u64>,
 }
 
 /// Tuple layout of `rollups`: name, Tarantool field type, nullable.
@@ -128,7 +157,21 @@ pub const FIELDS: &[(&str, &str, bool)] = &[
     ("probes_lost_fwd", "unsigned", false),
     ("probes_sent_bwd", "unsigned", false),
     ("probes_lost_bwd", "unsigned", false),
+    // v4: nullable, as rows stored before lack them.
+    ("tcp_rtt_samples", "unsigned", true),
+    ("tcp_rtt_min_ns", "unsigned", true),
+    ("tcp_rtt_mean_ns", "unsigned", true),
+    ("tcp_rtt_max_ns", "unsigned", true),
+    ("owd_samples", "unsigned", true),
+    ("owd_up_mean_ns", "integer", true),
+    ("owd_up_max_ns", "integer", true),
+    ("owd_down_mean_ns", "integer", true),
+    ("owd_down_max_ns", "integer", true),
+    ("owd_error_ns", "unsigned", true),
 ];
+
+/// Fields of `rollups` up to schema v3 (the v4 migration's test rebuilds a v3 store with them).
+pub const FIELDS_V3: usize = 32;
 
 /// 1-based position of `seq` in the tuple (Lua indexes).
 const SEQ_FIELD: usize = 1;
@@ -136,8 +179,8 @@ const SEQ_FIELD: usize = 1;
 const WINDOW_FIELD: usize = 3;
 
 /// The schema version this build writes and reads (v2: leaner seq index, v3: aggregate tiers,
-/// see tiers.rs).
-pub const SCHEMA_VERSION: u32 = 3;
+/// see tiers.rs, v4: passive TCP RTT and one-way delays in rollups and tiers).
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Creates `_linkpulse_meta` if needed and returns the schema version (0 on a fresh instance).
 /// Idempotent; run before the migrations.
@@ -160,7 +203,29 @@ pub(crate) fn migrations() -> Vec<String> {
         migration_v1(),
         MIGRATION_V2.to_owned(),
         super::tiers::migration_v3(),
+        migration_v4(),
     ]
+}
+
+/// Schema v4: the rollup and tier formats gain nullable fields at their end (rows stored before
+/// keep their shorter tuples: no rewrite, readers take a missing field as 0 / None), and the
+/// stored functions of this build (which fold the new fields into the tiers) are installed again.
+fn migration_v4() -> String {
+    let format = |fields: &[(&str, &str, bool)]| {
+        fields
+            .iter()
+            .map(|(name, ty, nullable)| {
+                format!("{{name = '{name}', type = '{ty}', is_nullable = {nullable}}}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "box.space.rollups:format({{{}}})\nbox.space.tiers:format({{{}}})\n{}",
+        format(FIELDS),
+        format(super::tiers::TIER_FIELDS),
+        super::tiers::migration_v3()
+    )
 }
 
 /// See the module doc (schema v2).
@@ -331,6 +396,32 @@ mod tests {
             FIELDS[1..4].iter().map(|f| f.0).collect::<Vec<_>>(),
             ["link_id", "window_start_ns", "boot_tag"],
             "the identity index is on fields 2..4"
+        );
+    }
+
+    #[test]
+    fn v4_fields_follow_the_v3_ones_where_the_tier_lua_reads_them() {
+        // tiers.rs's add_row reads rollup fields 33..42 (1-based) as the v4 ones.
+        assert_eq!(FIELDS[FIELDS_V3 - 1].0, "probes_lost_bwd");
+        let v4: Vec<&str> = FIELDS[FIELDS_V3..].iter().map(|f| f.0).collect();
+        assert_eq!(
+            v4,
+            [
+                "tcp_rtt_samples",
+                "tcp_rtt_min_ns",
+                "tcp_rtt_mean_ns",
+                "tcp_rtt_max_ns",
+                "owd_samples",
+                "owd_up_mean_ns",
+                "owd_up_max_ns",
+                "owd_down_mean_ns",
+                "owd_down_max_ns",
+                "owd_error_ns"
+            ]
+        );
+        assert!(
+            FIELDS[FIELDS_V3..].iter().all(|f| f.2),
+            "nullable: v3 rows lack them"
         );
     }
 

@@ -70,6 +70,30 @@ pub struct TierRow {
     /// Probes sent towards the reflector; probes lost either way.
     pub probes_sent: u64,
     pub probes_lost: u64,
+    // Schema v4 (buckets stored before lack these: read back as 0 / None).
+    /// Σ passive TCP RTT samples, their min and max, and Σ window mean × window samples.
+    #[serde(default)]
+    pub tcp_rtt_samples: u64,
+    #[serde(default)]
+    pub tcp_rtt_min_ns: Option<u64>,
+    #[serde(default)]
+    pub tcp_rtt_max_ns: Option<u64>,
+    #[serde(default)]
+    pub tcp_rtt_wsum: f64,
+    /// Σ probes with one-way delays, Σ window mean × window count per direction, the highest
+    /// window max per direction and the highest error bound.
+    #[serde(default)]
+    pub owd_samples: u64,
+    #[serde(default)]
+    pub owd_up_wsum: f64,
+    #[serde(default)]
+    pub owd_down_wsum: f64,
+    #[serde(default)]
+    pub owd_up_max_ns: Option<i64>,
+    #[serde(default)]
+    pub owd_down_max_ns: Option<i64>,
+    #[serde(default)]
+    pub owd_error_max_ns: Option<u64>,
 }
 
 /// Tuple layout of `tiers`: name, Tarantool field type, nullable.
@@ -98,6 +122,17 @@ pub const TIER_FIELDS: &[(&str, &str, bool)] = &[
     ("rtt_wsum", "number", false),
     ("probes_sent", "unsigned", false),
     ("probes_lost", "unsigned", false),
+    // v4: nullable, as buckets stored before lack them.
+    ("tcp_rtt_samples", "unsigned", true),
+    ("tcp_rtt_min_ns", "unsigned", true),
+    ("tcp_rtt_max_ns", "unsigned", true),
+    ("tcp_rtt_wsum", "number", true),
+    ("owd_samples", "unsigned", true),
+    ("owd_up_wsum", "number", true),
+    ("owd_down_wsum", "number", true),
+    ("owd_up_max_ns", "integer", true),
+    ("owd_down_max_ns", "integer", true),
+    ("owd_error_max_ns", "unsigned", true),
 ];
 
 fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -107,7 +142,7 @@ fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     }
 }
 
-fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+fn max_opt<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
@@ -152,6 +187,22 @@ impl TierRow {
             rtt_wsum: rtt.map_or(0.0, |r| r.1),
             probes_sent: u64::from(r.probes_sent_fwd),
             probes_lost: u64::from(r.probes_lost_fwd) + u64::from(r.probes_lost_bwd),
+            tcp_rtt_samples: r.tcp_rtt_samples,
+            tcp_rtt_min_ns: r.tcp_rtt_min_ns,
+            tcp_rtt_max_ns: r.tcp_rtt_max_ns,
+            tcp_rtt_wsum: r
+                .tcp_rtt_mean_ns
+                .map_or(0.0, |m| m as f64 * r.tcp_rtt_samples as f64),
+            owd_samples: u64::from(r.owd_samples),
+            owd_up_wsum: r
+                .owd_up_mean_ns
+                .map_or(0.0, |m| m as f64 * f64::from(r.owd_samples)),
+            owd_down_wsum: r
+                .owd_down_mean_ns
+                .map_or(0.0, |m| m as f64 * f64::from(r.owd_samples)),
+            owd_up_max_ns: r.owd_up_max_ns,
+            owd_down_max_ns: r.owd_down_max_ns,
+            owd_error_max_ns: r.owd_error_ns,
         }
     }
 
@@ -177,11 +228,31 @@ impl TierRow {
         self.rtt_wsum += o.rtt_wsum;
         self.probes_sent += o.probes_sent;
         self.probes_lost += o.probes_lost;
+        self.tcp_rtt_samples += o.tcp_rtt_samples;
+        self.tcp_rtt_min_ns = min_opt(self.tcp_rtt_min_ns, o.tcp_rtt_min_ns);
+        self.tcp_rtt_max_ns = max_opt(self.tcp_rtt_max_ns, o.tcp_rtt_max_ns);
+        self.tcp_rtt_wsum += o.tcp_rtt_wsum;
+        self.owd_samples += o.owd_samples;
+        self.owd_up_wsum += o.owd_up_wsum;
+        self.owd_down_wsum += o.owd_down_wsum;
+        self.owd_up_max_ns = max_opt(self.owd_up_max_ns, o.owd_up_max_ns);
+        self.owd_down_max_ns = max_opt(self.owd_down_max_ns, o.owd_down_max_ns);
+        self.owd_error_max_ns = max_opt(self.owd_error_max_ns, o.owd_error_max_ns);
     }
 
     /// The figures that merge exactly (everything but the float sums), for comparisons.
     #[allow(clippy::type_complexity)]
-    pub fn exact_part(&self) -> ([u64; 9], [f64; 4], [Option<u64>; 3], (u64, u64, u64, u64)) {
+    pub fn exact_part(
+        &self,
+    ) -> (
+        [u64; 9],
+        [f64; 4],
+        [Option<u64>; 3],
+        (u64, u64, u64, u64),
+        [Option<u64>; 3],
+        [u64; 2],
+        [Option<i64>; 2],
+    ) {
         (
             [
                 self.windows,
@@ -207,6 +278,13 @@ impl TierRow {
                 self.start_ns,
                 self.boot_tag,
             ),
+            [
+                self.tcp_rtt_min_ns,
+                self.tcp_rtt_max_ns,
+                self.owd_error_max_ns,
+            ],
+            [self.tcp_rtt_samples, self.owd_samples],
+            [self.owd_up_max_ns, self.owd_down_max_ns],
         )
     }
 }
@@ -215,17 +293,30 @@ impl TierRow {
 /// locals, and globals vanish on restart; making ~15 closures per call costs microseconds). Rollup tuple indexes: see `FIELDS` in schema.rs.
 const TIER_LIB: &str = r#"
 local TIERS = {@TIERS@}
+-- never nil (a missing v4 field is nil): a table with a hole would not encode as an array
 local function minn(a, b)
-    if a == nil then return b elseif b == nil then return a elseif b < a then return b end
+    if a == nil then
+        if b == nil then return box.NULL end
+        return b
+    elseif b == nil then return a elseif b < a then return b end
     return a
 end
 local function maxn(a, b)
-    if a == nil then return b elseif b == nil then return a elseif b > a then return b end
+    if a == nil then
+        if b == nil then return box.NULL end
+        return b
+    elseif b == nil then return a elseif b > a then return b end
     return a
+end
+-- v4 fields of rows and buckets stored before v4 are absent (nil); box.NULL == nil too
+local function z(x)
+    if x == nil then return 0 end
+    return x
 end
 local function empty(w, link, start, boot)
     return {w, link, start, boot, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-        box.NULL, box.NULL, box.NULL, 0, 0, 0, 0}
+        box.NULL, box.NULL, box.NULL, 0, 0, 0, 0,
+        0, box.NULL, box.NULL, 0, 0, 0, 0, box.NULL, box.NULL, box.NULL}
 end
 -- adds rollup r (tuple or table) to aggregate a
 local function add_row(a, r)
@@ -243,6 +334,16 @@ local function add_row(a, r)
         a[21] = a[21] + back; a[22] = a[22] + r[25] * back
     end
     a[23] = a[23] + r[29]; a[24] = a[24] + r[30] + r[32]
+    -- v4: passive TCP RTT (33..36) and one-way delays (37..42) of the rollup
+    local tn = z(r[33])
+    a[25] = z(a[25]) + tn
+    a[26] = minn(a[26], r[34]); a[27] = maxn(a[27], r[36])
+    if r[35] ~= nil then a[28] = z(a[28]) + r[35] * tn else a[28] = z(a[28]) end
+    local on = z(r[37])
+    a[29] = z(a[29]) + on
+    if r[38] ~= nil then a[30] = z(a[30]) + r[38] * on else a[30] = z(a[30]) end
+    if r[40] ~= nil then a[31] = z(a[31]) + r[40] * on else a[31] = z(a[31]) end
+    a[32] = maxn(a[32], r[39]); a[33] = maxn(a[33], r[41]); a[34] = maxn(a[34], r[42])
 end
 -- adds aggregate b to aggregate a
 local function merge(a, b)
@@ -250,6 +351,10 @@ local function merge(a, b)
     for i = 14, 17 do a[i] = maxn(a[i], b[i]) end
     a[18] = minn(a[18], b[18]); a[19] = maxn(a[19], b[19]); a[20] = maxn(a[20], b[20])
     for i = 21, 24 do a[i] = a[i] + b[i] end
+    a[25] = z(a[25]) + z(b[25]); a[28] = z(a[28]) + z(b[28]); a[29] = z(a[29]) + z(b[29])
+    a[30] = z(a[30]) + z(b[30]); a[31] = z(a[31]) + z(b[31])
+    a[26] = minn(a[26], b[26]); a[27] = maxn(a[27], b[27])
+    for i = 32, 34 do a[i] = maxn(a[i], b[i]) end
 end
 local function key(link, start, boot)
     return tostring(link) .. ':' .. tostring(start) .. ':' .. tostring(boot)
@@ -319,7 +424,7 @@ local function apply(delta, dirty)
     end
 end
 local function same(a, b)
-    for i = 2, 32 do
+    for i = 2, @ROLLUP_FIELDS@ do
         if a[i] ~= b[i] then return false end
     end
     return true
@@ -328,7 +433,9 @@ end
 
 fn lib() -> String {
     let tiers: Vec<String> = TIERS_NS.iter().map(u64::to_string).collect();
-    TIER_LIB.replace("@TIERS@", &tiers.join(", "))
+    TIER_LIB
+        .replace("@TIERS@", &tiers.join(", "))
+        .replace("@ROLLUP_FIELDS@", &super::FIELDS.len().to_string())
 }
 
 /// Schema v2 → v3: the tier spaces, and the stored functions that maintain and read them

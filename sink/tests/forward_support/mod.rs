@@ -60,6 +60,17 @@ pub fn rollup(link: u32, window: u64, boot: u64) -> Rollup {
         probes_lost_fwd: (window % 4) as u32,
         probes_sent_bwd: 9,
         probes_lost_bwd: (window % 3) as u32,
+        // Schema v4: present in some windows, absent (no field) in others; negative delays.
+        tcp_rtt_samples: window % 4,
+        tcp_rtt_min_ns: (window % 4 != 0).then_some(30_000_000 + window),
+        tcp_rtt_mean_ns: (window % 4 != 0).then_some(31_000_000 + window),
+        tcp_rtt_max_ns: (window % 4 != 0).then_some(32_000_000 + window),
+        owd_samples: (window % 5) as u32,
+        owd_up_mean_ns: (window % 5 != 0).then_some(5_000_000 - (window % 9) as i64 * 1_000_000),
+        owd_up_max_ns: (window % 5 != 0).then_some(6_000_000),
+        owd_down_mean_ns: (window % 5 != 0).then_some(-(window as i64)),
+        owd_down_max_ns: (window % 5 != 0).then_some(7_000_000),
+        owd_error_ns: (window % 5 != 0).then_some(501_000 + window % 10),
     }
 }
 
