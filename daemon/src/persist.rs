@@ -88,7 +88,7 @@ pub fn run(
                 // A new clock epoch: windows after the step never replace earlier ones.
                 builder.set_boot_tag(clock::realtime_ns());
                 // Held windows would wait for the old time scale: write them now.
-                drain_samples(&mut samples, &mut probes, tai_to_utc);
+                drain_samples(&mut samples, &mut probes, tai_to_utc, &shared);
                 release(&mut held, &mut probes, &mut pending, i64::MAX);
             }
             tai_to_utc = Some(f.bin_start_utc_ns - f.bin_start_tai_ns as i64);
@@ -103,7 +103,7 @@ pub fn run(
                 held.push_back(r)
             });
         }
-        drain_samples(&mut samples, &mut probes, tai_to_utc);
+        drain_samples(&mut samples, &mut probes, tai_to_utc, &shared);
         release(&mut held, &mut probes, &mut pending, now_utc);
         if pending.len() > MAX_PENDING {
             let n = pending.len() - MAX_PENDING;
@@ -132,7 +132,7 @@ pub fn run(
     }
     // Last rollups out before the store stops (the writer gives up on them after a few failed
     // attempts once stopping); held ones with the samples there are.
-    drain_samples(&mut samples, &mut probes, tai_to_utc);
+    drain_samples(&mut samples, &mut probes, tai_to_utc, &shared);
     release(&mut held, &mut probes, &mut pending, i64::MAX);
     while !pending.is_empty() {
         let n = pending.len().min(BATCH);
@@ -153,14 +153,17 @@ fn drain_samples(
     samples: &mut rtrb::Consumer<crate::probe::ProbeEvent>,
     probes: &mut ProbeWindows,
     tai_to_utc: Option<i64>,
+    shared: &Shared,
 ) {
     use crate::probe::ProbeEvent;
     // Before the first frame the offset is unknown: the samples wait in their queue.
     let Some(off) = tai_to_utc else { return };
     let mono_to_tai = clock::tai_ns() as i64 - clock::monotonic_ns() as i64;
+    // Our clock's state now (samples are at most ~20 ms old): one-way delays only while synced.
+    let local = shared.clock();
     while let Ok(e) = samples.pop() {
         match e {
-            ProbeEvent::Sample(s) => probes.add(&s, off),
+            ProbeEvent::Sample(s) => probes.add(&s, off, crate::probe::oneway::one_way(&s, &local)),
             ProbeEvent::Outcome(o) => probes.add_outcome(&o, off, mono_to_tai),
         }
     }

@@ -11,10 +11,15 @@
 //! comes within the hold; otherwise the window is written with the probe lost, direction
 //! unknown (counted in `probes_sent_fwd`, in neither `probes_lost_fwd` nor `probes_sent_bwd`).
 //! All buffers are sized at start: adding a sample allocates nothing.
+//!
+//! One-way delays (`probe::oneway`): per window the answered probes whose both clocks reported
+//! sync when the sample reached `lp-persist` (ours by adjtimex, the reflector's by the S bit of
+//! its Error Estimate), with the mean and max of each direction and the largest error bound;
+//! a window without such a probe has none (never a zero).
 use linkpulse_common::MAX_LINKS;
 use linkpulse_sink::store::Rollup;
 
-use crate::probe::{Fate, Outcome, Sample};
+use crate::probe::{oneway::OneWay, Fate, Outcome, Sample};
 
 /// RTTs kept per window and link for the percentiles (all of them up to 4 kHz at 500 ms).
 pub const SAMPLES_PER_SLOT: usize = 2048;
@@ -37,6 +42,51 @@ struct Slot {
     lost_up: u32,
     lost_down: u32,
     lost_unknown: u32,
+    owd: Owd,
+}
+
+/// One-way delays of a window's probes: count, sums and maxima per direction, error bound.
+#[derive(Clone, Copy)]
+struct Owd {
+    count: u32,
+    up_sum: i64,
+    down_sum: i64,
+    up_max: i64,
+    down_max: i64,
+    error_max: u64,
+}
+
+impl Owd {
+    const EMPTY: Owd = Owd {
+        count: 0,
+        up_sum: 0,
+        down_sum: 0,
+        up_max: i64::MIN,
+        down_max: i64::MIN,
+        error_max: 0,
+    };
+
+    fn add(&mut self, o: &OneWay) {
+        self.count += 1;
+        self.up_sum = self.up_sum.saturating_add(o.up_ns);
+        self.down_sum = self.down_sum.saturating_add(o.down_ns);
+        self.up_max = self.up_max.max(o.up_ns);
+        self.down_max = self.down_max.max(o.down_ns);
+        self.error_max = self.error_max.max(o.error_ns);
+    }
+
+    fn fill(&self, r: &mut Rollup) {
+        if self.count == 0 {
+            return;
+        }
+        let n = i64::from(self.count);
+        r.owd_samples = self.count;
+        r.owd_up_mean_ns = Some(self.up_sum / n);
+        r.owd_up_max_ns = Some(self.up_max);
+        r.owd_down_mean_ns = Some(self.down_sum / n);
+        r.owd_down_max_ns = Some(self.down_max);
+        r.owd_error_ns = Some(self.error_max);
+    }
 }
 
 impl Slot {
@@ -52,6 +102,7 @@ impl Slot {
         self.lost_up = 0;
         self.lost_down = 0;
         self.lost_unknown = 0;
+        self.owd = Owd::EMPTY;
     }
 }
 
@@ -86,6 +137,7 @@ impl ProbeWindows {
                 lost_up: 0,
                 lost_down: 0,
                 lost_unknown: 0,
+                owd: Owd::EMPTY,
             })
             .collect();
         Self {
@@ -153,8 +205,9 @@ impl ProbeWindows {
         }
     }
 
-    /// A sample; `tai_to_utc_ns` = UTC − TAI (from the frames).
-    pub fn add(&mut self, s: &Sample, tai_to_utc_ns: i64) {
+    /// A sample; `tai_to_utc_ns` = UTC − TAI (from the frames); `owd`: its one-way delays when
+    /// both clocks are synchronised (`probe::oneway::one_way`).
+    pub fn add(&mut self, s: &Sample, tai_to_utc_ns: i64, owd: Option<OneWay>) {
         let t1 = s.t1_tai_ns as i64 + tai_to_utc_ns;
         let Some(slot) = self.open(s.link as usize, t1) else {
             return;
@@ -165,6 +218,9 @@ impl ProbeWindows {
         slot.sum += s.rtt_ns;
         if slot.rtts.len() < slot.rtts.capacity() {
             slot.rtts.push(s.rtt_ns);
+        }
+        if let Some(o) = owd {
+            slot.owd.add(&o);
         }
     }
 
@@ -199,6 +255,7 @@ impl ProbeWindows {
             .saturating_sub(slot.lost_up)
             .saturating_sub(slot.lost_unknown);
         r.probes_lost_bwd = slot.lost_down;
+        slot.owd.fill(r);
         if slot.count == 0 {
             slot.reset(start);
             slot.written = true;
@@ -251,11 +308,11 @@ mod tests {
     fn a_probe_counts_in_the_window_it_was_sent_in() {
         let mut p = ProbeWindows::new(W, Some(1_000_000_000), 16);
         // Sent at 10.499 s, answered 300 ms later (in the next window): still window 10.0.
-        p.add(&sample(0, 10_499, 300), OFF);
-        p.add(&sample(0, 10_000, 20), OFF);
-        p.add(&sample(0, 10_100, 40), OFF);
-        p.add(&sample(0, 10_500, 99), OFF);
-        p.add(&sample(1, 10_200, 7), OFF);
+        p.add(&sample(0, 10_499, 300), OFF, None);
+        p.add(&sample(0, 10_000, 20), OFF, None);
+        p.add(&sample(0, 10_100, 40), OFF, None);
+        p.add(&sample(0, 10_500, 99), OFF, None);
+        p.add(&sample(1, 10_200, 7), OFF, None);
         let mut r = rollup(0, 10_000);
         p.fill(&mut r);
         assert_eq!(r.rtt_min_ns, Some(20_000_000));
@@ -281,13 +338,13 @@ mod tests {
         p.fill(&mut r);
         assert_eq!(r.rtt_mean_ns, None);
         // Written without samples: a reply for it now is late, not a new window.
-        p.add(&sample(0, 20_100, 5), OFF);
+        p.add(&sample(0, 20_100, 5), OFF, None);
         assert_eq!(p.late, 1);
-        p.add(&sample(0, 20_600, 5), OFF);
+        p.add(&sample(0, 20_600, 5), OFF, None);
         let mut r = rollup(0, 20_500);
         p.fill(&mut r);
         assert_eq!(r.rtt_mean_ns, Some(5_000_000));
-        p.add(&sample(0, 20_700, 6), OFF);
+        p.add(&sample(0, 20_700, 6), OFF, None);
         assert_eq!(p.late, 2);
     }
 
@@ -303,7 +360,7 @@ mod tests {
     fn percentiles_from_the_kept_samples_extremes_exact() {
         let mut p = ProbeWindows::new(W, Some(1_000_000_000), 3);
         for (i, rtt) in [10, 20, 30, 1000, 1].into_iter().enumerate() {
-            p.add(&sample(2, 40_000 + i as i64, rtt), OFF);
+            p.add(&sample(2, 40_000 + i as i64, rtt), OFF, None);
         }
         let mut r = rollup(2, 40_000);
         p.fill(&mut r);
@@ -313,6 +370,66 @@ mod tests {
         );
         assert_eq!(r.rtt_mean_ns, Some(212_200_000));
         assert_eq!(r.rtt_p50_ns, Some(20_000_000));
+    }
+
+    #[test]
+    fn one_way_delays_only_from_synced_probes_with_their_error_bound() {
+        let mut p = ProbeWindows::new(W, Some(1_000_000_000), 16);
+        let ow = |up: i64, down: i64, err: u64| {
+            Some(OneWay {
+                up_ns: up,
+                down_ns: down,
+                error_ns: err,
+            })
+        };
+        // Window 60.0: three synced probes (one with a clock offset beyond its delay: a
+        // negative up delay is kept as measured) and one unsynced; sent at 60.499, answered in
+        // the next window: still window 60.0.
+        p.add(
+            &sample(0, 60_000, 40),
+            OFF,
+            ow(20_000_000, 20_000_000, 500_000),
+        );
+        p.add(
+            &sample(0, 60_100, 40),
+            OFF,
+            ow(-1_000_000, 41_000_000, 502_000),
+        );
+        p.add(&sample(0, 60_200, 40), OFF, None);
+        p.add(
+            &sample(0, 60_499, 40),
+            OFF,
+            ow(26_000_000, 14_000_000, 501_000),
+        );
+        // Window 60.5: answered, never synced.
+        p.add(&sample(0, 60_600, 40), OFF, None);
+        let mut r = rollup(0, 60_000);
+        p.fill(&mut r);
+        assert_eq!(r.owd_samples, 3);
+        assert_eq!(r.owd_up_mean_ns, Some(15_000_000));
+        assert_eq!(r.owd_up_max_ns, Some(26_000_000));
+        assert_eq!(r.owd_down_mean_ns, Some(25_000_000));
+        assert_eq!(r.owd_down_max_ns, Some(41_000_000));
+        assert_eq!(r.owd_error_ns, Some(502_000));
+        assert_eq!(
+            r.rtt_mean_ns,
+            Some(40_000_000),
+            "RTT counts every answered probe"
+        );
+        let mut r = rollup(0, 60_500);
+        p.fill(&mut r);
+        assert_eq!(r.rtt_mean_ns, Some(40_000_000));
+        assert_eq!(r.owd_samples, 0);
+        assert_eq!(
+            (r.owd_up_mean_ns, r.owd_up_max_ns, r.owd_down_mean_ns),
+            (None, None, None)
+        );
+        assert_eq!((r.owd_down_max_ns, r.owd_error_ns), (None, None));
+        // The slot of window 60.0, reused for window 63.0 (6 slots per link), starts empty.
+        p.add(&sample(0, 63_000, 5), OFF, None);
+        let mut r = rollup(0, 63_000);
+        p.fill(&mut r);
+        assert_eq!((r.owd_samples, r.owd_up_mean_ns), (0, None));
     }
 
     fn outcome(link: u16, seq: u32, t1_utc_ms: i64, fate: Fate) -> Outcome {
