@@ -280,6 +280,23 @@ fn web_page_in_headless_chromium() {
         "{vals:?}"
     );
 
+    // Each link's history has its RTT graph (probe RTT and passive TCP RTT) under the rates,
+    // drawn (sized) like them; the points carry the TCP RTT fields (null without samples).
+    let rtt = page.eval(
+        "[0, 1].map(i => { const c = document.getElementById('hist-' + i + '-rtt'); \
+         return !!c && c.width > 0 && c.height > 0; })",
+    );
+    assert_eq!(rtt, json!([true, true]), "RTT graphs");
+    let keys = page.eval(
+        "(() => { const p = JSON.parse(window.linkpulse.histJson)[0].points[0]; \
+         return ['tcp_rtt_samples', 'tcp_rtt_mean_ms', 'owd_up_mean_ms'].every(k => k in p); })()",
+    );
+    assert_eq!(
+        keys,
+        Value::Bool(true),
+        "TCP RTT and one-way delay fields in the points"
+    );
+
     // CSV export downloads.
     let downloads = files.0.join("downloads");
     std::fs::create_dir_all(&downloads).expect("downloads dir");

@@ -78,6 +78,19 @@ pub struct Point {
     pub rtt_p99_max_ms: Option<f64>,
     /// Probes lost / sent (both ways), when probes were sent.
     pub loss_ratio: Option<f64>,
+    /// Passive TCP RTT: samples, min, mean (weighted by samples), max; None without a sample.
+    pub tcp_rtt_samples: u64,
+    pub tcp_rtt_min_ms: Option<f64>,
+    pub tcp_rtt_mean_ms: Option<f64>,
+    pub tcp_rtt_max_ms: Option<f64>,
+    /// One-way delays of the probes whose both clocks were synchronised: count, mean (weighted
+    /// by count) and highest window max per direction, the largest error bound; None without.
+    pub owd_samples: u64,
+    pub owd_up_mean_ms: Option<f64>,
+    pub owd_up_max_ms: Option<f64>,
+    pub owd_down_mean_ms: Option<f64>,
+    pub owd_down_max_ms: Option<f64>,
+    pub owd_error_ms: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -251,6 +264,18 @@ pub fn aggregate(rows: &[TierRow], p: &Params, window_ms: i64) -> Vec<Point> {
             rtt_max_ms: a.rtt_max_ns.map(ms),
             rtt_p99_max_ms: a.rtt_p99_max_ns.map(ms),
             loss_ratio: (a.probes_sent > 0).then(|| a.probes_lost as f64 / a.probes_sent as f64),
+            tcp_rtt_samples: a.tcp_rtt_samples,
+            tcp_rtt_min_ms: a.tcp_rtt_min_ns.map(ms),
+            tcp_rtt_mean_ms: (a.tcp_rtt_samples > 0)
+                .then(|| a.tcp_rtt_wsum / a.tcp_rtt_samples as f64 / 1e6),
+            tcp_rtt_max_ms: a.tcp_rtt_max_ns.map(ms),
+            owd_samples: a.owd_samples,
+            owd_up_mean_ms: (a.owd_samples > 0).then(|| a.owd_up_wsum / a.owd_samples as f64 / 1e6),
+            owd_up_max_ms: a.owd_up_max_ns.map(|v| v as f64 / 1e6),
+            owd_down_mean_ms: (a.owd_samples > 0)
+                .then(|| a.owd_down_wsum / a.owd_samples as f64 / 1e6),
+            owd_down_max_ms: a.owd_down_max_ns.map(|v| v as f64 / 1e6),
+            owd_error_ms: a.owd_error_max_ns.map(ms),
         }
     };
     for r in rows {
@@ -426,14 +451,14 @@ pub async fn series(State(web): State<Arc<Web>>, q: Pairs) -> Response {
 /// The CSV header and one line per point.
 pub fn csv(s: &Series) -> String {
     let mut o = String::with_capacity(64 + s.points.len() * 160);
-    o.push_str("link,label,start_ms,end_ms,complete,windows,windows_expected,down_bytes,up_bytes,down_packets,up_packets,down_rate_mean_bps,up_rate_mean_bps,down_rate_peak_bps,up_rate_peak_bps,rtt_min_ms,rtt_mean_ms,rtt_max_ms,loss_ratio,down_rate_p99_max_bps,up_rate_p99_max_bps,rtt_p99_max_ms\n");
+    o.push_str("link,label,start_ms,end_ms,complete,windows,windows_expected,down_bytes,up_bytes,down_packets,up_packets,down_rate_mean_bps,up_rate_mean_bps,down_rate_peak_bps,up_rate_peak_bps,rtt_min_ms,rtt_mean_ms,rtt_max_ms,loss_ratio,down_rate_p99_max_bps,up_rate_p99_max_bps,rtt_p99_max_ms,tcp_rtt_samples,tcp_rtt_min_ms,tcp_rtt_mean_ms,tcp_rtt_max_ms,owd_samples,owd_up_mean_ms,owd_up_max_ms,owd_down_mean_ms,owd_down_max_ms,owd_error_ms\n");
     let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
     // Labels are config text: quote them, doubling quotes.
     let label = format!("\"{}\"", s.label.replace('"', "\"\""));
     for p in &s.points {
         let _ = writeln!(
             o,
-            "{},{label},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{label},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             s.link,
             p.start_ms,
             p.end_ms,
@@ -455,6 +480,16 @@ pub fn csv(s: &Series) -> String {
             p.down_rate_p99_max_bps,
             p.up_rate_p99_max_bps,
             opt(p.rtt_p99_max_ms),
+            p.tcp_rtt_samples,
+            opt(p.tcp_rtt_min_ms),
+            opt(p.tcp_rtt_mean_ms),
+            opt(p.tcp_rtt_max_ms),
+            p.owd_samples,
+            opt(p.owd_up_mean_ms),
+            opt(p.owd_up_max_ms),
+            opt(p.owd_down_mean_ms),
+            opt(p.owd_down_max_ms),
+            opt(p.owd_error_ms),
         );
     }
     o
@@ -634,6 +669,13 @@ mod tests {
         assert_eq!(pts[0].down_rate_peak_bps, 900.0);
         assert_eq!(pts[0].rtt_min_ms, Some(10.0));
         assert_eq!(pts[0].rtt_max_ms, Some(30.0015));
+        // No TCP RTT or one-way delay in these windows: null, not 0.
+        assert_eq!(pts[0].tcp_rtt_samples, 0);
+        assert_eq!(
+            (pts[0].tcp_rtt_mean_ms, pts[0].owd_up_mean_ms),
+            (None, None)
+        );
+        assert_eq!((pts[0].owd_down_max_ms, pts[0].owd_error_ms), (None, None));
         assert!(pts[0].complete);
         assert!(
             !pts[1].complete,
@@ -664,6 +706,17 @@ mod tests {
                 probes_lost_fwd: (i % 4) as u32,
                 tx_bytes: i * 3,
                 tx_rate_mean_bps: (i % 101) as f64 * 0.37,
+                tcp_rtt_samples: i % 4,
+                tcp_rtt_min_ns: (!i.is_multiple_of(4)).then_some(30_000_000 + i % 31),
+                tcp_rtt_mean_ns: (!i.is_multiple_of(4)).then_some(35_000_000 + i * 7),
+                tcp_rtt_max_ns: (!i.is_multiple_of(4)).then_some(40_000_000 + i % 37),
+                owd_samples: (i % 6) as u32,
+                owd_up_mean_ns: (!i.is_multiple_of(6))
+                    .then_some(3_000_000 - (i % 13) as i64 * 500_000),
+                owd_up_max_ns: (!i.is_multiple_of(6)).then_some(4_000_000 + (i % 17) as i64),
+                owd_down_mean_ns: (!i.is_multiple_of(6)).then_some(20_000_000 + i as i64),
+                owd_down_max_ns: (!i.is_multiple_of(6)).then_some(21_000_000 - (i % 19) as i64),
+                owd_error_ns: (!i.is_multiple_of(6)).then_some(500_000 + i % 5),
                 ..win(
                     t0 + i * 500,
                     i % 9001 != 0,
@@ -705,14 +758,24 @@ mod tests {
                     assert!(close(x.down_rate_mean_bps, y.down_rate_mean_bps));
                     assert!(close(x.up_rate_mean_bps, y.up_rate_mean_bps));
                     assert_eq!(x.rtt_mean_ms.is_some(), y.rtt_mean_ms.is_some());
-                    assert!(close(
-                        x.rtt_mean_ms.unwrap_or(0.0),
-                        y.rtt_mean_ms.unwrap_or(0.0)
-                    ));
+                    for (u, v) in [
+                        (x.rtt_mean_ms, y.rtt_mean_ms),
+                        (x.tcp_rtt_mean_ms, y.tcp_rtt_mean_ms),
+                        (x.owd_up_mean_ms, y.owd_up_mean_ms),
+                        (x.owd_down_mean_ms, y.owd_down_mean_ms),
+                    ] {
+                        assert_eq!(u.is_some(), v.is_some());
+                        assert!(close(u.unwrap_or(0.0), v.unwrap_or(0.0)));
+                    }
+                    assert!(x.tcp_rtt_samples > 0 && x.owd_samples > 0);
+                    assert!(x.owd_up_max_ms.is_some() && x.owd_error_ms.is_some());
                     let exact = |p: &Point| Point {
                         down_rate_mean_bps: 0.0,
                         up_rate_mean_bps: 0.0,
                         rtt_mean_ms: None,
+                        tcp_rtt_mean_ms: None,
+                        owd_up_mean_ms: None,
+                        owd_down_mean_ms: None,
                         ..p.clone()
                     };
                     assert_eq!(exact(x), exact(y));

@@ -66,10 +66,13 @@ async function refreshLinks() {
 function esc(s) { return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c])); }
 
 // ---- charts ----
-function chartBox(parent, id, title) {
+// withRtt: a second canvas (`${id}-rtt`) under the rates, probe RTT and passive TCP RTT in ms.
+function chartBox(parent, id, title, withRtt) {
   const d = document.createElement("div");
   d.className = "chart";
-  d.innerHTML = `<div class="title"><strong>${esc(title)}</strong><span class="legend"><span class="down">■ down</span> <span class="up">■ up</span> <span class="val muted"></span></span></div><canvas id="${id}"></canvas>`;
+  const rttLegend = withRtt ? ` <span class="rtt">■ RTT</span> <span class="tcp">■ TCP RTT</span>` : "";
+  const rttCanvas = withRtt ? `<canvas id="${id}-rtt" class="rtt"></canvas>` : "";
+  d.innerHTML = `<div class="title"><strong>${esc(title)}</strong><span class="legend"><span class="down">■ down</span> <span class="up">■ up</span>${rttLegend} <span class="val muted"></span></span></div><canvas id="${id}"></canvas>${rttCanvas}`;
   parent.appendChild(d);
   return d;
 }
@@ -79,24 +82,29 @@ function fit(c) {
   if (c.width !== w || c.height !== h) { c.width = w; c.height = h; }
   return r;
 }
-// series: [{t0, t1, down, up, partial}] in ms and bit/s.
-function draw(c, series, t0, t1, cursor) {
+const RATE_LINES = [["down", "#0969da"], ["up", "#8250df"]];
+const RTT_LINES = [["rtt", "#1a7f37"], ["tcp", "#bf8700"]];
+const ms = (v) => v.toFixed(v < 10 ? 2 : 1) + " ms";
+// series: [{t0, t1, partial, <key>: value}] in ms; lines: [[key, colour]] (default: down and up
+// in bit/s); a null value is a gap (no sample), never drawn as 0.
+function draw(c, series, t0, t1, cursor, lines = RATE_LINES, fmt = bps) {
   const r = fit(c), ctx = c.getContext("2d"), W = c.width, H = c.height, pad = 4 * r, axis = 14 * r;
   ctx.clearRect(0, 0, W, H);
-  let max = 1;
-  for (const p of series) max = Math.max(max, p.down, p.up);
+  let max = lines === RATE_LINES ? 1 : 0.001;
+  for (const p of series) for (const [key] of lines) if (p[key] !== null && p[key] !== undefined) max = Math.max(max, p[key]);
   const x = (t) => ((t - t0) / (t1 - t0)) * W, y = (v) => H - axis - (v / max) * (H - axis - pad);
   ctx.font = `${10 * r}px sans-serif`; ctx.fillStyle = "#6a737d";
-  ctx.fillText(bps(max), 2 * r, 11 * r);
+  ctx.fillText(fmt(max), 2 * r, 11 * r);
   // Ranges longer than a day name the date too.
   const stamp = (t) => (t1 - t0 > 86400000 ? new Date(t).toLocaleString() : new Date(t).toLocaleTimeString());
   ctx.fillText(stamp(t0), 2 * r, H - 2 * r);
   const right = stamp(t1);
   ctx.fillText(right, W - ctx.measureText(right).width - 2 * r, H - 2 * r);
-  for (const [key, colour] of [["down", "#0969da"], ["up", "#8250df"]]) {
+  for (const [key, colour] of lines) {
     ctx.lineWidth = 1.5 * r;
     let prev = null;
     for (const p of series) {
+      if (p[key] === null || p[key] === undefined) { prev = null; continue; }
       const xa = x(p.t0), xb = x(p.t1), yv = y(p[key]);
       ctx.strokeStyle = colour;
       ctx.setLineDash(p.partial ? [3 * r, 3 * r] : []);
@@ -159,19 +167,20 @@ function drawLive() {
 function buildHistory() {
   const box = $("history"); box.innerHTML = "";
   for (const l of state.links) {
-    const d = chartBox(box, "hist-" + l.index, l.label);
+    const d = chartBox(box, "hist-" + l.index, l.label, true);
     const a = document.createElement("a");
     a.textContent = "CSV"; a.className = "csv"; a.id = "csv-" + l.index; a.setAttribute("download", "");
     d.querySelector(".title").appendChild(a);
-    const c = d.querySelector("canvas");
-    const move = (ev) => {
-      const rect = c.getBoundingClientRect(), rg = state.range;
-      if (!rg) return;
-      state.cursor = rg.from + ((ev.clientX - rect.left) / rect.width) * (rg.to - rg.from);
-      drawHistory();
-    };
-    c.addEventListener("pointermove", move);
-    c.addEventListener("pointerleave", () => { state.cursor = null; drawHistory(); });
+    for (const c of d.querySelectorAll("canvas")) {
+      const move = (ev) => {
+        const rect = c.getBoundingClientRect(), rg = state.range;
+        if (!rg) return;
+        state.cursor = rg.from + ((ev.clientX - rect.left) / rect.width) * (rg.to - rg.from);
+        drawHistory();
+      };
+      c.addEventListener("pointermove", move);
+      c.addEventListener("pointerleave", () => { state.cursor = null; drawHistory(); });
+    }
   }
   loadHistory(false);
 }
@@ -224,14 +233,19 @@ function drawHistory() {
   for (const s of state.hist) {
     const c = $("hist-" + s.link);
     if (!c) continue;
+    // Probe RTT (mean) and passive TCP RTT (mean) of the step; null: no sample, a gap.
     const series = s.points.map((p) => {
       const sec = (p.end_ms - p.start_ms) / 1000;
-      return { t0: p.start_ms, t1: p.end_ms, down: (p.down_bytes * 8) / sec, up: (p.up_bytes * 8) / sec, partial: !p.complete };
+      return { t0: p.start_ms, t1: p.end_ms, down: (p.down_bytes * 8) / sec, up: (p.up_bytes * 8) / sec,
+        rtt: p.rtt_mean_ms, tcp: p.tcp_rtt_mean_ms, partial: !p.complete };
     });
     draw(c, series, rg.from, rg.to, state.cursor);
+    const rc = $("hist-" + s.link + "-rtt");
+    if (rc) draw(rc, series, rg.from, rg.to, state.cursor, RTT_LINES, ms);
     const val = c.parentElement.querySelector(".val");
     const p = state.cursor === null ? null : series.find((q) => q.t0 <= state.cursor && state.cursor < q.t1);
-    val.textContent = p ? `${new Date(p.t0).toLocaleString()} ↓ ${bps(p.down)} ↑ ${bps(p.up)}${p.partial ? " (partial)" : ""}` : "";
+    const rtt = (label, v) => (v === null || v === undefined ? "" : ` ${label} ${ms(v)}`);
+    val.textContent = p ? `${new Date(p.t0).toLocaleString()} ↓ ${bps(p.down)} ↑ ${bps(p.up)}${rtt("RTT", p.rtt)}${rtt("TCP", p.tcp)}${p.partial ? " (partial)" : ""}` : "";
   }
   // First render: every link's row and the history charts drawn with data (the benchmark reads
   // it; ms since navigation start).
