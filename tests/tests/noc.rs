@@ -19,7 +19,7 @@ use influx::Influx;
 use linkpulse::stamp::{Reflector, ReflectorConfig};
 use linkpulse_testbed::{
     netns,
-    traffic::{UdpFlow, UdpSink},
+    traffic::{TcpDirection, TcpFlow, UdpFlow, UdpSink},
     ModemKind, TestbedOptions,
 };
 use serde_json::Value;
@@ -260,6 +260,22 @@ fn dashboard_and_readme_queries_return_data_from_a_testbed_run() {
                 .expect("flow"),
         );
     }
+    // A paced TCP flow on wwan0: passive TCP RTT (the README's query of it needs samples).
+    let tcp = {
+        let (r, srv) = run.bed.modem_addr_v4(0);
+        TcpFlow {
+            client_ns: rtr.clone(),
+            client_dev: "wwan0".into(),
+            client_src: r.into(),
+            server_ns: run.bed.server_ns().to_string(),
+            server_dev: Some(run.bed.server_ifname(0)),
+            server: SocketAddr::new(srv.into(), 9811),
+            direction: TcpDirection::ClientToServer,
+            rate_kbit: Some(2_000),
+        }
+        .start()
+        .expect("tcp flow")
+    };
     // Some seconds of complete windows in InfluxDB, and of scrapes in Prometheus.
     let deadline = Instant::now() + Duration::from_secs(120);
     while central.count(DB) < 60 {
@@ -340,6 +356,7 @@ fn dashboard_and_readme_queries_return_data_from_a_testbed_run() {
             .is_some_and(|r| !r.is_empty()),
         "the dashboard's variable {var} finds no series"
     );
+    drop(tcp);
     drop(flows);
     drop(sinks);
     drop(run);

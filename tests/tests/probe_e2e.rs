@@ -244,6 +244,31 @@ fn probe_rtt_and_loss_match_ground_truth() {
     let store = Store::start_local(LocalConfig::new(&store_dir.0)).expect("reopen the store");
     let rows = store.read_after(0, 100_000).expect("read rollups");
     store.stop();
+    // One-way delays only when both clocks report sync: this machine's (the reflector's too)
+    // is not, so every window has none; were it synced, each would carry its error bound.
+    let clock = linkpulse::clock::ClockState::read().expect("adjtimex");
+    for r in &rows {
+        let owd = (
+            r.owd_up_mean_ns,
+            r.owd_up_max_ns,
+            r.owd_down_mean_ns,
+            r.owd_down_max_ns,
+        );
+        if clock.synced {
+            assert_eq!(r.owd_samples > 0, r.owd_error_ns.is_some(), "{r:?}");
+        } else {
+            assert_eq!(
+                (r.owd_samples, owd, r.owd_error_ns),
+                (0, (None, None, None, None), None),
+                "unsynced clock: {r:?}"
+            );
+        }
+    }
+    eprintln!(
+        "clock synced: {}; windows with one-way delays: {}",
+        clock.synced,
+        rows.iter().filter(|r| r.owd_samples > 0).count()
+    );
     const W: i64 = 500_000_000;
     let reply = rtt::reply_index(&ups);
     // Per window: (sent, lost up, lost down); and windows the truth cannot judge exactly.
