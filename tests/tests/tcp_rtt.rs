@@ -17,8 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{modem, Run};
+use common::{modem, Run, TempDir};
 use linkpulse::frame::RttBin;
+use linkpulse_sink::store::{LocalConfig, Store};
 use linkpulse_testbed::{
     emulator::LinkProfile,
     netns,
@@ -237,6 +238,8 @@ fn tcp_rtt_matches_ground_truth_per_bin() {
         ..LinkProfile::unlimited()
     };
     let name = "tcprtt";
+    // The store is on: the rollups' TCP RTT is checked against the frames' bins.
+    let store_dir = TempDir::new("tcprtt-db");
     let mut run = Run::start_config(
         name,
         vec![
@@ -246,7 +249,7 @@ fn tcp_rtt_matches_ground_truth_per_bin() {
         &[],
         TestbedOptions::default(),
         None,
-        None,
+        Some(store_dir.0.clone()),
         // A table far above the TSvals left unechoed in this run (eviction is not tested here).
         &format!("[sampling]\nbin_width_us = {BIN_US}\n[tcp_rtt]\ntable_entries = 262144\n"),
         &mut |_| {},
@@ -307,6 +310,7 @@ fn tcp_rtt_matches_ground_truth_per_bin() {
     );
     let records = truth::read_dir(&run.bed.truth_dir()).expect("truth log");
     let seen = run.seen.lock().expect("seen");
+    check_rollups(&store_dir, &seen);
     let metric = |name: &str| -> u64 {
         metrics
             .lines()
@@ -389,4 +393,75 @@ fn tcp_rtt_matches_ground_truth_per_bin() {
     assert_eq!(metric("linkpulse_tcp_rtt_bad_options_total "), 0);
     assert_eq!(metric("linkpulse_tcp_rtt_insert_errors_total "), 0);
     assert_eq!(metric("linkpulse_tcp_rtt_evicted_total "), 0);
+}
+
+/// The stored rollups' passive TCP RTT equals the frames' bins of their window: samples summed,
+/// min and max exact, mean = Σ / samples; no field without a sample. Compared on the windows
+/// whose traffic counts equal the collector's (both consumers saw the same frames); one-way
+/// delays stay empty (no probes here).
+fn check_rollups(store_dir: &TempDir, seen: &common::Seen) {
+    const W: i64 = 500_000_000;
+    let store = Store::start_local(LocalConfig::new(&store_dir.0)).expect("reopen the store");
+    let rows = store.read_after(0, 100_000).expect("read rollups");
+    store.stop();
+    let (mut compared, mut with_samples, mut samples) = (0, 0, 0u64);
+    for r in &rows {
+        assert_eq!(r.window_ns, W as u64);
+        let (link, w) = (r.link_id as usize, r.window_start_ns as i64);
+        let counts = |d: usize| {
+            seen.per_window
+                .get(&(link, d, w))
+                .copied()
+                .unwrap_or_default()
+        };
+        if (
+            counts(0).bytes,
+            counts(1).bytes,
+            counts(0).packets,
+            counts(1).packets,
+        ) != (r.rx_bytes, r.tx_bytes, r.rx_packets, r.tx_packets)
+        {
+            continue;
+        }
+        let mut want = RttBin::default();
+        for (_, b) in seen.tcp_rtt.range((link, w)..(link, w + W)) {
+            want.merge(b);
+        }
+        let n = u64::from(want.rtt_count);
+        assert_eq!(
+            r.tcp_rtt_samples, n,
+            "samples of link {link} window {w}: {r:?}"
+        );
+        let some = |v: u64| (n > 0).then_some(v);
+        assert_eq!(
+            (r.tcp_rtt_min_ns, r.tcp_rtt_max_ns, r.tcp_rtt_mean_ns),
+            (
+                some(want.rtt_min_ns),
+                some(want.rtt_max_ns),
+                some(want.rtt_sum_ns / n.max(1))
+            ),
+            "link {link} window {w}: {r:?}"
+        );
+        assert_eq!(
+            (
+                r.owd_samples,
+                r.owd_up_mean_ns,
+                r.owd_down_mean_ns,
+                r.owd_error_ns
+            ),
+            (0, None, None, None),
+            "no probes, no one-way delays"
+        );
+        compared += 1;
+        with_samples += usize::from(n > 0);
+        samples += n;
+    }
+    eprintln!(
+        "rollups: {compared} of {} windows compared with the frames, {with_samples} with {samples} TCP RTT samples",
+        rows.len()
+    );
+    assert!(
+        with_samples >= 20,
+        "only {with_samples} windows with TCP RTT compared"
+    );
 }
