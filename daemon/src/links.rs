@@ -68,10 +68,16 @@ impl LinkManager {
     /// Runs until `stop`; detaches everything on the way out.
     pub fn run(mut self, rx: Receiver<Control>, stop: Arc<AtomicBool>) {
         self.resync();
+        // A message found behind a burst of resyncs, handled next.
+        let mut next = None;
         while !stop.load(Ordering::Relaxed) {
-            match rx.recv_timeout(PERIODIC_RESYNC.min(Duration::from_millis(200))) {
+            let msg = match next.take() {
+                Some(m) => Ok(m),
+                None => rx.recv_timeout(PERIODIC_RESYNC.min(Duration::from_millis(200))),
+            };
+            match msg {
                 Ok(Control::Resync) => {
-                    while rx.try_recv().is_ok_and(|c| matches!(c, Control::Resync)) {}
+                    next = drain_resyncs(&rx);
                     self.resync();
                 }
                 Ok(Control::Reload(cfg)) => self.reload(&cfg),
@@ -387,4 +393,46 @@ pub fn watch_netlink(tx: Sender<Control>, stop: Arc<AtomicBool>) -> io::Result<(
     }
     close(io::Error::other("stopped"));
     Ok(())
+}
+
+/// Folds the resyncs waiting in `rx` into the one being handled (one resync covers them all)
+/// and returns the first other message, which must still be handled: a reload sent right after
+/// a netlink event used to be taken off the queue here and lost.
+fn drain_resyncs(rx: &Receiver<Control>) -> Option<Control> {
+    loop {
+        match rx.try_recv() {
+            Ok(Control::Resync) => continue,
+            Ok(other) => return Some(other),
+            Err(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_behind_resyncs_is_kept() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let cfg = Config::parse(
+            "[router]\nid = \"r\"\nsite = \"s\"\n[[link]]\ninterface = \"wwan0\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .expect("config");
+        for c in [
+            Control::Resync,
+            Control::Resync,
+            Control::Reload(Box::new(cfg)),
+            Control::Resync,
+        ] {
+            tx.send(c).expect("send");
+        }
+        assert!(matches!(drain_resyncs(&rx), Some(Control::Reload(_))));
+        assert!(
+            matches!(rx.try_recv(), Ok(Control::Resync)),
+            "what follows stays queued"
+        );
+        assert!(drain_resyncs(&rx).is_none());
+    }
 }
