@@ -390,3 +390,70 @@ fn bad_settings_are_refused_up_front() {
     refuse(c, "token file");
     assert!(Forwarder::new(base(), store.clone()).is_ok());
 }
+
+/// A resync (the cursor set back from outside, as `linkpulse resync` does) while a batch is on
+/// the wire: the answer to that older batch must not move the cursor past the resync point. The
+/// forwarder goes on from there and sends everything after it again.
+#[test]
+fn an_answer_on_the_wire_does_not_overtake_a_resync() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start_store(&dir.path().join("store"));
+    let influx = Influx::start(false);
+    influx.exec(&format!("CREATE DATABASE {DB}"));
+    store.put_rollups(&rollups(4, 0..75, 1)).expect("put");
+    let rows = all_rows(&store);
+    let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+    let mut cfg = v1_config("central", &influx, DB, dir.path());
+    cfg.batch_points = 100;
+    cfg.max_in_flight = 1;
+    let mut fwd = Forwarder::new(cfg, store.clone()).expect("forwarder");
+    let stats = fwd.stats();
+    let first = fwd.step().expect("step 1");
+    assert!(
+        matches!(first, Step::Sent { last_seq, .. } if last_seq == seqs[99]),
+        "{first:?}"
+    );
+    // influxd frozen: the second batch's request stays on the wire while the cursor is reset.
+    let frozen = influx.freeze();
+    let stepping = std::thread::spawn(move || {
+        let step = fwd.step();
+        (fwd, step)
+    });
+    wait_for(30, "the second batch on the wire", || {
+        stats.in_flight.load(Ordering::Relaxed) == 1
+    });
+    store.set_cursor("central", 0).expect("resync");
+    drop(frozen);
+    let (mut fwd, step) = stepping.join().expect("step thread");
+    assert_eq!(
+        step.expect("step 2"),
+        Step::Superseded {
+            points: 100,
+            first_seq: seqs[100],
+            last_seq: seqs[199]
+        }
+    );
+    assert_eq!(
+        store.get_cursor("central").expect("cursor"),
+        Some(0),
+        "the older answer overtook the resync"
+    );
+    let mut again = 0;
+    loop {
+        match fwd.step().expect("step") {
+            Step::Sent { points, .. } => again += points,
+            Step::Idle => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        again, 300,
+        "everything after the resync point is sent again"
+    );
+    assert_eq!(
+        store.get_cursor("central").expect("cursor"),
+        Some(seqs[299])
+    );
+    assert_exactly(&influx, DB, &rows);
+}

@@ -322,8 +322,30 @@ pub fn run(
         }
         if Instant::now() >= next_retention {
             next_retention = Instant::now() + Duration::from_secs(60);
-            let names: Vec<String> = dests.iter().map(|d| d.name.clone()).collect();
-            retention::apply(&s, &store_cfg, &names, &shared, lost.as_mut());
+            let before = retention::cutoff(&s, &store_cfg);
+            if before > 0 {
+                // The forwarders settle what they hold first (each within its request timeout),
+                // so that no batch read before the trim is sent after it: a row either reaches
+                // a destination or is recorded lost for it, never both.
+                let pauses: Vec<_> = running.iter().map(|r| r.handle.pause()).collect();
+                let bound = running
+                    .iter()
+                    .map(|r| r.dest.timeout)
+                    .max()
+                    .unwrap_or_default();
+                let deadline = Instant::now() + bound + Duration::from_secs(5);
+                if pauses.iter().all(|p| p.wait_until(deadline)) {
+                    let names: Vec<String> = dests.iter().map(|d| d.name.clone()).collect();
+                    if let Err(e) = retention::trim(&s, before, &names, &shared, lost.as_mut()) {
+                        tracing::warn!(error = %e, "retention pass failed; retrying at the next one");
+                    }
+                } else {
+                    tracing::warn!(
+                        "retention postponed: a destination did not settle its requests in time"
+                    );
+                    next_retention = Instant::now() + Duration::from_secs(5);
+                }
+            }
         }
     }
     // The last rollups reach the store after the stop (lp-persist flushes its queue, then

@@ -157,16 +157,11 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 const HOUR_NS: u64 = 3_600_000_000_000;
 
-/// One retention pass: by age, then (supervised store only) by disk quota, one hour of the
-/// oldest data per pass (vinyl gives space back when it compacts, so the size is measured again
-/// at the next pass rather than trimmed in a loop).
-pub fn apply(
-    s: &Store,
-    cfg: &StoreConfig,
-    destinations: &[String],
-    shared: &Shared,
-    lost: Option<&mut LostLog>,
-) {
+/// The cut of one retention pass (rows with an older window start go; 0: nothing to trim): by
+/// age, then (supervised store only) by disk quota, one hour of the oldest data per pass (vinyl
+/// gives space back when it compacts, so the size is measured again at the next pass rather
+/// than trimmed in a loop). Pass it to [`trim`] while the forwarders are paused.
+pub fn cutoff(s: &Store, cfg: &StoreConfig) -> u64 {
     let mut before = 0;
     if cfg.retention_days > 0 {
         before = clock::realtime_ns().saturating_sub(u64::from(cfg.retention_days) * 24 * HOUR_NS);
@@ -189,15 +184,13 @@ pub fn apply(
             }
         }
     }
-    if before == 0 {
-        return;
-    }
-    if let Err(e) = trim(s, before, destinations, shared, lost) {
-        tracing::warn!(error = %e, "retention pass failed; retrying at the next one");
-    }
+    before
 }
 
-/// Records what each destination loses, then deletes every row before `before_ns`.
+/// Records what each destination loses, then deletes every row before `before_ns`. The
+/// destinations' forwarders must be paused with nothing on the wire (`ForwarderHandle::pause`):
+/// then a cursor says exactly what its destination has, and the rows after it that go here are
+/// exactly the ones it never gets.
 pub fn trim(
     s: &Store,
     before_ns: u64,

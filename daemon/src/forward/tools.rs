@@ -358,14 +358,9 @@ pub fn resync(
     }
     let old = store.get_cursor(destination)?.unwrap_or(0);
     let new = old.min(target);
+    // A batch on the wire meanwhile cannot move it forward again: an acknowledgement moves the
+    // cursor only from where that batch was read (`Store::advance_cursor`).
     store.set_cursor(destination, new)?;
-    // A batch in flight when the cursor moved sets it forward when acknowledged: set it again
-    // after that request's bound (re-sending twice is harmless).
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    let now = store.get_cursor(destination)?.unwrap_or(0);
-    if now > old {
-        store.set_cursor(destination, new)?;
-    }
     Ok(Some(Resync {
         old_cursor: old,
         new_cursor: new,

@@ -493,6 +493,14 @@ pub enum Step {
         first_seq: u64,
         last_seq: u64,
     },
+    /// A batch was answered (2xx or 400), but its cursor had been moved from outside (a resync)
+    /// while it was on the wire: the cursor stays where that put it, and the batches behind this
+    /// one are dropped, to be read again from there.
+    Superseded {
+        points: u64,
+        first_seq: u64,
+        last_seq: u64,
+    },
 }
 
 #[derive(Default)]
@@ -562,6 +570,93 @@ impl Kicker {
     }
 }
 
+/// Holds a forwarder still for retention: while a pause is requested the forwarder drops the
+/// batch it read ahead, puts nothing new on the wire and settles what is there. Once nothing is
+/// held any more, the cursor says exactly what the destination has, so rows after it that a trim
+/// removes are exactly the ones it will never get (no read-ahead batch carries them out after
+/// the trim, no answer moves the cursor over them).
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Pauses requested and not yet released.
+    pausers: u32,
+    /// The forwarder has batches on the wire or read ahead.
+    holding: bool,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // A counter and a flag: a panic elsewhere cannot leave them inconsistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Before the forwarder reads new batches: false while paused; else it holds from now on.
+    fn may_fill(&self) -> bool {
+        let mut st = self.lock();
+        if st.pausers > 0 {
+            return false;
+        }
+        st.holding = true;
+        true
+    }
+
+    fn set_holding(&self, holding: bool) {
+        let mut st = self.lock();
+        st.holding = holding;
+        if !holding {
+            self.cv.notify_all();
+        }
+    }
+}
+
+/// A pause of one forwarder (see [`ForwarderHandle::pause`]); dropping it lets the forwarder go
+/// on at once.
+pub struct Paused {
+    gate: Arc<Gate>,
+    kicker: Kicker,
+}
+
+impl Paused {
+    fn request(gate: &Arc<Gate>, kicker: &Kicker) -> Paused {
+        gate.lock().pausers += 1;
+        Paused {
+            gate: Arc::clone(gate),
+            kicker: kicker.clone(),
+        }
+    }
+
+    /// Waits until the forwarder holds no batch (its requests on the wire are answered and
+    /// settled), at most until `deadline`. True when it holds none.
+    pub fn wait_until(&self, deadline: Instant) -> bool {
+        let mut st = self.gate.lock();
+        while st.holding {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .gate
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        self.gate.lock().pausers -= 1;
+        self.kicker.kick();
+    }
+}
+
 /// The forwarder of one destination. Drive it with [`Forwarder::step`] or [`Forwarder::spawn`].
 pub struct Forwarder {
     cfg: ForwardConfig,
@@ -591,6 +686,7 @@ pub struct Forwarder {
     /// sets it from the uplink capacity it measures.
     pace_override: Arc<AtomicU64>,
     outbox: Arc<Outbox>,
+    gate: Arc<Gate>,
 }
 
 /// Buffers of one batch (line protocol, gzip'ed body, compressor), reused.
@@ -741,6 +837,7 @@ impl Forwarder {
             next_send: Instant::now(),
             pace_override: Arc::new(AtomicU64::new(0)),
             outbox: Arc::new(Outbox::default()),
+            gate: Arc::new(Gate::default()),
             transport: Arc::new(transport),
             store,
             cfg,
@@ -795,6 +892,19 @@ impl Forwarder {
     /// move over them and they are sent again (idempotent). No waiting besides the requests
     /// (pacing and backoff belong to [`Forwarder::run`]); errors are returned, not counted.
     pub fn step(&mut self) -> Result<Step, ForwardError> {
+        let r = self.step_inner();
+        self.gate
+            .set_holding(!self.wire.is_empty() || self.ready.is_some());
+        r
+    }
+
+    /// Requests a pause (see [`Paused`]): from the next step on the forwarder reads nothing new
+    /// and settles what it holds; [`Paused::wait_until`] waits for that.
+    pub fn pause(&self) -> Paused {
+        Paused::request(&self.gate, &self.kicker)
+    }
+
+    fn step_inner(&mut self) -> Result<Step, ForwardError> {
         self.send_outbox()?;
         let cursor = self
             .store
@@ -812,8 +922,13 @@ impl Forwarder {
         if head.is_some_and(|after| after != cursor) {
             self.abandon();
         }
-        self.fill(cursor)?;
-        self.prepare_ahead();
+        if self.gate.may_fill() {
+            self.fill(cursor)?;
+            self.prepare_ahead();
+        } else if let Some((_, buf)) = self.ready.take() {
+            // Paused (retention): what was read ahead may be trimmed before it would be sent.
+            self.free.push(buf);
+        }
         let Some(head) = self.wire.pop_front() else {
             self.stats.backlog.store(0, Ordering::Relaxed);
             return Ok(Step::Idle);
@@ -830,7 +945,7 @@ impl Forwarder {
         let (buf, outcome) = head.job.settle();
         let settled = self.settle(p, &buf, outcome, top - p.last_seq);
         self.free.push(buf);
-        if settled.is_err() {
+        if matches!(settled, Err(_) | Ok(Step::Superseded { .. })) {
             self.abandon();
         }
         settled
@@ -987,20 +1102,24 @@ impl Forwarder {
                 200..=299 => {}
                 400 => {
                     self.count_encoding(&p.enc);
-                    return self.park(p.first_seq, p.last_seq, points, backlog_after, reply);
+                    return self.park(&p, backlog_after, reply);
                 }
                 _ => return Err(self.status_err(reply)),
             },
         }
         // A batch of rows that all had to be skipped moves the cursor as well: nothing of it
-        // can ever be written.
-        self.store
-            .set_cursor(&self.cfg.name, p.last_seq)
+        // can ever be written. Only from where this batch was read: a resync that moved the
+        // cursor meanwhile must not be overtaken by this (older) answer.
+        let moved = self
+            .store
+            .advance_cursor(&self.cfg.name, p.after, p.last_seq)
             .map_err(|e| self.store_err(e))?;
         self.count_encoding(&p.enc);
         let s = &self.stats;
-        s.cursor.store(p.last_seq, Ordering::Relaxed);
-        s.backlog.store(backlog_after, Ordering::Relaxed);
+        if moved {
+            s.cursor.store(p.last_seq, Ordering::Relaxed);
+            s.backlog.store(backlog_after, Ordering::Relaxed);
+        }
         s.points_sent.fetch_add(points, Ordering::Relaxed);
         s.batches_sent.fetch_add(1, Ordering::Relaxed);
         s.bytes_raw
@@ -1010,7 +1129,10 @@ impl Forwarder {
         s.last_window_ns
             .fetch_max(p.newest_window, Ordering::Relaxed);
         tracing::debug!(destination = %self.cfg.name, points, first_seq = p.first_seq,
-            last_seq = p.last_seq, gzip_bytes = buf.body.len(), "batch acknowledged");
+            last_seq = p.last_seq, gzip_bytes = buf.body.len(), moved, "batch acknowledged");
+        if !moved {
+            return Ok(self.superseded(&p));
+        }
         Ok(Step::Sent {
             points,
             first_seq: p.first_seq,
@@ -1082,14 +1204,24 @@ impl Forwarder {
         }
     }
 
+    /// The answer to `p` came after its cursor was moved from outside.
+    fn superseded(&self, p: &Prepared) -> Step {
+        tracing::info!(destination = %self.cfg.name, first_seq = p.first_seq,
+            last_seq = p.last_seq, "the cursor was moved from outside (resync) while this batch was on the wire; going on from there");
+        Step::Superseded {
+            points: p.enc.points,
+            first_seq: p.first_seq,
+            last_seq: p.last_seq,
+        }
+    }
+
     fn park(
         &mut self,
-        first_seq: u64,
-        last_seq: u64,
-        points: u64,
+        p: &Prepared,
         backlog_after: u64,
         reply: http::Reply,
     ) -> Result<Step, ForwardError> {
+        let (first_seq, last_seq, points) = (p.first_seq, p.last_seq, p.enc.points);
         let record = ParkedRange {
             first_seq,
             last_seq,
@@ -1111,11 +1243,14 @@ impl Forwarder {
                 last_seq,
                 source,
             })?;
-        self.store
-            .set_cursor(&self.cfg.name, last_seq)
+        let moved = self
+            .store
+            .advance_cursor(&self.cfg.name, p.after, last_seq)
             .map_err(|e| self.store_err(e))?;
-        self.stats.cursor.store(last_seq, Ordering::Relaxed);
-        self.stats.backlog.store(backlog_after, Ordering::Relaxed);
+        if moved {
+            self.stats.cursor.store(last_seq, Ordering::Relaxed);
+            self.stats.backlog.store(backlog_after, Ordering::Relaxed);
+        }
         self.stats.parked_batches.fetch_add(1, Ordering::Relaxed);
         self.stats
             .parked_points
@@ -1123,6 +1258,9 @@ impl Forwarder {
         tracing::warn!(destination = %self.cfg.name, first_seq, last_seq, points,
             status = record.status, message = %record.message,
             "InfluxDB refused a batch; parked it (see the parked log) and moved on");
+        if !moved {
+            return Ok(self.superseded(p));
+        }
         Ok(Step::Parked {
             points,
             first_seq,
@@ -1285,6 +1423,7 @@ impl Forwarder {
     pub fn spawn(self) -> Result<ForwarderHandle, ForwardError> {
         let kicker = self.kicker();
         let stats = self.stats();
+        let gate = Arc::clone(&self.gate);
         let name = self.cfg.name.clone();
         let thread = std::thread::Builder::new()
             .name(format!("fwd-{name}"))
@@ -1293,6 +1432,7 @@ impl Forwarder {
         Ok(ForwarderHandle {
             kicker,
             stats,
+            gate,
             thread: Some(thread),
         })
     }
@@ -1325,6 +1465,7 @@ fn read_token(name: &str, path: &std::path::Path) -> Result<String, ForwardError
 pub struct ForwarderHandle {
     kicker: Kicker,
     stats: Arc<ForwardStats>,
+    gate: Arc<Gate>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -1339,6 +1480,12 @@ impl ForwarderHandle {
 
     pub fn stats(&self) -> &Arc<ForwardStats> {
         &self.stats
+    }
+
+    /// Requests a pause, for retention (see [`Paused`] and [`Forwarder::pause`]); the
+    /// forwarder goes on when it is dropped.
+    pub fn pause(&self) -> Paused {
+        Paused::request(&self.gate, &self.kicker)
     }
 
     /// Stops the loop and waits for it.

@@ -429,6 +429,30 @@ impl Store {
         Ok(())
     }
 
+    /// Moves `destination`'s cursor from `from` to `to` only if it is still at `from` (a missing
+    /// cursor is 0): an acknowledgement must never move a cursor that was set from outside (a
+    /// resync) while its request was on the wire. True when the cursor is now `to` (also when a
+    /// retried call had already moved it), false when it stood elsewhere and was left alone.
+    /// Fsync'ed before this returns. An eval of a fixed chunk, like the other small look-ups of
+    /// the forwarder, so no schema migration is needed; the get and the replace run without a
+    /// yield in between, hence atomically.
+    pub fn advance_cursor(
+        &self,
+        destination: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<bool, StoreError> {
+        const ADVANCE_CURSOR_LUA: &str = "local dest, from, to = ... \
+            local t = box.space.cursors:get(dest) local cur = t and t[2] or 0 \
+            if cur == to then return true end \
+            if cur ~= from then return false end \
+            box.space.cursors:replace{dest, to} return true";
+        let (moved,): (bool,) = self.retry("advance cursor", |c| {
+            c.eval(ADVANCE_CURSOR_LUA, &(destination, from, to))
+        })?;
+        Ok(moved)
+    }
+
     /// The cursor of `destination`, `None` if it never acknowledged anything.
     pub fn get_cursor(&self, destination: &str) -> Result<Option<u64>, StoreError> {
         let (seq,): (Option<u64>,) = self.retry("lp_get_cursor", |c| {

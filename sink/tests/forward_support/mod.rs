@@ -267,6 +267,20 @@ impl Influx {
         std::fs::read_to_string(self.dir.path().join("influxd.log")).unwrap_or_default()
     }
 
+    /// Freezes influxd (SIGSTOP) until the guard is dropped (SIGCONT): requests sent meanwhile
+    /// stay on the wire, unanswered.
+    pub fn freeze(&self) -> Frozen {
+        let pid = self.child.as_ref().expect("influxd runs").id();
+        // libc is a dependency of the sink already; kill(2) on our own child.
+        // SAFETY: kill has no memory preconditions.
+        assert_eq!(
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) },
+            0,
+            "SIGSTOP influxd"
+        );
+        Frozen { pid }
+    }
+
     /// kill -9.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -403,6 +417,18 @@ impl Drop for Influx {
 /// the encoder under test): the harness's definition, shared with the daemon's tests and bench.
 pub fn expected_point(r: &Rollup) -> BTreeMap<String, Value> {
     linkpulse_testbed::influx::expected_point(r, ROUTER, SITE)
+}
+
+/// A frozen influxd (see [`Influx::freeze`]), thawed on drop, also when a test fails.
+pub struct Frozen {
+    pid: u32,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(self.pid as i32, libc::SIGCONT) };
+    }
 }
 
 pub fn assert_exactly(influx: &Influx, db: &str, rows: &[Rollup]) {
