@@ -1,7 +1,9 @@
 //! backfill.*: 24 h of 16 links of 500 ms rollups (2,764,800 rows) put into the real local store
 //! (supervised Tarantool 2.6), then drained by the real forwarder, unpaced, into a real
 //! InfluxDB 1.6.7 (both in a namespace of their own, over its loopback), with the forwarder's
-//! default of requests in flight ([`DEFAULT_IN_FLIGHT`]). Peer, same run: a plain bulk writer
+//! default of requests in flight ([`DEFAULT_IN_FLIGHT`]), or each count given with
+//! `--backfill-in-flight 1,2,3` over the same filled store (the databases are dropped between
+//! counts; the first count gives the section's main figures). Peer, same run: a plain bulk writer
 //! posting the same line protocol (encoded and gzip'ed before its clock starts, 5,000 points a
 //! request, as many requests at once as the forwarder) to another database of the same influxd,
 //! i.e. InfluxDB's own ingest ceiling here. Both must land every point. The forwarder's parts
@@ -134,25 +136,28 @@ fn gzip1(lines: &[u8]) -> anyhow::Result<Vec<u8>> {
     Ok(gz.finish()?)
 }
 
-pub fn backfill(_args: &Args) -> anyhow::Result<Vec<Metric>> {
+pub fn backfill(args: &Args) -> anyhow::Result<Vec<Metric>> {
     let total = WINDOWS * u64::from(LINKS);
     let net = BenchNet::up("b", 0)?;
     let dir = std::env::temp_dir().join(format!("lpbench-backfill-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let result = run(&net, &dir, total);
+    let mut in_flight = args.backfill_in_flight.clone();
+    if in_flight.is_empty() {
+        in_flight.push(DEFAULT_IN_FLIGHT);
+    }
+    let result = run(&net, &dir, total, &in_flight);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
+fn run(net: &BenchNet, dir: &Path, total: u64, in_flight: &[u32]) -> anyhow::Result<Vec<Metric>> {
     let influx = Influx::start(
         &net.router,
         std::net::Ipv4Addr::LOCALHOST,
         dir.join("influx"),
         "fwd",
     )?;
-    influx.exec("CREATE DATABASE peer")?;
     let store = Arc::new(Store::start_local(LocalConfig::new(dir.join("store")))?);
 
     // Fill the store (not timed as backfill).
@@ -168,7 +173,7 @@ fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
 
     // Profile of the forwarder's parts, each alone: the store scan, then encoding and gzip.
     let enc = Encoder::new(ROUTER, SITE);
-    let (mut read_s, mut encode_s, mut gzip_s) = (0.0, 0.0, 0.0);
+    let (mut read_s, mut encode_s, mut gzip_s, mut miniz_s) = (0.0, 0.0, 0.0, 0.0);
     let (mut after, mut lines, mut raw_bytes, mut gz_bytes) = (0, Vec::new(), 0usize, 0usize);
     loop {
         let t = Instant::now();
@@ -186,15 +191,78 @@ fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
         let t = Instant::now();
         gz_bytes += gzip1(&lines)?.len();
         gzip_s += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        std::hint::black_box(miniz_oxide::deflate::compress_to_vec(&lines, 1));
+        miniz_s += t.elapsed().as_secs_f64();
         raw_bytes += lines.len();
     }
 
+    // The peer's bodies: the same points, encoded and compressed before its clock starts.
+    let mut bodies = Vec::new();
+    for i in (0..total).step_by(MAX_BATCH_POINTS as usize) {
+        rows(i, u64::from(MAX_BATCH_POINTS).min(total - i), &mut batch);
+        lines.clear();
+        let mut st = EncodeStats::default();
+        for r in &batch {
+            enc.encode(r, &mut lines, &mut st);
+        }
+        bodies.push(gzip1(&lines)?);
+    }
+    let profile = format!(
+        "store filled in {fill_s:.0} s beforehand; parts alone: store scan {} ({read_s:.1} s), encode {} ({encode_s:.1} s), gzip {} ({gzip_s:.1} s; level 1 of miniz_oxide, flate2's default backend: {}, {miniz_s:.1} s); {:.0} B/point raw, {:.0} B/point gzip",
+        rate(total, read_s),
+        rate(total, encode_s),
+        rate(total, gzip_s),
+        rate(total, miniz_s),
+        raw_bytes as f64 / total as f64,
+        gz_bytes as f64 / total as f64
+    );
+    let mut out = Vec::new();
+    for &n in in_flight {
+        let m = forwarder_and_peer(net, dir, &influx, &store, top, total, n, &bodies, &profile)?;
+        if n == in_flight[0] {
+            out.extend(m);
+        } else {
+            // Further counts: the seconds only, named by the count.
+            out.extend(m.into_iter().skip(1).map(|mut m| {
+                // A handful per run: leaked for the report's `&'static str` names.
+                m.name = Box::leak(format!("{}.in_flight_{n}", m.name).into_boxed_str());
+                m
+            }));
+        }
+    }
+    drop(store);
+    Ok(out)
+}
+
+fn rate(total: u64, secs: f64) -> String {
+    format!("{:.0} k rows/s", total as f64 / secs / 1e3)
+}
+
+/// The forwarder (cursor `central-<n>`, database `fwd<n>`) with `n` requests in flight, then
+/// the peer (database `peer<n>`) with `n` writers; both databases are dropped afterwards so
+/// that the next count starts from the same InfluxDB.
+#[allow(clippy::too_many_arguments)]
+fn forwarder_and_peer(
+    net: &BenchNet,
+    dir: &Path,
+    influx: &Influx,
+    store: &Arc<Store>,
+    top: u64,
+    total: u64,
+    n: u32,
+    bodies: &[Vec<u8>],
+    profile: &str,
+) -> anyhow::Result<Vec<Metric>> {
+    let (fwd_db, peer_db) = (format!("fwd{n}"), format!("peer{n}"));
+    influx.exec(&format!("CREATE DATABASE {fwd_db}"))?;
+    influx.exec(&format!("CREATE DATABASE {peer_db}"))?;
     // The forwarder, unpaced, in the namespace of the influxd it writes to.
     let mut cfg = ForwardConfig::new(
-        "central",
+        format!("central-{n}"),
         influx.url(),
         Kind::V1 {
-            db: "fwd".into(),
+            db: fwd_db.clone(),
             auth: None,
         },
         ROUTER,
@@ -202,7 +270,8 @@ fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
     );
     cfg.site = SITE.into();
     cfg.max_bytes_per_s = None;
-    let fwd = Forwarder::new(cfg, Arc::clone(&store))?;
+    cfg.max_in_flight = n;
+    let fwd = Forwarder::new(cfg, Arc::clone(store))?;
     let procs = [
         ("influxd", influx.pid()),
         ("tarantool", store.supervised_pid()),
@@ -228,21 +297,9 @@ fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
     let sent = stats.points_sent.load(Ordering::Relaxed);
     let errors = stats.errors_total();
     let batches = stats.batches_sent.load(Ordering::Relaxed);
-    // The forwarder's thread is gone: this stops the store's Tarantool.
-    drop(store);
 
     // The peer: the same points, encoded and compressed before the clock starts.
-    let mut bodies = Vec::new();
-    for i in (0..total).step_by(MAX_BATCH_POINTS as usize) {
-        rows(i, u64::from(MAX_BATCH_POINTS).min(total - i), &mut batch);
-        lines.clear();
-        let mut st = EncodeStats::default();
-        for r in &batch {
-            enc.encode(r, &mut lines, &mut st);
-        }
-        bodies.push(gzip1(&lines)?);
-    }
-    let url = format!("{}/write?db=peer&precision=ns", influx.url());
+    let url = format!("{}/write?db={peer_db}&precision=ns", influx.url());
     let procs = [
         ("influxd", influx.pid()),
         ("bench", Some(std::process::id())),
@@ -259,7 +316,7 @@ fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
         // As many writers as the forwarder has requests in flight, taking bodies in order.
         let next = AtomicUsize::new(0);
         std::thread::scope(|s| {
-            let writers: Vec<_> = (0..DEFAULT_IN_FLIGHT)
+            let writers: Vec<_> = (0..n)
                 .map(|_| {
                     s.spawn(|| -> anyhow::Result<()> {
                         while let Some(b) = bodies.get(next.fetch_add(1, Ordering::Relaxed)) {
@@ -288,33 +345,29 @@ fn run(net: &BenchNet, dir: &Path, total: u64) -> anyhow::Result<Vec<Metric>> {
     let peer_s = t.elapsed().as_secs_f64();
     let peer_cpu = cpu_delta(&cpu0, &cpu_times(&procs), peer_s);
 
-    let got_fwd = influx.count("fwd")?;
-    let got_peer = influx.count("peer")?;
+    let got_fwd = influx.count(&fwd_db)?;
+    let got_peer = influx.count(&peer_db)?;
+    influx.exec(&format!("DROP DATABASE {fwd_db}"))?;
+    influx.exec(&format!("DROP DATABASE {peer_db}"))?;
     anyhow::ensure!(
         sent == total && got_fwd == total && got_peer == total && errors == 0,
         "points: forwarder sent {sent} ({errors} errors), InfluxDB holds {got_fwd} (forwarder) and {got_peer} (peer) of {total}"
     );
     let per_s = |secs: f64| total as f64 / secs;
-    let rate = |secs: f64| format!("{:.0} k rows/s", per_s(secs) / 1e3);
     Ok(vec![
         Metric::new("backfill.points_per_s", per_s(fwd_s), "pts/s")
             .peer(
                 per_s(peer_s),
-                format!("plain bulk writer, same influxd, same points (pre-encoded, gzip 1, 5k/request, {DEFAULT_IN_FLIGHT} at once)"),
+                format!("plain bulk writer, same influxd, same points and lines (pre-encoded, gzip 1, 5k/request, {n} at once)"),
             )
             .note(format!(
-                "{batches} requests, {DEFAULT_IN_FLIGHT} in flight; CPU during the run: {fwd_cpu} (peer's run: {peer_cpu}); parts alone: store scan {} ({read_s:.1} s), encode {} ({encode_s:.1} s), gzip {} ({gzip_s:.1} s); {:.0} B/point raw, {:.0} B/point gzip",
-                rate(read_s),
-                rate(encode_s),
-                rate(gzip_s),
-                raw_bytes as f64 / total as f64,
-                gz_bytes as f64 / total as f64
+                "{batches} requests, {n} in flight; CPU during the run: {fwd_cpu} (peer's run: {peer_cpu}); {profile}"
             )),
         Metric::new("backfill.seconds_24h_16_links", fwd_s, "s")
             .peer(peer_s, "the plain bulk writer's seconds for the same points")
             .target("≤ 60")
             .note(format!(
-                "{total} points into InfluxDB 1.6.7, unpaced; store filled in {fill_s:.0} s beforehand"
+                "{total} points into InfluxDB 1.6.7, unpaced, {n} requests in flight"
             )),
     ])
 }

@@ -48,6 +48,10 @@ pub struct Args {
     /// or the directory is removed).
     #[arg(long, default_value_os_t = web::default_store())]
     web_store: PathBuf,
+    /// Requests in flight for the backfill section (forwarder and peer alike), comma-separated
+    /// to measure several over one filled store; the forwarder's default when not given.
+    #[arg(long, value_delimiter = ',')]
+    backfill_in_flight: Vec<u32>,
 }
 
 fn default_out() -> PathBuf {
