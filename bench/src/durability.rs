@@ -12,7 +12,7 @@ use crate::{report::Metric, Args};
 const KILLS: usize = 100;
 
 pub fn durability(_args: &Args) -> anyhow::Result<Vec<Metric>> {
-    // The release `linkpulse` beside this binary (`cargo xtask bench` builds the workspace).
+    // The shipped `linkpulse` beside this binary (`cargo xtask bench` builds both in `dist`).
     let exe = std::env::current_exe()?
         .parent()
         .context("bench binary dir")?

@@ -127,12 +127,25 @@ pub fn build_dist() -> Result<()> {
     ])?)
 }
 
-/// A built release binary of the workspace, with a fix in the error if it is missing.
-pub fn release_bin(name: &str) -> Result<PathBuf> {
-    let bin = target_dir().join("release").join(name);
+/// The benchmark in the `dist` profile, so that what it runs in process (the daemon's
+/// pipeline, the stream) is compiled as what ships; its `linkpulse` beside it is
+/// [`build_dist`]'s.
+pub fn build_bench() -> Result<()> {
+    run(&mut cargo(&[
+        "build",
+        "--profile",
+        "dist",
+        "-p",
+        "linkpulse-bench",
+    ])?)
+}
+
+/// A built binary of the workspace in `profile`, with a fix in the error if it is missing.
+pub fn profile_bin(profile: &str, name: &str) -> Result<PathBuf> {
+    let bin = target_dir().join(profile).join(name);
     if !bin.is_file() {
         bail!(
-            "{} was not produced by `cargo build --release --workspace`. Fix: check that the \
+            "{} was not produced by `cargo build --profile {profile}`. Fix: check that the \
              workspace still has a binary named `{name}`",
             bin.display()
         );

@@ -55,7 +55,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         bail!("interrupted before the testbed was started");
     }
     let mut demo = Demo {
-        linkpulse: cmd::release_bin("linkpulse")?,
+        linkpulse: cmd::profile_bin("release", "linkpulse")?,
         dir: cmd::target_dir().join("demo"),
         daemon: None,
         testbed_started: false,

@@ -90,9 +90,9 @@ fn main() -> ExitCode {
 
 fn bench(args: &[String]) -> Result<()> {
     setup::run()?;
-    cmd::build_release()?;
     cmd::build_dist()?;
-    let bench = cmd::release_bin("linkpulse-bench")?;
+    cmd::build_bench()?;
+    let bench = cmd::profile_bin("dist", "linkpulse-bench")?;
     let mut run = Command::new(bench);
     run.args(args).current_dir(cmd::repo_root());
     cmd::run(&mut run)
