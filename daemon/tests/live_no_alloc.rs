@@ -1,37 +1,14 @@
 //! The live feed's frame consumer allocates nothing per frame: a counting global allocator
 //! around the real `PointAccumulator` fed many frames, each finished point sent into a tokio
 //! broadcast ring with a subscriber attached (as `lp-live` does).
-use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
-};
+use std::sync::atomic::Ordering;
 
 use linkpulse::{http::live::PointAccumulator, Frame};
 
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static COUNTING: AtomicBool = AtomicBool::new(false);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        System.realloc(p, l, n)
-    }
+mod support {
+    pub mod counting_alloc;
 }
-
-#[global_allocator]
-static A: Counting = Counting;
+use support::counting_alloc::{ALLOCS, COUNTING, HOT_THREAD};
 
 #[test]
 fn the_live_consumer_allocates_nothing_per_frame() {
@@ -57,6 +34,7 @@ fn the_live_consumer_allocates_nothing_per_frame() {
     };
     // Warm-up: the ring's slots are filled once.
     run(0, 100_000, &mut points);
+    HOT_THREAD.with(|h| h.set(true));
     COUNTING.store(true, Ordering::Relaxed);
     run(100_000, 300_000, &mut points);
     COUNTING.store(false, Ordering::Relaxed);

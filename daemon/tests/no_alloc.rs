@@ -2,10 +2,7 @@
 //! clients) allocates nothing: a counting global allocator around many ticks of the real
 //! `tick_once`. Only the ticking thread counts (the stream's control thread and the test's
 //! readers allocate as they like).
-use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
-};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::sync::Arc;
 
@@ -22,38 +19,10 @@ use linkpulse::{
 use linkpulse_client::{StreamClient, Subscription as StreamSubscription};
 use linkpulse_common::{BinRecord, Slot, MAX_LINKS, SLOTS_PER_CPU};
 
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static COUNTING: AtomicBool = AtomicBool::new(false);
-
-thread_local! {
-    static HOT_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+mod support {
+    pub mod counting_alloc;
 }
-
-fn counted() -> bool {
-    COUNTING.load(Ordering::Relaxed) && HOT_THREAD.with(|h| h.get())
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if counted() {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        if counted() {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        System.realloc(p, l, n)
-    }
-}
-
-#[global_allocator]
-static A: Counting = Counting;
+use support::counting_alloc::{ALLOCS, COUNTING, HOT_THREAD};
 
 struct Slots(Vec<Slot>);
 impl SlotSource for Slots {

@@ -1,10 +1,7 @@
 //! `lp-persist`'s per-frame and per-sample work allocates nothing: a counting global allocator
 //! around a rollup builder fed two windows of frames with traffic and passive TCP RTT, and the
 //! probes' windows fed samples with one-way delays (rollups are `Copy`-like plain data).
-use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
-};
+use std::sync::atomic::Ordering;
 
 use linkpulse::{
     clock::ClockState,
@@ -15,39 +12,10 @@ use linkpulse::{
     stamp::{ErrorEstimate, TimestampFormat},
 };
 
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static COUNTING: AtomicBool = AtomicBool::new(false);
-
-thread_local! {
-    // Only the test's thread counts (the harness's threads allocate as they like).
-    static HOT_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+mod support {
+    pub mod counting_alloc;
 }
-
-fn counted() -> bool {
-    COUNTING.load(Ordering::Relaxed) && HOT_THREAD.with(|h| h.get())
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if counted() {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        if counted() {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        System.realloc(p, l, n)
-    }
-}
-
-#[global_allocator]
-static A: Counting = Counting;
+use support::counting_alloc::{ALLOCS, COUNTING, HOT_THREAD};
 
 #[test]
 fn rollup_and_probe_windows_allocate_nothing() {
