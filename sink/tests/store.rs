@@ -921,7 +921,7 @@ fn tiers_equal_the_rows_through_replays_changes_clock_steps_rebuilds_and_trims()
 /// of new rows, replays and changed re-puts of old ones fold into those buckets exactly.
 #[test]
 fn migration_from_v3_keeps_old_rows_and_tiers_and_adds_the_new_fields() {
-    use linkpulse_sink::store::{FIELDS, FIELDS_V3, TIER_FIELDS};
+    use linkpulse_sink::store::{lua_format, FIELDS, FIELDS_V3, TIER_FIELDS};
     let dir = tempfile::tempdir().expect("tempdir");
     let store = start(dir.path());
     let n = 3000u64;
@@ -932,15 +932,6 @@ fn migration_from_v3_keeps_old_rows_and_tiers_and_adds_the_new_fields() {
         store.put_rollups(b).expect("put");
     }
     // Back to what v3 stored: tuples and formats without the v4 fields, version 3.
-    let format = |fields: &[(&str, &str, bool)]| {
-        fields
-            .iter()
-            .map(|(name, ty, nullable)| {
-                format!("{{name = '{name}', type = '{ty}', is_nullable = {nullable}}}")
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let lua = format!(
         r#"
 local function shorten(space, keep)
@@ -963,8 +954,8 @@ box.space._linkpulse_meta:replace{{'schema_version', 3}}
 return true
 "#,
         v3 = FIELDS_V3,
-        rollups = format(&FIELDS[..FIELDS_V3]),
-        tiers = format(&TIER_FIELDS[..24]),
+        rollups = lua_format(&FIELDS[..FIELDS_V3]),
+        tiers = lua_format(&TIER_FIELDS[..24]),
     );
     let _: (bool,) = store.client().eval(&lua, &[(); 0]).expect("back to v3");
     let (len,): (u32,) = store

@@ -9,7 +9,7 @@ mod schema;
 mod supervisor;
 mod tiers;
 
-pub use schema::{Rollup, FIELDS, FIELDS_V3, SCHEMA_VERSION};
+pub use schema::{lua_format, Rollup, FIELDS, FIELDS_V3, SCHEMA_VERSION};
 pub use supervisor::TARANTOOL_PACKAGE_HINT;
 pub use tiers::{TierRow, TIERS_NS, TIER_FIELDS};
 

@@ -207,23 +207,25 @@ pub(crate) fn migrations() -> Vec<String> {
     ]
 }
 
+/// The Lua list of field definitions for `space:format{...}` (name, type, nullable each).
+pub fn lua_format(fields: &[(&str, &str, bool)]) -> String {
+    fields
+        .iter()
+        .map(|(name, ty, nullable)| {
+            format!("{{name = '{name}', type = '{ty}', is_nullable = {nullable}}}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Schema v4: the rollup and tier formats gain nullable fields at their end (rows stored before
 /// keep their shorter tuples: no rewrite, readers take a missing field as 0 / None), and the
 /// stored functions of this build (which fold the new fields into the tiers) are installed again.
 fn migration_v4() -> String {
-    let format = |fields: &[(&str, &str, bool)]| {
-        fields
-            .iter()
-            .map(|(name, ty, nullable)| {
-                format!("{{name = '{name}', type = '{ty}', is_nullable = {nullable}}}")
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     format!(
         "box.space.rollups:format({{{}}})\nbox.space.tiers:format({{{}}})\n{}",
-        format(FIELDS),
-        format(super::tiers::TIER_FIELDS),
+        lua_format(FIELDS),
+        lua_format(super::tiers::TIER_FIELDS),
         super::tiers::migration_v3()
     )
 }
@@ -235,13 +237,7 @@ return true
 "#;
 
 fn migration_v1() -> String {
-    let format: Vec<String> = FIELDS
-        .iter()
-        .map(|(name, ty, nullable)| {
-            format!("{{name = '{name}', type = '{ty}', is_nullable = {nullable}}}")
-        })
-        .collect();
-    let format = format.join(",\n    ");
+    let format = lua_format(FIELDS);
     let seq = SEQ_FIELD;
     let window = WINDOW_FIELD;
     format!(

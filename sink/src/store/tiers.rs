@@ -442,12 +442,7 @@ fn lib() -> String {
 /// (`lp_put_rollups` is replaced by one that also maintains the tiers). The tiers of rows stored
 /// before are built afterwards by `lp_tier_build` (see `build_tiers` in mod.rs), in chunks.
 pub(crate) fn migration_v3() -> String {
-    let format: Vec<String> = TIER_FIELDS
-        .iter()
-        .map(|(name, ty, nullable)| {
-            format!("{{name = '{name}', type = '{ty}', is_nullable = {nullable}}}")
-        })
-        .collect();
+    let format = super::schema::lua_format(TIER_FIELDS);
     // The helpers are made inside the called function: closures made while a persistent
     // function's body is loaded do not see the globals (tostring, box), closures made by a call do.
     let body = |f: &str| {
@@ -582,7 +577,7 @@ define('lp_read_tier', {read:?})
 define('lp_trim_tiers', {trim:?})
 return true
 "#,
-        format = format.join(",\n    "),
+        format = format,
     )
 }
 
