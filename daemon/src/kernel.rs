@@ -30,6 +30,7 @@ const PROG_INGRESS: &str = "lp_ingress";
 const PROG_EGRESS: &str = "lp_egress";
 /// An empty program in the same object: the benchmark's baseline (not attached by the daemon).
 const PROG_EMPTY: &str = "lp_empty";
+const PROG_CLOCK: &str = "lp_clock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -127,7 +128,7 @@ impl Kernel {
             .map_max_entries(MAP_TCP_TS, tcp.table_entries)
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
-        for name in [PROG_INGRESS, PROG_EGRESS, PROG_EMPTY] {
+        for name in [PROG_INGRESS, PROG_EGRESS, PROG_EMPTY, PROG_CLOCK] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(KernelError::MissingProgram { name })?
@@ -275,13 +276,15 @@ impl Kernel {
         }
     }
 
-    /// Attaches the empty baseline program to both directions of `interface` (benchmarks).
+    /// Attaches the baseline programs (empty, and a bare clock read) to both directions of
+    /// `interface` (benchmarks).
     pub fn attach_baseline(&mut self, interface: &str) -> Result<(), KernelError> {
         for (kind, direction) in [
             (TcAttachType::Ingress, "ingress"),
             (TcAttachType::Egress, "egress"),
         ] {
             self.attach_one(interface, PROG_EMPTY, kind, direction)?;
+            self.attach_one(interface, PROG_CLOCK, kind, direction)?;
         }
         Ok(())
     }
@@ -289,7 +292,7 @@ impl Kernel {
     /// (program name, total run time ns, run count) of each program, as bpf_stats counts them
     /// (both are 0 unless `kernel.bpf_stats_enabled` is 1).
     pub fn program_stats(&self) -> Vec<(&'static str, u64, u64)> {
-        [PROG_INGRESS, PROG_EGRESS, PROG_EMPTY]
+        [PROG_INGRESS, PROG_EGRESS, PROG_EMPTY, PROG_CLOCK]
             .into_iter()
             .filter_map(|name| {
                 let p: &SchedClassifier = self.ebpf.program(name)?.try_into().ok()?;

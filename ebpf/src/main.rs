@@ -51,11 +51,11 @@ const TCP_LAST_WAYS: u32 = 256;
 
 /// Per CPU and direction, the last (flow, link, TSval) dealt with in each of `TCP_LAST_WAYS`
 /// ways picked by the ports. A busy flow sends many segments per TSval tick and many ACKs echo
-/// one TSval: those find their key here and skip the hash lookup (~55 ns in the bench). A key
-/// here is in `TCP_TS` (egress) or has been matched or found absent (ingress); all zero
-/// (family 0) matches no packet.
+/// one TSval: those find it here and skip building the full key and the hash lookup (~55 ns
+/// in the bench). An entry here is in `TCP_TS` (egress) or has been matched or found absent
+/// (ingress); a zeroed one matches only a segment with all-zero addresses, ports and TSval.
 #[map(name = "TCP_LAST")]
-static TCP_LAST: PerCpuArray<TsKey> = PerCpuArray::with_max_entries(2 * TCP_LAST_WAYS, 0);
+static TCP_LAST: PerCpuArray<LastKey> = PerCpuArray::with_max_entries(2 * TCP_LAST_WAYS, 0);
 
 /// Counters of the passive RTT path (see `TCP_STAT_*`).
 #[map(name = "TCP_STATS")]
@@ -122,6 +122,15 @@ pub fn lp_empty(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Reads CLOCK_TAI and nothing else: the benchmark reports what the one clock read per packet
+/// costs on the machine (over `lp_empty`), a platform cost that no program logic can avoid.
+#[classifier]
+pub fn lp_clock(_ctx: TcContext) -> i32 {
+    // SAFETY: a helper without arguments, allowed in tc programs.
+    let _ = unsafe { bpf_ktime_get_tai_ns() };
+    TC_ACT_UNSPEC
+}
+
 #[inline(always)]
 fn try_count(ctx: &TcContext, dir: u8) {
     // SAFETY: the verifier guarantees `skb` points to a valid __sk_buff for tc programs.
@@ -137,12 +146,14 @@ fn try_count(ctx: &TcContext, dir: u8) {
         return;
     }
     let link = conf.link_plus_one - 1;
-    let l2 = conf.l2_len;
+    let l2 = conf.l2_len as usize;
+    // One look at the IP header serves the GSO size, the probe match and passive RTT.
+    let l4 = l4_start(ctx, l2, proto);
 
-    let len = skb.len.saturating_sub(l2) as u64;
+    let len = skb.len.saturating_sub(l2 as u32) as u64;
     let (packets, bytes, malformed) = if skb.gso_size != 0 && skb.gso_segs > 1 {
         // A GSO super-packet leaves as gso_segs wire packets, each with its own headers.
-        match l3_l4_header_len(ctx, l2 as usize, proto) {
+        match gso_header_len(ctx, l2, l4) {
             Some(hdr) => (
                 skb.gso_segs as u64,
                 len + (skb.gso_segs as u64 - 1) * hdr as u64,
@@ -157,13 +168,16 @@ fn try_count(ctx: &TcContext, dir: u8) {
     // SAFETY: helpers without arguments, allowed in tc programs.
     let now = unsafe { bpf_ktime_get_tai_ns() };
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    probe_stamp(ctx, link, l2 as usize, proto, dir, now);
     // SAFETY: a global set once by the loader before the program is loaded.
-    let rtt = if unsafe { core::ptr::read_volatile(&TCP_RTT_ON) } != 0 {
-        tcp_rtt(ctx, link, l2 as usize, proto, dir, now)
-    } else {
-        None
-    };
+    let tcp_on = unsafe { core::ptr::read_volatile(&TCP_RTT_ON) } != 0;
+    let mut rtt = None;
+    if let Some(l4) = l4 {
+        if l4.proto == IPPROTO_UDP {
+            probe_stamp(ctx, link, l4.off, dir, now);
+        } else if l4.proto == IPPROTO_TCP && tcp_on {
+            rtt = tcp_rtt(ctx, link, l2, proto, l4.off, dir, now);
+        }
+    }
     // SAFETY: a global set once by the loader before the program is loaded.
     let width = unsafe { core::ptr::read_volatile(&BIN_WIDTH_NS) };
     if width == 0 {
@@ -178,8 +192,15 @@ fn try_count(ctx: &TcContext, dir: u8) {
     let slot = unsafe { &mut *slot };
     // Still in the slot's bin? A subtraction, not a 64-bit division, on the common path (a clock
     // that went backwards wraps to a huge difference and is treated as a new bin).
-    if now.wrapping_sub(slot.bin_start) >= width {
-        let bin = bin_start(now, width);
+    let since = now.wrapping_sub(slot.bin_start);
+    if since >= width {
+        // A busy slot moves to the next bin: no division for that either (bin starts are
+        // multiples of the width, so the next one is too).
+        let bin = if since < 2 * width {
+            slot.bin_start + width
+        } else {
+            bin_start(now, width)
+        };
         // A full ring keeps the slot on its old bin (see `emit`).
         if slot.bin_start != bin && (slot.packets == 0 || emit(slot, cpu, link, dir)) {
             slot.packets = 0;
@@ -197,68 +218,78 @@ fn try_count(ctx: &TcContext, dir: u8) {
     }
 }
 
+/// Where the transport header starts and which protocol it is.
+#[derive(Clone, Copy)]
+struct L4 {
+    off: usize,
+    proto: u8,
+}
+
+/// The transport header of an IPv4 or IPv6 packet at `l2`; None for non-first IPv4 fragments
+/// (they carry no transport header) and unreadable packets. IPv6 extension headers are not
+/// walked: `proto` is then the extension's number, which no caller matches.
+#[inline(always)]
+fn l4_start(ctx: &TcContext, l2: usize, proto: u16) -> Option<L4> {
+    if proto == ETH_P_IP {
+        let [vihl, ..] = ld32(ctx, l2)?.to_ne_bytes();
+        // Bytes 6..10: flags and fragment offset, TTL, protocol.
+        let [frag_hi, frag_lo, _, l4proto] = ld32(ctx, l2 + 6)?.to_ne_bytes();
+        if (frag_hi & 0x1f) != 0 || frag_lo != 0 {
+            return None;
+        }
+        Some(L4 {
+            off: l2 + ((vihl & 0x0f) as usize) * 4,
+            proto: l4proto,
+        })
+    } else {
+        // Bytes 4..8: payload length, next header, hop limit.
+        let [_, _, nh, _] = ld32(ctx, l2 + 4)?.to_ne_bytes();
+        Some(L4 {
+            off: l2 + 40,
+            proto: nh,
+        })
+    }
+}
+
 /// Sends the finished bin of `slot` to the ring. If the ring is full it returns false: the slot
 /// then stays on its old bin and this packet is added to it, so nothing is lost; the daemon
 /// reads those counts from the slot and publishes them as late data.
 #[inline(always)]
 fn emit(slot: &mut Slot, cpu: u32, link: u32, dir: u8) -> bool {
-    match BINS.reserve::<BinRecord>(0) {
-        Some(mut entry) => {
-            entry.write(BinRecord {
-                bin_start: slot.bin_start,
-                packets: slot.packets,
-                bytes: slot.bytes,
-                cpu,
-                link: link as u16,
-                dir,
-                _pad: 0,
-                tcp_rtt: slot.tcp_rtt,
-            });
-            entry.submit(BPF_RB_NO_WAKEUP as u64);
-            true
-        }
-        None => {
-            slot.ring_full += 1;
-            false
-        }
+    let rec = BinRecord {
+        bin_start: slot.bin_start,
+        packets: slot.packets,
+        bytes: slot.bytes,
+        cpu,
+        link: link as u16,
+        dir,
+        _pad: 0,
+        tcp_rtt: slot.tcp_rtt,
+    };
+    // One helper call (reserve, copy, submit) instead of two.
+    if BINS.output::<BinRecord>(&rec, BPF_RB_NO_WAKEUP as u64).is_ok() {
+        return true;
     }
+    slot.ring_full += 1;
+    false
 }
 
 /// Stamps the link's STAMP probes: egress packets from the sender's port to the reflector's
-/// port (T1), ingress packets the other way (T4). For every other packet: one array lookup,
-/// and on probed links one or two header loads and compares.
+/// port (T1), ingress packets the other way (T4). For every other UDP packet: one array lookup,
+/// and on probed links one header load and compare.
 #[inline(always)]
-fn probe_stamp(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: u64) {
+fn probe_stamp(ctx: &TcContext, link: u32, udp: usize, dir: u8, now: u64) {
     let Some(conf) = PROBE_CONF.get(link) else {
         return;
     };
     if conf.sender_port == 0 {
         return;
     }
-    let (l3, l4proto) = if proto == ETH_P_IP {
-        let Some(h) = read::<10>(ctx, l2) else {
-            return;
-        };
-        // Non-first fragments carry no UDP header.
-        if (h[6] & 0x1f) != 0 || h[7] != 0 {
-            return;
-        }
-        (((h[0] & 0x0f) as usize) * 4, h[9])
-    } else {
-        let Ok(nh) = ctx.load::<u8>(l2 + 6) else {
-            return;
-        };
-        (40usize, nh)
-    };
-    if l4proto != IPPROTO_UDP {
-        return;
-    }
-    let udp = l2 + l3;
-    let Some(ports) = read::<4>(ctx, udp) else {
+    let Some(ports) = ld32(ctx, udp) else {
         return;
     };
-    let sport = u16::from_be_bytes([ports[0], ports[1]]);
-    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    let [s0, s1, d0, d1] = ports.to_ne_bytes();
+    let (sport, dport) = (u16::from_be_bytes([s0, s1]), u16::from_be_bytes([d0, d1]));
     let (ours, theirs) = if dir == DIR_EGRESS {
         (sport, dport)
     } else {
@@ -302,45 +333,48 @@ fn probe_stamp(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: 
     }
 }
 
-/// The byte at `off` of the packet, straight from the linear data when it is there (no helper
-/// call), else through bpf_skb_load_bytes. Two bytes are bounds-checked: with one, LLVM turns
-/// the check into `end > p`, from which the verifier grants no access.
-#[inline(always)]
-fn proto_byte(ctx: &TcContext, off: usize) -> Option<u8> {
-    // Bounded for the verifier (callers pass l2 + 9 or l2 + 6, with l2 at most 14).
-    if off > 63 {
-        return ctx.load::<u8>(off).ok();
-    }
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + 2 > end {
-        return ctx.load::<u8>(off).ok();
-    }
-    // SAFETY: [start + off, start + off + 2) is inside the linear data (checked just above).
-    Some(unsafe { *((start + off) as *const u8) })
-}
-
 /// Headers start within this many bytes of the packet (L2 ≤ 14, IP ≤ 60, TCP ≤ 60): the bound
 /// the verifier needs on a variable offset into the packet.
 const DIRECT_MAX_OFF: usize = 255;
 
-/// `N` (≥ 2) bytes at `off`, straight from the linear data when they are there (no helper
-/// call: a bpf_skb_load_bytes call costs ~20–25 ns here, measured), else through the helper.
-#[inline(always)]
-fn read<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
-    if off <= DIRECT_MAX_OFF {
-        let start = ctx.data();
-        let end = ctx.data_end();
-        if start + off + N <= end {
-            // SAFETY: [start + off, start + off + N) is inside the linear data (checked just
-            // above); the packet has no alignment guarantee, hence the unaligned read.
-            return Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) });
+/// `ld16`, `ld32`, `ld64`: the bytes at `off` of the packet as an integer in memory order
+/// (`to_ne_bytes` gives them back as they are on the wire). One load instruction from the
+/// linear data when they are there, else bpf_skb_load_bytes (a helper call costs ~20–25 ns
+/// here). The load is written in asm because LLVM splits an unaligned load into byte loads
+/// and shifts (4–8 instructions per word, most of the header parsing's cost in the bench);
+/// the verifier allows unaligned packet loads on architectures with efficient unaligned
+/// access (x86-64 and arm64, the targets this ships for).
+macro_rules! packet_load {
+    ($name:ident, $t:ty, $n:literal, $insn:literal) => {
+        #[inline(always)]
+        fn $name(ctx: &TcContext, off: usize) -> Option<$t> {
+            if off <= DIRECT_MAX_OFF {
+                let p = ctx.data() + off;
+                if p + $n <= ctx.data_end() {
+                    let v: u64;
+                    // SAFETY: [p, p + $n) is inside the linear packet data (checked just
+                    // above, in the form the verifier tracks); the load reads only that.
+                    unsafe {
+                        core::arch::asm!(
+                            $insn,
+                            p = in(reg) p,
+                            v = lateout(reg) v,
+                            options(nostack, readonly, preserves_flags),
+                        );
+                    }
+                    return Some(v as $t);
+                }
+            }
+            ctx.load::<$t>(off).ok()
         }
-    }
-    ctx.load::<[u8; N]>(off).ok()
+    };
 }
+packet_load!(ld16, u16, 2, "{v} = *(u16 *)({p} + 0)");
+packet_load!(ld32, u32, 4, "{v} = *(u32 *)({p} + 0)");
+packet_load!(ld64, u64, 8, "{v} = *(u64 *)({p} + 0)");
 
-/// TCP option bytes read straight from the packet (offset 0 = first option byte).
+/// TCP option bytes of the slow walk (offset 0 = first option byte), read through the helper:
+/// one path per step keeps the verifier's exploration of the loop small.
 struct SkbOpts<'a> {
     ctx: &'a TcContext,
     base: usize,
@@ -349,13 +383,25 @@ struct SkbOpts<'a> {
 impl OptBytes for SkbOpts<'_> {
     #[inline(always)]
     fn bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
-        // The single bytes of the slow walk go through the helper: one path per step keeps
-        // the verifier's exploration of the loop small.
-        if N == 1 {
-            return self.ctx.load::<[u8; N]>(self.base + off).ok();
-        }
-        read::<N>(self.ctx, self.base + off)
+        self.ctx.load::<[u8; N]>(self.base + off).ok()
     }
+}
+
+/// NOP NOP TS 10: the option layout Linux, the BSDs and Windows put first on every non-SYN
+/// segment, as the 4 bytes read by `ld32` (memory order).
+const TS_LAYOUT: u32 = u32::from_ne_bytes([1, 1, 8, 10]);
+
+/// What `TCP_LAST` remembers of a (flow, link, TSval): IPv4 addresses exactly, IPv6 ones
+/// folded to 64 bits (two flows that fold alike, with the same ports and link, seen by one CPU
+/// with the same TSval in turn, would skip one sample: never a wrong one).
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct LastKey {
+    addrs: u64,
+    ports: u32,
+    tsval: u32,
+    link: u32,
+    _pad: u32,
 }
 
 /// Passive RTT. Egress: a TCP segment with the timestamp option stores (flow, link, TSval) →
@@ -367,106 +413,143 @@ impl OptBytes for SkbOpts<'_> {
 /// nothing). Matched entries leave the table by LRU eviction only.
 /// IPv6 extension headers are not walked: such packets give no sample.
 #[inline(always)]
-fn tcp_rtt(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: u64) -> Option<u64> {
-    // Every packet comes here: the protocol byte decides, read without a helper call.
-    let proto_at = if proto == ETH_P_IP { l2 + 9 } else { l2 + 6 };
-    if proto_byte(ctx, proto_at)? != IPPROTO_TCP {
-        return None;
-    }
-    let mut key = TsKey {
-        link: link as u16,
-        ..TsKey::default()
-    };
-    let tcp = if proto == ETH_P_IP {
-        let h = read::<20>(ctx, l2)?;
-        // Non-first fragments carry no TCP header.
-        if h[9] != IPPROTO_TCP || (h[6] & 0x1f) != 0 || h[7] != 0 {
-            return None;
-        }
-        key.family = 4;
-        let (local, remote) = if dir == DIR_EGRESS {
-            (12, 16)
-        } else {
-            (16, 12)
-        };
-        key.local[..4].copy_from_slice(&h[local..local + 4]);
-        key.remote[..4].copy_from_slice(&h[remote..remote + 4]);
-        l2 + ((h[0] & 0x0f) as usize) * 4
-    } else {
-        let h = read::<40>(ctx, l2)?;
-        if h[6] != IPPROTO_TCP {
-            return None;
-        }
-        key.family = 6;
-        let (local, remote) = if dir == DIR_EGRESS { (8, 24) } else { (24, 8) };
-        key.local.copy_from_slice(&h[local..local + 16]);
-        key.remote.copy_from_slice(&h[remote..remote + 16]);
-        l2 + 40
-    };
-    // Ports, sequence, ack, data offset, flags.
-    let t = read::<14>(ctx, tcp)?;
+fn tcp_rtt(
+    ctx: &TcContext,
+    link: u32,
+    l2: usize,
+    proto: u16,
+    tcp: usize,
+    dir: u8,
+    now: u64,
+) -> Option<u64> {
+    // Ports; then data offset and flags.
+    let ports = ld32(ctx, tcp)?;
+    let [doff_byte, flags] = ld16(ctx, tcp + 12)?.to_ne_bytes();
     // Written so that the verifier sees 4..=40 (it then bounds the option walk).
-    let doff = (t[12] >> 4) as usize;
+    let doff = (doff_byte >> 4) as usize;
     if doff <= 5 {
         return None;
     }
     let opt_len = (doff - 5) * 4;
-    let (tsval, tsecr) = match tcp_timestamp(
-        &SkbOpts {
-            ctx,
-            base: tcp + 20,
-        },
-        opt_len,
-    ) {
-        TsOption::Found { tsval, tsecr } => (tsval, tsecr),
-        TsOption::Absent => return None,
-        TsOption::Malformed => {
-            count_tcp_stat(TCP_STAT_BAD_OPTIONS);
-            return None;
-        }
+    let fast = if opt_len >= 12 && ld32(ctx, tcp + 20)? == TS_LAYOUT {
+        ld64(ctx, tcp + 24)
+    } else {
+        None
     };
-    let (sport, dport) = (
-        u16::from_ne_bytes([t[0], t[1]]),
-        u16::from_ne_bytes([t[2], t[3]]),
-    );
-    if dir == DIR_EGRESS {
-        key.local_port = sport;
-        key.remote_port = dport;
-        key.tsval = tsval;
-        let last = TCP_LAST.get_ptr_mut(last_way(dir, &key));
-        if seen_last(last, &key) {
-            return None;
+    let (tsval, tsecr) = match fast {
+        Some(v) => {
+            let b = v.to_ne_bytes();
+            (
+                u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            )
         }
+        None => match tcp_timestamp(
+            &SkbOpts {
+                ctx,
+                base: tcp + 20,
+            },
+            opt_len,
+        ) {
+            TsOption::Found { tsval, tsecr } => (tsval, tsecr),
+            TsOption::Absent => return None,
+            TsOption::Malformed => {
+                count_tcp_stat(TCP_STAT_BAD_OPTIONS);
+                return None;
+            }
+        },
+    };
+    // TSecr is meaningful only with ACK set (RFC 7323 §3.2).
+    if dir != DIR_EGRESS && flags & TCP_FLAG_ACK == 0 {
+        return None;
+    }
+    // The flow as the router sees it: local = source on egress, destination on ingress. The
+    // addresses and ports are in memory order; swapping the halves swaps source and
+    // destination.
+    let (ports, ts) = if dir == DIR_EGRESS {
+        (ports, tsval)
+    } else {
+        (ports.rotate_left(16), tsecr)
+    };
+    let v6 = proto != ETH_P_IP;
+    let (a, b) = if v6 {
+        // Source, then destination, 16 bytes each.
+        let (s0, s1, d0, d1) = (
+            ld64(ctx, l2 + 8)?,
+            ld64(ctx, l2 + 16)?,
+            ld64(ctx, l2 + 24)?,
+            ld64(ctx, l2 + 32)?,
+        );
+        if dir == DIR_EGRESS {
+            ([s0, s1], [d0, d1])
+        } else {
+            ([d0, d1], [s0, s1])
+        }
+    } else {
+        // Source and destination, 4 bytes each.
+        let sd = ld64(ctx, l2 + 12)?;
+        let ld = if dir == DIR_EGRESS {
+            sd
+        } else {
+            sd.rotate_left(32)
+        };
+        ([ld, 0], [0, 0])
+    };
+    let short = LastKey {
+        addrs: if v6 {
+            a[0] ^ a[1] ^ (b[0] ^ b[1]).rotate_left(32)
+        } else {
+            a[0]
+        },
+        ports,
+        tsval: ts,
+        link,
+        _pad: 0,
+    };
+    let last = TCP_LAST.get_ptr_mut(last_way(dir, ports));
+    if seen_last(last, &short) {
+        return None;
+    }
+    // Not dealt with last time on this CPU: the full key.
+    let [p0, p1, p2, p3] = ports.to_ne_bytes();
+    let mut key = TsKey {
+        local_port: u16::from_ne_bytes([p0, p1]),
+        remote_port: u16::from_ne_bytes([p2, p3]),
+        tsval: ts,
+        link: link as u16,
+        family: if v6 { 6 } else { 4 },
+        ..TsKey::default()
+    };
+    if v6 {
+        key.local[..8].copy_from_slice(&a[0].to_ne_bytes());
+        key.local[8..].copy_from_slice(&a[1].to_ne_bytes());
+        key.remote[..8].copy_from_slice(&b[0].to_ne_bytes());
+        key.remote[8..].copy_from_slice(&b[1].to_ne_bytes());
+    } else {
+        let ab = a[0].to_ne_bytes();
+        key.local[..4].copy_from_slice(&ab[..4]);
+        key.remote[..4].copy_from_slice(&ab[4..]);
+    }
+    if dir == DIR_EGRESS {
         // Look first: an LRU update allocates (and, when full, evicts) a node before it finds
         // the key present, and most segments of a busy flow carry a TSval already stored.
         if TCP_TS.get_ptr(&key).is_some() {
-            set_last(last, &key);
+            set_last(last, &short);
             return None;
         }
         match TCP_TS.insert(&key, now, BPF_NOEXIST as u64) {
             Ok(()) => {
                 count_tcp_stat(TCP_STAT_INSERTS);
-                set_last(last, &key);
+                set_last(last, &short);
             }
-            Err(e) if e == -EEXIST => set_last(last, &key),
+            Err(e) if e == -EEXIST => set_last(last, &short),
             Err(_) => count_tcp_stat(TCP_STAT_INSERT_ERRORS),
         }
         return None;
     }
-    // TSecr is meaningful only with ACK set (RFC 7323 §3.2).
-    if t[13] & TCP_FLAG_ACK == 0 {
-        return None;
-    }
-    key.local_port = dport;
-    key.remote_port = sport;
-    key.tsval = tsecr;
-    // An echo this CPU dealt with last time (sample taken, or nothing stored): nothing to do.
-    // An echo cannot precede its TSval's departure, so "not stored" stays true.
-    let last = TCP_LAST.get_ptr_mut(last_way(dir, &key));
-    if seen_last(last, &key) {
-        return None;
-    }
-    set_last(last, &key);
+    // An echo this CPU dealt with last time (sample taken, or nothing stored) was skipped
+    // above. An echo cannot precede its TSval's departure, so "not stored" stays true.
+    set_last(last, &short);
     let p = TCP_TS.get_ptr_mut(&key)?;
     // SAFETY (both): a preallocated, 8-byte aligned map value, valid memory while the program
     // runs (if the LRU evicts and reuses it meanwhile, that other TSval loses its sample).
@@ -484,37 +567,33 @@ fn tcp_rtt(ctx: &TcContext, link: u32, l2: usize, proto: u16, dir: u8, now: u64)
     Some(now.saturating_sub(sent))
 }
 
-/// The `TCP_LAST` entry of `key` in direction `dir`: a way picked by the ports.
+/// The `TCP_LAST` entry of a flow in direction `dir`: a way picked by the ports.
 #[inline(always)]
-fn last_way(dir: u8, key: &TsKey) -> u32 {
-    let x = (key.local_port ^ key.remote_port) as u32;
+fn last_way(dir: u8, ports: u32) -> u32 {
+    let x = ports ^ (ports >> 16);
     (dir as u32) * TCP_LAST_WAYS + ((x ^ (x >> 8)) & (TCP_LAST_WAYS - 1))
 }
 
-/// Is `key` the one this CPU remembered in `last`? Compared as 11 words (a byte-wise
+/// Is `key` the one this CPU remembered in `last`? Compared as 3 words (a byte-wise
 /// comparison would be a memcmp call, which bpf lacks).
 #[inline(always)]
-fn seen_last(last: Option<*mut TsKey>, key: &TsKey) -> bool {
+fn seen_last(last: Option<*mut LastKey>, key: &LastKey) -> bool {
     let Some(last) = last else {
         return false;
     };
-    // SAFETY: TsKey is 44 bytes of plain integers, 4-byte aligned (asserted in common); `last`
-    // is this CPU's array value, which only this CPU touches (tc programs do not nest on a CPU).
+    // SAFETY: LastKey is 24 bytes of plain integers, 8-byte aligned; `last` is this CPU's
+    // array value, which only this CPU touches (tc programs do not nest on a CPU).
     let (a, b) = unsafe {
         (
-            &*(last as *const [u32; 11]),
-            &*(key as *const TsKey as *const [u32; 11]),
+            &*(last as *const [u64; 3]),
+            &*(key as *const LastKey as *const [u64; 3]),
         )
     };
-    let mut diff = 0;
-    for i in 0..11 {
-        diff |= a[i] ^ b[i];
-    }
-    diff == 0
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) == 0
 }
 
 #[inline(always)]
-fn set_last(last: Option<*mut TsKey>, key: &TsKey) {
+fn set_last(last: Option<*mut LastKey>, key: &LastKey) {
     if let Some(last) = last {
         // SAFETY: as in `seen_last`.
         unsafe { *last = *key };
@@ -558,26 +637,19 @@ fn count_probe_stat(index: u32) {
 }
 
 /// Length of the IP and TCP/UDP headers of a GSO packet (the part repeated in every segment).
+/// Extension headers are not used by GSO'd TCP/UDP in practice; the next header decides.
 #[inline(always)]
-fn l3_l4_header_len(ctx: &TcContext, l2: usize, proto: u16) -> Option<u32> {
-    let (l3, l4proto) = if proto == ETH_P_IP {
-        let vihl: u8 = ctx.load(l2).ok()?;
-        let l4proto: u8 = ctx.load(l2 + 9).ok()?;
-        (((vihl & 0x0f) as u32) * 4, l4proto)
-    } else {
-        // Extension headers are not used by GSO'd TCP/UDP in practice; the next header decides.
-        let l4proto: u8 = ctx.load(l2 + 6).ok()?;
-        (40u32, l4proto)
-    };
-    let l4 = match l4proto {
+fn gso_header_len(ctx: &TcContext, l2: usize, l4: Option<L4>) -> Option<u32> {
+    let l4 = l4?;
+    let l4_len = match l4.proto {
         IPPROTO_TCP => {
-            let doff: u8 = ctx.load(l2 + l3 as usize + 12).ok()?;
+            let [doff, _] = ld16(ctx, l4.off + 12)?.to_ne_bytes();
             ((doff >> 4) as u32) * 4
         }
         IPPROTO_UDP => 8,
         _ => return None,
     };
-    Some(l3 + l4)
+    Some((l4.off - l2) as u32 + l4_len)
 }
 
 #[cfg(not(test))]
