@@ -6,7 +6,8 @@
 //! - the kernel emits a CPU's bin when that CPU sees a packet of a newer bin; for idle links the
 //!   aligner takes the counts from the slot itself and remembers what it took, so the kernel's
 //!   later record only adds the difference (and until that record arrives, takes nothing more
-//!   from the slot);
+//!   from the slot); a slot still showing the bin of a record already drained is the kernel
+//!   between submitting that record and moving on: nothing is taken from it;
 //! - anything that arrives for a bin already published (late) is carried into the next
 //!   published bin and counted: totals over any interval equal what the kernel counted.
 //!
@@ -66,7 +67,8 @@ pub struct AlignStats {
     pub ring_full_by_link: [u64; MAX_LINKS],
     /// Records naming a CPU or link out of range (should never happen).
     pub bad_records: u64,
-    /// A final count lower than what was taken earlier from the slot (a torn read).
+    /// Slot reads caught while the kernel was updating the slot: a count lower than what was
+    /// taken from it before, or the bin of a record already drained (nothing taken either way).
     pub torn_reads: u64,
     /// Bins skipped because the daemon fell behind by more than MAX_BEHIND or the clock jumped.
     pub skipped_bins: u64,
@@ -156,6 +158,8 @@ pub struct Aligner {
     pending: Box<[[Counts; SLOTS_PER_CPU]]>,
     taken: Box<[Taken]>,
     seen: Box<[Seen]>,
+    /// Per slot, the bin of the last record drained from the ring (0 = none yet).
+    recorded: Box<[u64]>,
     carry: [Counts; SLOTS_PER_CPU],
     /// Probe figures of the same bins as `pending` (empty until [`Aligner::set_probes`]).
     rtt_pending: Box<[[ProbeAcc; MAX_LINKS]]>,
@@ -187,6 +191,7 @@ impl Aligner {
             pending: vec![[Counts::default(); SLOTS_PER_CPU]; window].into_boxed_slice(),
             taken: vec![Taken::default(); slots].into_boxed_slice(),
             seen: vec![Seen::default(); slots].into_boxed_slice(),
+            recorded: vec![0; slots].into_boxed_slice(),
             carry: [Counts::default(); SLOTS_PER_CPU],
             rtt_pending: Box::new([]),
             rtt_carry: [ProbeAcc::default(); MAX_LINKS],
@@ -293,6 +298,7 @@ impl Aligner {
             return;
         }
         let s = link * DIRS + dir;
+        self.recorded[cpu * SLOTS_PER_CPU + s] = rec.bin_start;
         let t = &mut self.taken[cpu * SLOTS_PER_CPU + s];
         let (p, b, r) = if t.bin == rec.bin_start && t.bin != 0 {
             if rec.packets < t.packets || rec.bytes < t.bytes || rec.tcp_rtt.count < t.rtt_count {
@@ -329,6 +335,14 @@ impl Aligner {
                 let full = snap.ring_full.wrapping_sub(seen.ring_full);
                 self.stats.ring_full += full;
                 self.stats.ring_full_by_link[s / DIRS] += full;
+                if snap.bin_start != 0 && snap.bin_start == self.recorded[i] {
+                    // The kernel submitted this bin's record, which we drained, and has not
+                    // moved the slot on yet (its CPU was held up in between): the record had
+                    // every count. Taking them again would count them twice and leave `taken`
+                    // waiting for a record that already came.
+                    self.stats.torn_reads += 1;
+                    continue;
+                }
                 let t = self.taken[i];
                 if t.bin != 0 && t.bin != snap.bin_start {
                     // The kernel moved on from a bin we took from: it submitted that bin's
@@ -526,6 +540,13 @@ mod tests {
         }
     }
 
+    /// A packet the model's kernel has submitted the finished bin for but not yet counted.
+    struct Stalled {
+        index: usize,
+        new_bin: Option<u64>,
+        bytes: u64,
+    }
+
     /// A model of the kernel program: per-CPU slots, a ring that can be made to refuse.
     struct Kernel {
         src: Fake,
@@ -544,8 +565,17 @@ mod tests {
             }
         }
         fn packet(&mut self, cpu: u32, link: u32, dir: u8, t: u64, bytes: u64) {
+            let p = self.begin_packet(cpu, link, dir, t, bytes);
+            self.finish_packet(p);
+        }
+
+        /// The program's first half for a packet: on a newer bin, the finished bin goes to the
+        /// ring; the slot is not touched yet (its CPU stalls here until [`Self::finish_packet`]).
+        fn begin_packet(&mut self, cpu: u32, link: u32, dir: u8, t: u64, bytes: u64) -> Stalled {
             let bin = bin_start(t, W);
-            let slot = &mut self.src.slots[slot_index(cpu, link, dir) as usize];
+            let index = slot_index(cpu, link, dir) as usize;
+            let slot = &mut self.src.slots[index];
+            let mut new_bin = None;
             if slot.bin_start != bin {
                 let emitted = slot.packets == 0 || {
                     if self.ring.len() < self.ring_cap {
@@ -566,14 +596,27 @@ mod tests {
                     }
                 };
                 if emitted {
-                    slot.bin_start = bin;
-                    slot.packets = 0;
-                    slot.bytes = 0;
-                    slot.tcp_rtt = RttAcc::default();
+                    new_bin = Some(bin);
                 }
             }
+            Stalled {
+                index,
+                new_bin,
+                bytes,
+            }
+        }
+
+        /// The program's second half: the slot moves to the new bin and counts the packet.
+        fn finish_packet(&mut self, p: Stalled) {
+            let slot = &mut self.src.slots[p.index];
+            if let Some(bin) = p.new_bin {
+                slot.bin_start = bin;
+                slot.packets = 0;
+                slot.bytes = 0;
+                slot.tcp_rtt = RttAcc::default();
+            }
             slot.packets += 1;
-            slot.bytes += bytes;
+            slot.bytes += p.bytes;
         }
 
         /// An ingress packet that echoes a stored TSval: one RTT sample in its bin.
@@ -721,6 +764,45 @@ mod tests {
         assert_eq!(out.last().expect("frame").tcp_rtt_mask, 0);
     }
 
+    /// The kernel submits a finished bin's record, then its CPU stalls (an interrupt, the
+    /// hypervisor) before it moves the slot on, while the daemon ticks: the first drain takes
+    /// the record, the slot still shows that bin. Taking the slot's counts then counted them
+    /// twice, and left the slot waiting for a record already taken: the bins it counted next
+    /// came out only when the kernel moved on again, and its last one, on a link gone idle,
+    /// not at all.
+    #[test]
+    fn a_slot_still_showing_a_bin_whose_record_was_drained_is_not_taken_again() {
+        for taken_before in [false, true] {
+            let mut a = Aligner::new(W, G, 1);
+            let mut k = Kernel::new(1, 1 << 20);
+            let mut out = Vec::new();
+            tick(&mut a, &mut k, T0, 1, &mut out);
+            k.packet(0, 0, 1, T0 + 10, 100);
+            if taken_before {
+                // the link goes idle: bin 0 comes out of the slot
+                tick(&mut a, &mut k, T0 + W + G, 1, &mut out);
+            }
+            let stalled = k.begin_packet(0, 0, 1, T0 + 30 * W + 5, 50);
+            tick(&mut a, &mut k, T0 + 30 * W + G / 2, 1, &mut out);
+            k.finish_packet(stalled);
+            // the link is idle again: bin 30 is due at 31 W + G
+            tick(&mut a, &mut k, T0 + 31 * W + G, 1, &mut out);
+            let packets: u64 = out.iter().map(|f| f.links[0].packets[1]).sum();
+            let bytes: u64 = out.iter().map(|f| f.links[0].bytes[1]).sum();
+            assert_eq!((packets, bytes), (2, 150), "taken before: {taken_before}");
+            let b30 = out
+                .iter()
+                .find(|f| f.bin_start_tai_ns == T0 + 30 * W)
+                .expect("bin 30");
+            assert_eq!(b30.links[0].bytes[1], 50, "bin 30 on time, from the slot");
+            assert_eq!(a.stats.late_events, 0);
+            assert_eq!(
+                a.stats.torn_reads, 1,
+                "the stale slot was seen and left alone"
+            );
+        }
+    }
+
     #[test]
     fn late_packet_is_carried_and_flagged() {
         let mut a = Aligner::new(W, G, 1);
@@ -797,14 +879,22 @@ mod tests {
                         rng.gen_range(0..ncpu),
                     );
                     let rb = rng.gen_range(40..1500);
-                    let racing = rng.gen_bool(0.5);
+                    // 0: no race; 1: a packet between the slot read and the second drain;
+                    // 2: a packet whose CPU stalls through the whole tick between submitting
+                    // the finished bin and updating the slot
+                    let race = rng.gen_range(0..3);
                     let rt = last_now;
+                    let stalled =
+                        (race == 2).then(|| k.begin_packet(rc as u32, rl as u32, rd as u8, rt, rb));
                     tick_racing(&mut a, &mut k, last_now, links, &mut out, |k| {
-                        if racing {
+                        if race == 1 {
                             k.packet(rc as u32, rl as u32, rd as u8, rt, rb);
                         }
                     });
-                    if racing {
+                    if let Some(p) = stalled {
+                        k.finish_packet(p);
+                    }
+                    if race != 0 {
                         truth[rl][rd] += rb;
                     }
                 }
