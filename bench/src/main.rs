@@ -380,6 +380,8 @@ fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
         "ebpf.ns_per_packet_with_probes_and_tcp",
         "a TCP flow with timestamps over a bare veth (RTT ~20 µs)",
     );
+    let records = drain.finish();
+    anyhow::ensure!(records > 0, "the bin ring gave no records: was anything counted?");
     drop(kernel);
     drop(net);
     let at_40ms = tcp_cost_40ms()?;

@@ -27,8 +27,7 @@ use linkpulse_common::{
         tcp_timestamp, OptBytes, TsKey, TsOption, TCP_STATS_LEN, TCP_STAT_BAD_OPTIONS,
         TCP_STAT_INSERTS, TCP_STAT_INSERT_ERRORS, TCP_STAT_SAMPLES,
     },
-    BinRecord, IfaceConf, RttAcc, Slot, DIR_EGRESS, DIR_INGRESS, MAX_IFINDEX, MAX_LINKS,
-    SLOTS_PER_CPU,
+    BinRecord, IfaceConf, Slot, DIR_EGRESS, DIR_INGRESS, MAX_IFINDEX, MAX_LINKS, SLOTS_PER_CPU,
 };
 
 /// Bin width in ns, set by the loader before load (a divisor of one second).
@@ -203,10 +202,22 @@ fn try_count(ctx: &TcContext, dir: u8) {
         };
         // A full ring keeps the slot on its old bin (see `emit`).
         if slot.bin_start != bin && (slot.packets == 0 || emit(slot, cpu, link, dir)) {
-            slot.packets = 0;
-            slot.bytes = 0;
-            slot.tcp_rtt = RttAcc::default();
-            slot.bin_start = bin;
+            // Whole-word stores, counts first, then the bin: as plain assignments LLVM made the
+            // reset a byte-by-byte memset (40 one-byte stores), which the daemon could read
+            // half done in one field, and which kept the window between the record's submit
+            // and the slot moving on ~200 instructions long (the aligner copes with that
+            // window; it is rarer this way).
+            // SAFETY: aligned fields of the slot borrowed above.
+            unsafe {
+                use core::ptr::{addr_of_mut, write_volatile};
+                write_volatile(addr_of_mut!(slot.packets), 0);
+                write_volatile(addr_of_mut!(slot.bytes), 0);
+                write_volatile(addr_of_mut!(slot.tcp_rtt.count), 0);
+                write_volatile(addr_of_mut!(slot.tcp_rtt.min_ns), 0);
+                write_volatile(addr_of_mut!(slot.tcp_rtt.max_ns), 0);
+                write_volatile(addr_of_mut!(slot.tcp_rtt.sum_ns), 0);
+                write_volatile(addr_of_mut!(slot.bin_start), bin);
+            }
         }
     }
     slot.packets += packets;
