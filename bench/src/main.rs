@@ -381,7 +381,10 @@ fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
         "a TCP flow with timestamps over a bare veth (RTT ~20 µs)",
     );
     let records = drain.finish();
-    anyhow::ensure!(records > 0, "the bin ring gave no records: was anything counted?");
+    anyhow::ensure!(
+        records > 0,
+        "the bin ring gave no records: was anything counted?"
+    );
     drop(kernel);
     drop(net);
     let at_40ms = tcp_cost_40ms()?;
