@@ -14,7 +14,7 @@ use crate::{
     clock::{self, ClockState, StepDetector},
     frame::Frame,
     frame_queue::{Encoded, FrameProducer},
-    kernel::decode_record,
+    kernel::{decode_record, BinRings},
     shared::Shared,
 };
 
@@ -30,6 +30,14 @@ impl RecordSource for RingBuf<MapData> {
             if let Some(rec) = decode_record(&item) {
                 f(&rec);
             }
+        }
+    }
+}
+
+impl RecordSource for BinRings {
+    fn drain(&mut self, mut f: impl FnMut(&BinRecord)) {
+        for ring in &mut self.0 {
+            ring.drain(&mut f);
         }
     }
 }
@@ -179,7 +187,7 @@ const CLOCK_CHECK_NS: u64 = 100_000_000;
 pub fn run(
     publish_interval_ns: u64,
     mut aligner: Aligner,
-    mut ring: RingBuf<MapData>,
+    mut ring: BinRings,
     slots: crate::kernel::MmapSlots,
     mut fanout: Fanout,
     shared: Arc<Shared>,

@@ -110,9 +110,14 @@ impl TcpStats {
 
 /// The data side: moved to the ingest thread.
 pub struct DataMaps {
-    pub ring: RingBuf<MapData>,
+    pub ring: BinRings,
     pub slots: MmapSlots,
 }
+
+/// The kernel's rings of completed bins (`BIN_RINGS`; CPU `c` emits into ring `c % BIN_RINGS`),
+/// drained one after the other. A CPU's records stay in order within its ring, which is all
+/// the aligner needs (it keeps state per CPU and slot).
+pub struct BinRings(pub Vec<RingBuf<MapData>>);
 
 impl Kernel {
     /// Loads the programs with the given bin width and passive-RTT settings; returns the
@@ -145,11 +150,15 @@ impl Kernel {
                 name: MAP_IFACES,
                 source,
             })?;
-        let ring =
-            RingBuf::try_from(take(&mut ebpf, MAP_BINS)?).map_err(|source| KernelError::Map {
-                name: MAP_BINS,
-                source,
-            })?;
+        let ring = BinRings(
+            MAP_BINS
+                .iter()
+                .map(|&name| {
+                    RingBuf::try_from(take(&mut ebpf, name)?)
+                        .map_err(|source| KernelError::Map { name, source })
+                })
+                .collect::<Result<_, _>>()?,
+        );
         let slots = match take(&mut ebpf, MAP_SLOTS)? {
             Map::Array(data) => MmapSlots::new(data, ncpu)?,
             _ => return Err(KernelError::MissingMap { name: MAP_SLOTS }),
