@@ -13,6 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use linkpulse_common::{
+    bin_ring_bytes,
     tcp::{
         GLOBAL_TCP_RTT_ON, MAP_TCP_STATS, MAP_TCP_TS, TCP_STAT_BAD_OPTIONS, TCP_STAT_INSERTS,
         TCP_STAT_INSERT_ERRORS, TCP_STAT_SAMPLES,
@@ -126,13 +127,18 @@ impl Kernel {
         let ncpu =
             aya::util::nr_cpus().map_err(|(what, e)| KernelError::Cpus(format!("{what}: {e}")))?;
         let tcp_on = u64::from(tcp.enabled);
-        let mut ebpf = EbpfLoader::new()
+        // SAFETY: sysconf has no preconditions.
+        let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(GLOBAL_BIN_WIDTH_NS, &bin_width_ns, true)
             .override_global(GLOBAL_TCP_RTT_ON, &tcp_on, true)
             .map_max_entries(MAP_SLOTS, (ncpu * SLOTS_PER_CPU) as u32)
-            .map_max_entries(MAP_TCP_TS, tcp.table_entries)
-            .load(EBPF_OBJECT)
-            .map_err(KernelError::Load)?;
+            .map_max_entries(MAP_TCP_TS, tcp.table_entries);
+        for (i, name) in MAP_BINS.iter().enumerate() {
+            loader.map_max_entries(name, bin_ring_bytes(i, ncpu, page));
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(KernelError::Load)?;
         for name in [PROG_INGRESS, PROG_EGRESS, PROG_EMPTY, PROG_CLOCK] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)

@@ -70,10 +70,11 @@ static IFACES: Array<IfaceConf> = Array::with_max_entries(MAX_IFINDEX, 0);
 static SLOTS: Array<Slot> = Array::with_max_entries(SLOTS_PER_CPU as u32, BPF_F_MMAPABLE);
 
 /// Completed per-CPU bins, CPU `c` into `BINS{c % 4}` (`BIN_RINGS`): CPUs sharing one ring
-/// missed the cache on its lock, producer position and data at each emit. 512 KiB holds 9.3k
-/// records: ~30 ms of 16 busy links × 2 directions at 10 kHz bins on one CPU, far more than the
-/// daemon's poll interval (1 ms); a full ring loses nothing (see `emit`).
-const BIN_RING_BYTES: u32 = 1 << 19;
+/// missed the cache on its lock, producer position and data at each emit. The loader sizes the
+/// rings (`bin_ring_bytes`: 1 MiB shared among the rings in use). A 256 KiB ring holds 4.7k
+/// records: ~15 ms of 16 busy links × 2 directions at 10 kHz bins on one CPU, far more than
+/// the daemon's poll interval (1 ms); a full ring loses nothing (see `emit`).
+const BIN_RING_BYTES: u32 = 1 << 18;
 // `emit` picks among four rings.
 const _: () = assert!(BIN_RINGS == 4);
 #[map(name = "BINS0")]
