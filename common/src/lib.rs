@@ -137,7 +137,7 @@ impl RttAcc {
     }
 }
 
-/// One completed per-CPU bin, sent through the `BINS` ring buffer when a CPU sees the first
+/// One completed per-CPU bin, sent through a `BINS*` ring buffer when a CPU sees the first
 /// packet of a newer bin on the same (link, direction).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -151,6 +151,24 @@ pub struct BinRecord {
     pub _pad: u8,
     /// The bin's passive TCP RTT samples (ingress records only).
     pub tcp_rtt: RttAcc,
+}
+
+impl BinRecord {
+    /// The record of the bin `slot` holds (the kernel program, and its model in the aligner's
+    /// tests, build it the same way).
+    #[inline(always)]
+    pub fn of(slot: &Slot, cpu: u32, link: u32, dir: u8) -> Self {
+        Self {
+            bin_start: slot.bin_start,
+            packets: slot.packets,
+            bytes: slot.bytes,
+            cpu,
+            link: link as u16,
+            dir,
+            _pad: 0,
+            tcp_rtt: slot.tcp_rtt,
+        }
+    }
 }
 
 const _: () = assert!(core::mem::size_of::<IfaceConf>() == 8);

@@ -579,16 +579,7 @@ mod tests {
             if slot.bin_start != bin {
                 let emitted = slot.packets == 0 || {
                     if self.ring.len() < self.ring_cap {
-                        self.ring.push(BinRecord {
-                            bin_start: slot.bin_start,
-                            packets: slot.packets,
-                            bytes: slot.bytes,
-                            cpu,
-                            link: link as u16,
-                            dir,
-                            _pad: 0,
-                            tcp_rtt: slot.tcp_rtt,
-                        });
+                        self.ring.push(BinRecord::of(slot, cpu, link, dir));
                         true
                     } else {
                         slot.ring_full += 1;

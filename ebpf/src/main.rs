@@ -280,16 +280,7 @@ fn l4_start(ctx: &TcContext, l2: usize, proto: u16) -> Option<L4> {
 /// reads those counts from the slot and publishes them as late data.
 #[inline(always)]
 fn emit(slot: &mut Slot, cpu: u32, link: u32, dir: u8) -> bool {
-    let rec = BinRecord {
-        bin_start: slot.bin_start,
-        packets: slot.packets,
-        bytes: slot.bytes,
-        cpu,
-        link: link as u16,
-        dir,
-        _pad: 0,
-        tcp_rtt: slot.tcp_rtt,
-    };
+    let rec = BinRecord::of(slot, cpu, link, dir);
     // One helper call (reserve, copy, submit) instead of two.
     let ring = match cpu % BIN_RINGS as u32 {
         0 => &BINS0,
