@@ -31,6 +31,7 @@ const PROG_INGRESS: &str = "lp_ingress";
 const PROG_EGRESS: &str = "lp_egress";
 /// An empty program in the same object: the benchmark's baseline (not attached by the daemon).
 const PROG_EMPTY: &str = "lp_empty";
+/// Reads the clock and nothing else: the benchmark's second baseline (not attached either).
 const PROG_CLOCK: &str = "lp_clock";
 
 #[derive(Debug, thiserror::Error)]
