@@ -106,18 +106,37 @@ fn ts_from(b: [u8; 8]) -> TsOption {
 /// a bounded loop of at most [`TCP_MAX_OPT_ITEMS`] options.
 #[inline(always)]
 pub fn tcp_timestamp<B: OptBytes + ?Sized>(b: &B, opt_len: usize) -> TsOption {
+    if opt_len >= 12 {
+        if let Some(h) = b.bytes::<12>(0) {
+            let layout = u32::from_ne_bytes([h[0], h[1], h[2], h[3]]);
+            let ts = u64::from_ne_bytes([h[4], h[5], h[6], h[7], h[8], h[9], h[10], h[11]]);
+            if let Some(found) = ts_first(layout, ts) {
+                return found;
+            }
+        }
+    }
+    tcp_timestamp_walk(b, opt_len)
+}
+
+/// NOP NOP TS 10, the first 4 option bytes read as one word in memory order.
+pub const TS_FIRST_LAYOUT: u32 = u32::from_ne_bytes([OPT_NOP, OPT_NOP, OPT_TS, OPT_TS_LEN]);
+
+/// The timestamps when the option list starts NOP NOP TS: `layout` is its first 4 bytes and
+/// `ts` the next 8, each read as one word in memory order (how the kernel program loads them).
+#[inline(always)]
+pub fn ts_first(layout: u32, ts: u64) -> Option<TsOption> {
+    (layout == TS_FIRST_LAYOUT).then(|| ts_from(ts.to_ne_bytes()))
+}
+
+/// The slow path of [`tcp_timestamp`]: walks the option list (for a list that does not start
+/// NOP NOP TS; the kernel program checks that layout itself with word loads).
+#[inline(always)]
+pub fn tcp_timestamp_walk<B: OptBytes + ?Sized>(b: &B, opt_len: usize) -> TsOption {
     let opt_len = if opt_len > TCP_MAX_OPT_LEN {
         TCP_MAX_OPT_LEN
     } else {
         opt_len
     };
-    if opt_len >= 12 {
-        if let Some(h) = b.bytes::<12>(0) {
-            if h[0] == OPT_NOP && h[1] == OPT_NOP && h[2] == OPT_TS && h[3] == OPT_TS_LEN {
-                return ts_from([h[4], h[5], h[6], h[7], h[8], h[9], h[10], h[11]]);
-            }
-        }
-    }
     let mut i = 0usize;
     for _ in 0..TCP_MAX_OPT_ITEMS {
         if i >= opt_len {

@@ -24,7 +24,7 @@ use linkpulse_common::{
     probe::{ProbeConf, ProbeRecord, PROBE_STATS_LEN, PROBE_STAT_RING_FULL, PROBE_STAT_SHORT},
     slot_index,
     tcp::{
-        tcp_timestamp, OptBytes, TsKey, TsOption, TCP_STATS_LEN, TCP_STAT_BAD_OPTIONS,
+        tcp_timestamp_walk, ts_first, OptBytes, TsKey, TS_FIRST_LAYOUT, TsOption, TCP_STATS_LEN, TCP_STAT_BAD_OPTIONS,
         TCP_STAT_INSERTS, TCP_STAT_INSERT_ERRORS, TCP_STAT_SAMPLES,
     },
     BinRecord, IfaceConf, Slot, BIN_RINGS, DIR_EGRESS, DIR_INGRESS, MAX_IFINDEX, MAX_LINKS, SLOTS_PER_CPU,
@@ -408,10 +408,6 @@ impl OptBytes for SkbOpts<'_> {
     }
 }
 
-/// NOP NOP TS 10: the option layout Linux, the BSDs and Windows put first on every non-SYN
-/// segment, as the 4 bytes read by `ld32` (memory order).
-const TS_LAYOUT: u32 = u32::from_ne_bytes([1, 1, 8, 10]);
-
 /// What `TCP_LAST` remembers of a (flow, link, TSval): IPv4 addresses exactly, IPv6 ones
 /// folded to 64 bits (two flows that fold alike, with the same ports and link, seen by one CPU
 /// with the same TSval in turn, would skip one sample: never a wrong one).
@@ -452,33 +448,30 @@ fn tcp_rtt(
         return None;
     }
     let opt_len = (doff - 5) * 4;
-    let fast = if opt_len >= 12 && ld32(ctx, tcp + 20)? == TS_LAYOUT {
-        ld64(ctx, tcp + 24)
-    } else {
-        None
-    };
-    let (tsval, tsecr) = match fast {
-        Some(v) => {
-            let b = v.to_ne_bytes();
-            (
-                u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-                u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
-            )
+    let mut first = None;
+    if opt_len >= 12 {
+        let layout = ld32(ctx, tcp + 20)?;
+        if layout == TS_FIRST_LAYOUT {
+            first = ld64(ctx, tcp + 24).and_then(|ts| ts_first(layout, ts));
         }
-        None => match tcp_timestamp(
+    }
+    let found = match first {
+        Some(t) => t,
+        None => tcp_timestamp_walk(
             &SkbOpts {
                 ctx,
                 base: tcp + 20,
             },
             opt_len,
-        ) {
-            TsOption::Found { tsval, tsecr } => (tsval, tsecr),
-            TsOption::Absent => return None,
-            TsOption::Malformed => {
-                count_tcp_stat(TCP_STAT_BAD_OPTIONS);
-                return None;
-            }
-        },
+        ),
+    };
+    let (tsval, tsecr) = match found {
+        TsOption::Found { tsval, tsecr } => (tsval, tsecr),
+        TsOption::Absent => return None,
+        TsOption::Malformed => {
+            count_tcp_stat(TCP_STAT_BAD_OPTIONS);
+            return None;
+        }
     };
     // TSecr is meaningful only with ACK set (RFC 7323 §3.2).
     if dir != DIR_EGRESS && flags & TCP_FLAG_ACK == 0 {
