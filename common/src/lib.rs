@@ -34,18 +34,24 @@ pub const BIN_RINGS: usize = 4;
 /// Bytes of all bin rings together, shared among the rings CPUs use (see `bin_ring_bytes`).
 pub const BIN_RINGS_BYTES: u32 = 1 << 20;
 
+/// Bin rings that some CPU emits into when `ncpu` CPUs are possible (CPU `c` → ring `c % BIN_RINGS`).
+pub fn bin_rings_used(ncpu: usize) -> usize {
+    ncpu.clamp(1, BIN_RINGS)
+}
+
 /// Size of each bin ring when `ncpu` CPUs are possible: [`BIN_RINGS_BYTES`] shared among the
-/// rings in use (a power of two, as ring buffers must be), `min_bytes` (a page) for rings no CPU
-/// uses. The daemon maps every ring and the kernel's ring pages count in its RSS at once (twice
-/// the size: the data is mapped twice), so the total stays that of one 1 MiB ring.
-pub fn bin_ring_bytes(ring: usize, ncpu: usize, min_bytes: u32) -> u32 {
-    let used = ncpu.clamp(1, BIN_RINGS);
+/// rings in use (a power of two, as ring buffers must be); one page for the others (the loader
+/// rounds a size up to whole pages). The daemon maps only the rings in use, and their pages
+/// count in its RSS at once (twice the size: the data is mapped twice), so that stays what one
+/// 1 MiB ring took.
+pub fn bin_ring_bytes(ring: usize, ncpu: usize) -> u32 {
+    let used = bin_rings_used(ncpu);
     if ring >= used {
-        return min_bytes;
+        return 1;
     }
     let share = BIN_RINGS_BYTES / used as u32;
     // Largest power of two not above the share.
-    (1u32 << (31 - share.leading_zeros())).max(min_bytes)
+    1u32 << (31 - share.leading_zeros())
 }
 pub const MAP_BINS: [&str; BIN_RINGS] = ["BINS0", "BINS1", "BINS2", "BINS3"];
 
@@ -230,12 +236,14 @@ mod tests {
     #[test]
     fn bin_rings_share_one_mebibyte_among_the_rings_in_use() {
         let sizes =
-            |ncpu| -> [u32; BIN_RINGS] { core::array::from_fn(|r| bin_ring_bytes(r, ncpu, 4096)) };
-        assert_eq!(sizes(1), [1 << 20, 4096, 4096, 4096]);
-        assert_eq!(sizes(2), [1 << 19, 1 << 19, 4096, 4096]);
-        assert_eq!(sizes(3), [1 << 18, 1 << 18, 1 << 18, 4096]);
+            |ncpu| -> [u32; BIN_RINGS] { core::array::from_fn(|r| bin_ring_bytes(r, ncpu)) };
+        assert_eq!(sizes(1), [1 << 20, 1, 1, 1]);
+        assert_eq!(sizes(2), [1 << 19, 1 << 19, 1, 1]);
+        assert_eq!(sizes(3), [1 << 18, 1 << 18, 1 << 18, 1]);
         assert_eq!(sizes(64), [1 << 18; 4]);
-        assert_eq!(sizes(0), [1 << 20, 4096, 4096, 4096]);
+        assert_eq!(sizes(0), [1 << 20, 1, 1, 1]);
+        assert_eq!(bin_rings_used(2), 2);
+        assert_eq!(bin_rings_used(64), BIN_RINGS);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use linkpulse_common::{
-    bin_ring_bytes,
+    bin_ring_bytes, bin_rings_used,
     tcp::{
         GLOBAL_TCP_RTT_ON, MAP_TCP_STATS, MAP_TCP_TS, TCP_STAT_BAD_OPTIONS, TCP_STAT_INSERTS,
         TCP_STAT_INSERT_ERRORS, TCP_STAT_SAMPLES,
@@ -116,8 +116,8 @@ pub struct DataMaps {
     pub slots: MmapSlots,
 }
 
-/// The kernel's rings of completed bins (`BIN_RINGS`; CPU `c` emits into ring `c % BIN_RINGS`),
-/// drained one after the other. A CPU's records stay in order within its ring, which is all
+/// The kernel's rings of completed bins that CPUs use (CPU `c` emits into ring
+/// `c % BIN_RINGS`), drained one after the other. A CPU's records stay in order within its ring, which is all
 /// the aligner needs (it keeps state per CPU and slot).
 pub struct BinRings(pub Vec<RingBuf<MapData>>);
 
@@ -128,8 +128,6 @@ impl Kernel {
         let ncpu =
             aya::util::nr_cpus().map_err(|(what, e)| KernelError::Cpus(format!("{what}: {e}")))?;
         let tcp_on = u64::from(tcp.enabled);
-        // SAFETY: sysconf has no preconditions.
-        let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(GLOBAL_BIN_WIDTH_NS, &bin_width_ns, true)
@@ -137,7 +135,7 @@ impl Kernel {
             .map_max_entries(MAP_SLOTS, (ncpu * SLOTS_PER_CPU) as u32)
             .map_max_entries(MAP_TCP_TS, tcp.table_entries);
         for (i, name) in MAP_BINS.iter().enumerate() {
-            loader.map_max_entries(name, bin_ring_bytes(i, ncpu, page));
+            loader.map_max_entries(name, bin_ring_bytes(i, ncpu));
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(KernelError::Load)?;
         for name in [PROG_INGRESS, PROG_EGRESS, PROG_EMPTY, PROG_CLOCK] {
@@ -157,8 +155,9 @@ impl Kernel {
                 name: MAP_IFACES,
                 source,
             })?;
+        // Only the rings some CPU emits into: the others stay empty, unmapped.
         let ring = BinRings(
-            MAP_BINS
+            MAP_BINS[..bin_rings_used(ncpu)]
                 .iter()
                 .map(|&name| {
                     RingBuf::try_from(take(&mut ebpf, name)?)
