@@ -212,10 +212,9 @@ fn tcp_flow(
         .map_err(|_| anyhow::anyhow!("TCP sink thread panicked"))
 }
 
-/// What one TCP flow cost our programs and the empty one (bpf_stats), with the link's probe
-/// match configured as in production.
-struct TcpCost {
-    /// ns per run over both directions, ours and the empty program's.
+/// ns per run of our programs and the baselines between two `Kernel::program_stats` readings.
+struct ProgCost {
+    /// Over both directions, ours and the empty program's.
     ours: f64,
     empty: f64,
     /// The bare clock-read program's cost over the empty one.
@@ -224,6 +223,35 @@ struct TcpCost {
     egress: f64,
     runs_in: f64,
     runs_out: f64,
+}
+
+impl ProgCost {
+    fn between(before: &ProgStats, after: &ProgStats) -> anyhow::Result<ProgCost> {
+        let delta = |name: &str| stats_delta(before, after, name);
+        let (ti, ci) = delta("lp_ingress");
+        let (te, ce) = delta("lp_egress");
+        let (t0, c0) = delta("lp_empty");
+        let (tc, cc) = delta("lp_clock");
+        anyhow::ensure!(
+            ci > 0.0 && ce > 0.0 && c0 > 0.0 && cc > 0.0,
+            "bpf_stats counted nothing (ingress {ci}, egress {ce}, empty {c0}, clock {cc})"
+        );
+        Ok(ProgCost {
+            ours: (ti + te) / (ci + ce),
+            empty: t0 / c0,
+            clock: tc / cc - t0 / c0,
+            ingress: ti / ci,
+            egress: te / ce,
+            runs_in: ci,
+            runs_out: ce,
+        })
+    }
+}
+
+/// What one TCP flow cost our programs and the baselines (bpf_stats), with the link's probe
+/// match configured as in production.
+struct TcpCost {
+    cost: ProgCost,
     bytes: u64,
     inserts: u64,
     samples: u64,
@@ -252,25 +280,11 @@ impl TcpCost {
         let bytes = tcp_flow(client_ns, server_ns, addr, Duration::from_secs(3))?;
         let after = kernel.program_stats();
         let tcp = kernel.tcp_stats();
-        let delta = |name: &str| stats_delta(&before, &after, name);
-        let (ti, ci) = delta("lp_ingress");
-        let (te, ce) = delta("lp_egress");
-        let (t0, c0) = delta("lp_empty");
-        let (tc, cc) = delta("lp_clock");
+        let cost = ProgCost::between(&before, &after).context("TCP phase")?;
         let samples = tcp.samples - tcp_before.samples;
-        anyhow::ensure!(
-            ci > 0.0 && ce > 0.0 && c0 > 0.0 && cc > 0.0 && samples > 0,
-            "TCP phase: bpf_stats counted ingress {ci}, egress {ce}, empty {c0}, clock {cc}; \
-             {samples} RTT samples"
-        );
+        anyhow::ensure!(samples > 0, "TCP phase: no RTT samples");
         Ok(TcpCost {
-            ours: (ti + te) / (ci + ce),
-            empty: t0 / c0,
-            clock: tc / cc - t0 / c0,
-            ingress: ti / ci,
-            egress: te / ce,
-            runs_in: ci,
-            runs_out: ce,
+            cost,
             bytes,
             inserts: tcp.inserts - tcp_before.inserts,
             samples,
@@ -278,9 +292,10 @@ impl TcpCost {
     }
 
     fn metric(&self, name: &'static str, flow: &str) -> Metric {
-        Metric::new(name, self.ours - self.empty, "ns")
+        let c = &self.cost;
+        Metric::new(name, c.ours - c.empty, "ns")
             .peer(
-                self.empty,
+                c.empty,
                 "empty tc program on the same iface, same packets (bpf_stats)",
             )
             .target("≤ 100 over the empty program")
@@ -288,12 +303,12 @@ impl TcpCost {
                 "ours {:.0} ns in all (ingress {:.0}, egress {:.0}), of which the clock read: a \
                  program doing only that costs {:.0} over the empty one; {} + {} program runs of \
                  {flow} ({} MB), {} TSvals stored, {} RTT samples, probe match configured",
-                self.ours,
-                self.ingress,
-                self.egress,
-                self.clock,
-                self.runs_out,
-                self.runs_in,
+                c.ours,
+                c.ingress,
+                c.egress,
+                c.clock,
+                c.runs_out,
+                c.runs_in,
                 self.bytes / 1_000_000,
                 self.inserts,
                 self.samples,
@@ -319,9 +334,8 @@ fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
         })?
     };
     let n = args.cost_packets;
-    // UDP floods both ways: (ours, empty, ingress, egress, packets out, packets in, clock
-    // read over empty), ns/run.
-    let udp = |kernel: &Kernel| -> anyhow::Result<(f64, f64, f64, f64, u64, u64, f64)> {
+    // UDP floods both ways: (program costs, packets out, packets in).
+    let udp = |kernel: &Kernel| -> anyhow::Result<(ProgCost, u64, u64)> {
         let before = kernel.program_stats();
         let stop = AtomicBool::new(false);
         let egress = netns::run_in(&net.router, || {
@@ -345,24 +359,7 @@ fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
             )
         })??;
         let after = kernel.program_stats();
-        let delta = |name: &str| stats_delta(&before, &after, name);
-        let (ti, ci) = delta("lp_ingress");
-        let (te, ce) = delta("lp_egress");
-        let (t0, c0) = delta("lp_empty");
-        let (tc, cc) = delta("lp_clock");
-        anyhow::ensure!(
-            ci > 0.0 && ce > 0.0 && c0 > 0.0 && cc > 0.0,
-            "bpf_stats counted nothing (ingress {ci}, egress {ce}, empty {c0}, clock {cc})"
-        );
-        Ok((
-            (ti + te) / (ci + ce),
-            t0 / c0,
-            ti / ci,
-            te / ce,
-            egress.0,
-            ingress.0,
-            tc / cc - t0 / c0,
-        ))
+        Ok((ProgCost::between(&before, &after)?, egress.0, ingress.0))
     };
     // The same floods with passive RTT off: what its check costs packets that are not TCP.
     let off = {
@@ -373,7 +370,18 @@ fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
         udp(&k)?
     };
     let (mut kernel, mut drain) = load(linkpulse::config::TcpRttConfig::default())?;
-    let (ours, empty, ing, egr, sent_out, sent_in, clock) = udp(&kernel)?;
+    let (
+        ProgCost {
+            ours,
+            empty,
+            clock,
+            ingress: ing,
+            egress: egr,
+            ..
+        },
+        sent_out,
+        sent_in,
+    ) = udp(&kernel)?;
 
     let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::new(198, 18, 0, 1), 5299));
     let with_tcp = TcpCost::measure(&mut kernel, &net.router, &net.peer, addr)?.metric(
@@ -400,8 +408,8 @@ fn ebpf_cost(args: &Args) -> anyhow::Result<Vec<Metric>> {
                  read: a program doing only that costs {clock:.0} over the empty one; {sent_out} \
                  + {sent_in} packets; with [tcp_rtt] off: {:.0} over {:.0} (same floods, \
                  measured just before)",
-                off.0 - off.1,
-                off.1
+                off.0.ours - off.0.empty,
+                off.0.empty
             )),
         with_tcp,
         at_40ms,
