@@ -162,6 +162,9 @@ struct RawStream {
     /// Clients at once. Default 16.
     #[serde(default = "default_max_clients")]
     max_clients: Spanned<usize>,
+    /// CPU wake-up latency held while clients are subscribed, µs, or "off". Default 0.
+    #[serde(default = "default_wakeup_latency")]
+    cpu_wakeup_latency_us: Spanned<toml::Value>,
 }
 
 impl Default for RawStream {
@@ -172,6 +175,7 @@ impl Default for RawStream {
             mode: default_stream_mode(),
             group: None,
             max_clients: default_max_clients(),
+            cpu_wakeup_latency_us: default_wakeup_latency(),
         }
     }
 }
@@ -188,6 +192,12 @@ fn default_stream_mode() -> Spanned<String> {
 fn default_max_clients() -> Spanned<usize> {
     Spanned::new(0..0, 16)
 }
+fn default_wakeup_latency() -> Spanned<toml::Value> {
+    Spanned::new(0..0, toml::Value::Integer(0))
+}
+
+/// Largest wake-up latency request accepted, µs (beyond it no idle state is excluded anyway).
+const MAX_WAKEUP_LATENCY_US: i64 = 100_000;
 
 /// `[store]`: 500 ms rollups in a local Tarantool the daemon runs itself.
 #[derive(Deserialize)]
@@ -283,6 +293,8 @@ pub struct StreamConfig {
     pub mode: u32,
     pub group: Option<String>,
     pub max_clients: usize,
+    /// PM QoS limit held while clients are subscribed (`crate::cpu_latency`); None = off.
+    pub cpu_wakeup_latency_us: Option<u32>,
 }
 
 /// `[router]`: the identity that tags everything leaving the box.
@@ -533,11 +545,29 @@ impl Config {
                     format!("stream.max_clients = {max}: use 1 to 256 (default 16)"),
                 ));
             }
+            let w = &raw.stream.cpu_wakeup_latency_us;
+            let cpu_wakeup_latency_us = match w.get_ref() {
+                toml::Value::Integer(us) if (0..=MAX_WAKEUP_LATENCY_US).contains(us) => {
+                    Some(*us as u32)
+                }
+                toml::Value::String(s) if s == "off" => None,
+                v => {
+                    return Err(err(
+                        Some(w.span()),
+                        format!(
+                            "stream.cpu_wakeup_latency_us = {v}: use µs from 0 to \
+                             {MAX_WAKEUP_LATENCY_US} (0: idle CPUs poll while clients are \
+                             subscribed), or \"off\" to leave the idle states alone (default 0)"
+                        ),
+                    ))
+                }
+            };
             Some(StreamConfig {
                 path: raw.stream.path.clone(),
                 mode,
                 group: raw.stream.group.clone(),
                 max_clients: max,
+                cpu_wakeup_latency_us,
             })
         } else {
             None
@@ -772,6 +802,26 @@ interface = "wwan1"
         assert!(msg.contains("table_entries = 10"), "{msg}");
         let (_, msg) = invalid_at(&format!("{GOOD}\n[tcp_rtt]\ntable_size = 100\n"));
         assert!(msg.contains("table_size"), "{msg}");
+    }
+
+    #[test]
+    fn stream_wakeup_latency_is_micros_or_off() {
+        let c = parse(GOOD).expect("valid");
+        let st = c.stream.as_ref().expect("stream");
+        assert_eq!(st.cpu_wakeup_latency_us, Some(0));
+        let with = |v: &str| format!("{GOOD}\n[stream]\ncpu_wakeup_latency_us = {v}\n");
+        let c = parse(&with("10")).expect("valid");
+        assert_eq!(c.stream.expect("stream").cpu_wakeup_latency_us, Some(10));
+        let c = parse(&with("\"off\"")).expect("valid");
+        assert_eq!(c.stream.expect("stream").cpu_wakeup_latency_us, None);
+        for bad in ["-1", "\"none\"", "1.5", "100001"] {
+            let (line, msg) = invalid_at(&with(bad));
+            assert_eq!(line, 18, "{bad}");
+            assert!(
+                msg.contains("cpu_wakeup_latency_us") && msg.contains("\"off\""),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

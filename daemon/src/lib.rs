@@ -6,6 +6,7 @@
 pub mod align;
 pub mod clock;
 pub mod config;
+pub mod cpu_latency;
 pub mod daemon;
 pub mod forward;
 pub mod frame;

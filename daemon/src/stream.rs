@@ -33,6 +33,7 @@ use linkpulse_common::{
 use crate::{
     clock,
     config::StreamConfig,
+    cpu_latency::{CpuLatency, DEVICE},
     frame::{Frame, OwdBin, RttBin},
     shared::Shared,
 };
@@ -119,6 +120,8 @@ pub struct StreamSender {
     detach: rtrb::Consumer<u64>,
     retire: rtrb::Producer<Attached>,
     shared: Arc<Shared>,
+    /// Held while any client is subscribed; None when off or the device could not be opened.
+    wakeup: Option<CpuLatency>,
 }
 
 /// Counters of the stream (in Shared for /metrics).
@@ -130,6 +133,8 @@ pub struct StreamCounters {
     /// Frames a client lost because its socket buffer was full (it sees the gap).
     pub frames_dropped: AtomicU64,
     pub bad_requests: AtomicU64,
+    /// 1 while the CPU wake-up latency request is held (`crate::cpu_latency`).
+    pub wakeup_latency_held: AtomicU64,
 }
 
 fn sock_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> StreamError + 'a {
@@ -253,6 +258,22 @@ impl StreamServer {
         let (detach_tx, detach_rx) = rtrb::RingBuffer::new(cap);
         let (retire_tx, retire_rx) = rtrb::RingBuffer::new(cap);
         tracing::info!(path = %path.display(), mode = format!("{:o}", cfg.mode), "stream socket ready");
+        // Opened here, where failing costs nothing but latency: the stream works without it.
+        let wakeup = cfg.cpu_wakeup_latency_us.and_then(|us| {
+            match CpuLatency::open(Path::new(DEVICE), us) {
+                Ok(w) => {
+                    tracing::info!(
+                        limit_us = us,
+                        "idle CPUs are held to this wake-up latency while stream clients are subscribed"
+                    );
+                    Some(w)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "stream frames will wait for CPUs waking from idle");
+                    None
+                }
+            }
+        });
         Ok((
             StreamServer {
                 listener,
@@ -272,6 +293,7 @@ impl StreamServer {
                 detach: detach_rx,
                 retire: retire_tx,
                 shared,
+                wakeup,
             },
         ))
     }
@@ -544,6 +566,16 @@ impl StreamSender {
             if let Ok(a) = self.attach.pop() {
                 self.slots[free] = Some(a);
                 self.active += 1;
+            }
+        }
+        if let Some(w) = &mut self.wakeup {
+            // A write only when the first client comes or the last goes. A failed write (not
+            // seen in practice) leaves the gauge telling the truth and is tried again next tick.
+            if w.set(self.active > 0).is_ok() {
+                self.shared
+                    .stream
+                    .wakeup_latency_held
+                    .store(u64::from(w.held()), Ordering::Relaxed);
             }
         }
     }

@@ -19,6 +19,12 @@ use linkpulse_testbed::{
     ModemKind, TestbedOptions,
 };
 
+/// The kernel's current CPU wake-up latency limit, µs (the smallest request held).
+fn cpu_latency_limit() -> i32 {
+    let b = std::fs::read(linkpulse::cpu_latency::DEVICE).expect("read /dev/cpu_dma_latency");
+    i32::from_ne_bytes(b[..4].try_into().expect("4 bytes"))
+}
+
 fn start(name: &str) -> (Run, PathBuf) {
     let sock = std::env::temp_dir().join(format!("lp-{name}-{}.sock", std::process::id()));
     let run = Run::start_full(
@@ -133,6 +139,17 @@ fn fast_clients_get_every_bin_and_a_stuck_one_only_hurts_itself() {
     let shared = run.daemon().shared();
     assert!(shared.stream.frames_dropped.load(Ordering::Relaxed) > 0);
     assert_eq!(shared.stream.clients.load(Ordering::Relaxed), 16);
+    // While clients are subscribed the daemon holds idle CPUs to a 0 µs wake-up (the default).
+    assert_eq!(
+        shared.stream.wakeup_latency_held.load(Ordering::Relaxed),
+        1,
+        "wake-up latency request held"
+    );
+    assert_eq!(
+        cpu_latency_limit(),
+        0,
+        "the kernel's PM QoS limit while held"
+    );
     // the other consumers lost nothing either
     let dropped = shared
         .fanout_dropped
@@ -158,6 +175,17 @@ fn fast_clients_get_every_bin_and_a_stuck_one_only_hurts_itself() {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     again.next_frame().expect("frames after reconnect");
+    // The last client gone, the request is withdrawn (checked on the daemon's side: another
+    // process may hold its own request on the kernel's).
+    drop((again, stuck, every, dec));
+    let t = Instant::now();
+    while shared.stream.wakeup_latency_held.load(Ordering::Relaxed) != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "wake-up latency request still held with no client"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     run.stop_daemon();
     assert!(!sock.exists(), "socket removed at stop");
 }

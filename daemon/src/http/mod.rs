@@ -219,6 +219,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         "Frames a stream client lost because it did not keep up (it sees the gap).",
         sm.frames_dropped.load(Ordering::Relaxed),
     );
+    let _ = writeln!(o, "# HELP linkpulse_stream_cpu_wakeup_latency_held 1 while the daemon holds idle CPUs to [stream] cpu_wakeup_latency_us (clients subscribed); 0 with clients means the request is off or was refused (see the log).\n# TYPE linkpulse_stream_cpu_wakeup_latency_held gauge\nlinkpulse_stream_cpu_wakeup_latency_held {}", sm.wakeup_latency_held.load(Ordering::Relaxed));
     live::write_metrics(&mut o, &s.live);
     counter(
         &mut o,
