@@ -165,6 +165,9 @@ struct RawStream {
     /// CPU wake-up latency held while clients are subscribed, µs, or "off". Default 0.
     #[serde(default = "default_wakeup_latency")]
     cpu_wakeup_latency_us: Spanned<toml::Value>,
+    /// How long a client may be held off its CPU without losing frames, ms. Default 20.
+    #[serde(default = "default_client_buffer_ms")]
+    client_buffer_ms: Spanned<u32>,
 }
 
 impl Default for RawStream {
@@ -176,6 +179,7 @@ impl Default for RawStream {
             group: None,
             max_clients: default_max_clients(),
             cpu_wakeup_latency_us: default_wakeup_latency(),
+            client_buffer_ms: default_client_buffer_ms(),
         }
     }
 }
@@ -191,6 +195,9 @@ fn default_stream_mode() -> Spanned<String> {
 }
 fn default_max_clients() -> Spanned<usize> {
     Spanned::new(0..0, 16)
+}
+fn default_client_buffer_ms() -> Spanned<u32> {
+    Spanned::new(0..0, 20)
 }
 fn default_wakeup_latency() -> Spanned<toml::Value> {
     Spanned::new(0..0, toml::Value::Integer(0))
@@ -295,6 +302,8 @@ pub struct StreamConfig {
     pub max_clients: usize,
     /// PM QoS limit held while clients are subscribed (`crate::cpu_latency`); None = off.
     pub cpu_wakeup_latency_us: Option<u32>,
+    /// Each client's socket holds this many ms of its frames.
+    pub client_buffer_ms: u32,
 }
 
 /// `[router]`: the identity that tags everything leaving the box.
@@ -562,8 +571,16 @@ impl Config {
                     ))
                 }
             };
+            let buffer_ms = *raw.stream.client_buffer_ms.get_ref();
+            if !(1..=1000).contains(&buffer_ms) {
+                return Err(err(
+                    Some(raw.stream.client_buffer_ms.span()),
+                    format!("stream.client_buffer_ms = {buffer_ms}: use 1 to 1000 (default 20)"),
+                ));
+            }
             Some(StreamConfig {
                 path: raw.stream.path.clone(),
+                client_buffer_ms: buffer_ms,
                 mode,
                 group: raw.stream.group.clone(),
                 max_clients: max,
@@ -809,6 +826,9 @@ interface = "wwan1"
         let c = parse(GOOD).expect("valid");
         let st = c.stream.as_ref().expect("stream");
         assert_eq!(st.cpu_wakeup_latency_us, Some(0));
+        assert_eq!(st.client_buffer_ms, 20);
+        let (_, msg) = invalid_at(&format!("{GOOD}\n[stream]\nclient_buffer_ms = 0\n"));
+        assert!(msg.contains("client_buffer_ms = 0"), "{msg}");
         let with = |v: &str| format!("{GOOD}\n[stream]\ncpu_wakeup_latency_us = {v}\n");
         let c = parse(&with("10")).expect("valid");
         assert_eq!(c.stream.expect("stream").cpu_wakeup_latency_us, Some(10));

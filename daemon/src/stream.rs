@@ -108,6 +108,8 @@ pub struct StreamServer {
     shared: Arc<Shared>,
     max_clients: usize,
     width: u64,
+    /// `[stream] client_buffer_ms`: how much of its frames a client's socket holds.
+    buffer_ms: u32,
     next_id: u64,
 }
 
@@ -283,6 +285,7 @@ impl StreamServer {
                 retired: retire_rx,
                 shared: Arc::clone(&shared),
                 max_clients: cfg.max_clients,
+                buffer_ms: cfg.client_buffer_ms,
                 width,
                 next_id: 1,
             },
@@ -430,6 +433,17 @@ impl StreamServer {
         }
         match self.subscribe(&msg[..n as usize]) {
             Ok((sub, hello)) => {
+                let frame_len = std::mem::size_of::<FrameHeader>()
+                    + sub.mask.count_ones() as usize * std::mem::size_of::<LinkRecord>();
+                let frame_ns = self.width.saturating_mul(sub.decimation);
+                match size_send_buffer(&c.fd, frame_len, frame_ns, self.buffer_ms) {
+                    Ok(bytes) => {
+                        tracing::debug!(bytes, frame_len, frame_ns, "stream client buffer sized")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stream client keeps the default socket buffer: it may lose frames when held off its CPU for a few ms")
+                    }
+                }
                 if send(&c.fd, &hello).is_err() {
                     return false;
                 }
@@ -767,6 +781,73 @@ impl Sub {
     }
 }
 
+/// Kernel memory a queued frame of `len` bytes takes in a Unix socket (`skb->truesize`): the
+/// data in its kmalloc size class with the skb_shared_info after it, and the sk_buff.
+fn frame_truesize(len: usize) -> usize {
+    (len + 320).next_power_of_two() + 256
+}
+
+/// Most a client's socket may hold, whatever the subscription.
+const MAX_CLIENT_BUFFER: usize = 64 << 20;
+
+/// Sizes a client's send buffer (the Unix socket's queue towards it) to hold `buffer_ms` of its
+/// frames, so a client held off its CPU that long (softirq work, a busier real-time thread)
+/// loses nothing; never below the system's default. Returns the buffer the kernel set.
+fn size_send_buffer(
+    fd: &OwnedFd,
+    frame_len: usize,
+    frame_ns: u64,
+    buffer_ms: u32,
+) -> io::Result<usize> {
+    let get = || -> io::Result<usize> {
+        let mut v: libc::c_int = 0;
+        let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: an int-sized option into an int.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut l,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(v.max(0) as usize)
+    };
+    let frames = (u64::from(buffer_ms) * 1_000_000)
+        .div_ceil(frame_ns.max(1))
+        .max(2);
+    let want = (frames as usize)
+        .saturating_mul(frame_truesize(frame_len))
+        .min(MAX_CLIENT_BUFFER);
+    let have = get()?;
+    if want <= have {
+        return Ok(have);
+    }
+    // The kernel doubles the value given (its own bookkeeping), and caps SO_SNDBUF at
+    // net.core.wmem_max; SO_SNDBUFFORCE passes the cap with CAP_NET_ADMIN, which the daemon has.
+    let half = libc::c_int::try_from(want / 2).unwrap_or(libc::c_int::MAX);
+    for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+        // SAFETY: an int-sized option from an int.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&half as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+    }
+    get()
+}
+
 fn send_bytes(fd: &OwnedFd, b: &[u8]) -> io::Result<()> {
     // SAFETY: sending a valid buffer; MSG_NOSIGNAL: a vanished client must not kill us.
     let n = unsafe {
@@ -821,6 +902,48 @@ mod tests {
             .chunks_exact(std::mem::size_of::<LinkRecord>())
             .filter_map(read::<LinkRecord>)
             .collect()
+    }
+
+    #[test]
+    fn a_client_socket_sized_for_20_ms_queues_20_ms_of_frames() {
+        // SO_SNDBUFFORCE needs CAP_NET_ADMIN (the daemon has it; the suite runs as root).
+        // SAFETY: plain call.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root for SO_SNDBUFFORCE");
+            return;
+        }
+        let mut fds = [0; 2];
+        // SAFETY: valid array of two ints.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "socketpair");
+        // SAFETY: fresh fds we own.
+        let (a, _b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // 16 links every 100 µs bin: 200 frames in 20 ms, far beyond the 208 KiB default.
+        let len = std::mem::size_of::<FrameHeader>() + 16 * std::mem::size_of::<LinkRecord>();
+        let bytes = size_send_buffer(&a, len, 100_000, 20).expect("sized");
+        assert!(bytes >= 200 * len, "{bytes} bytes");
+        let frame = vec![0u8; len];
+        for i in 0..200 {
+            send_bytes(&a, &frame).unwrap_or_else(|e| panic!("frame {i} of 200 not queued: {e}"));
+        }
+        // A decimated subscription's frames are rarer: the default suffices, kept as it is.
+        let (c, _d) = {
+            let mut fds = [0; 2];
+            // SAFETY: as above.
+            unsafe {
+                libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr());
+                (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+            }
+        };
+        let default = size_send_buffer(&c, len, 100_000_000, 20).expect("default");
+        assert!(default < bytes);
     }
 
     #[test]
