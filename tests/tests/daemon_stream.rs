@@ -1,19 +1,22 @@
 //! The controller's stream, end to end on the testbed (root): every bin to fast clients with no
 //! gap and exact counts, decimation aggregates exactly and aligned, a client that stops reading
-//! loses frames and sees it without slowing anyone, bad requests get a clear error, and a C
+//! loses frames and sees it without slowing anyone (the rollups in the real local store equal
+//! the fast client's frames, window by window), bad requests get a clear error, and a C
 //! program built from linkpulse_stream.h reads real captured frames.
 mod common;
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
-use common::{plain, Run};
+use common::{plain, Run, TempDir};
 use linkpulse_client::{request_raw, ClientError, StreamClient, Subscription, VALID_TRAFFIC};
 use linkpulse_common::stream::{as_bytes, ERR_BAD_REQUEST, ERR_VERSION, STREAM_VERSION};
+use linkpulse_sink::store::{LocalConfig, Store};
 use linkpulse_testbed::{
     traffic::{UdpFlow, UdpSink},
     ModemKind, TestbedOptions,
@@ -25,7 +28,7 @@ fn cpu_latency_limit() -> i32 {
     i32::from_ne_bytes(b[..4].try_into().expect("4 bytes"))
 }
 
-fn start(name: &str) -> (Run, PathBuf) {
+fn start(name: &str, store: Option<PathBuf>) -> (Run, PathBuf) {
     let sock = std::env::temp_dir().join(format!("lp-{name}-{}.sock", std::process::id()));
     let run = Run::start_full(
         name,
@@ -36,14 +39,19 @@ fn start(name: &str) -> (Run, PathBuf) {
         &[],
         TestbedOptions::default(),
         Some(sock.clone()),
-        None,
+        store,
     );
     (run, sock)
 }
 
+/// (link, direction, 500 ms window start UTC ns) → (bins seen, packets, bytes).
+type Windows = BTreeMap<(u32, usize, i64), (u64, u64, u64)>;
+
 #[test]
 fn fast_clients_get_every_bin_and_a_stuck_one_only_hurts_itself() {
-    let (mut run, sock) = start("lpst");
+    // With the local store: the rollups must lose nothing either.
+    let store_dir = TempDir::new("lpst-db");
+    let (mut run, sock) = start("lpst", Some(store_dir.0.clone()));
     let rtr = run.bed.router_ns().to_string();
     let (r, s) = run.bed.modem_addr_v4(0);
     let dst = SocketAddr::new(s.into(), 9600);
@@ -79,6 +87,7 @@ fn fast_clients_get_every_bin_and_a_stuck_one_only_hurts_itself() {
     let flow_h = flow.start().expect("flow");
     let t = Instant::now();
     let (mut every_frames, mut every_gaps, mut every_bytes) = (0u64, 0u64, 0u64);
+    let mut windows = Windows::new();
     let (mut dec_frames, mut dec_gaps) = (0u64, 0u64);
     let (mut last_every, mut last_dec) = (None::<u64>, None::<u64>);
     every
@@ -96,6 +105,16 @@ fn fast_clients_get_every_bin_and_a_stuck_one_only_hurts_itself() {
         last_every = Some(f.header.seq);
         assert_eq!(f.header.width_ns, 100_000);
         every_bytes += f.records().next().map_or(0, |r| r.bytes[1]);
+        let utc = f.header.bin_start_utc_ns as i64;
+        let w = utc - utc.rem_euclid(500_000_000);
+        for r in f.records() {
+            for d in 0..2 {
+                let e = windows.entry((r.index, d, w)).or_default();
+                e.0 += 1;
+                e.1 += r.packets[d];
+                e.2 += r.bytes[d];
+            }
+        }
         // the decimated client: read whatever is there without blocking the loop for long
         if every_frames % 10 == 0 {
             let g = dec.next_frame().expect("decimated frame");
@@ -186,13 +205,47 @@ fn fast_clients_get_every_bin_and_a_stuck_one_only_hurts_itself() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The rollups: every window the fast client saw whole is in the store with its counts.
+    let whole: Vec<_> = windows
+        .iter()
+        .filter(|(_, v)| v.0 == 5000)
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    // The daemon writes its last rollups at stop; the store must be up by then.
+    let t = Instant::now();
+    while shared.store.written.load(Ordering::Relaxed) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no rollup stored within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     run.stop_daemon();
     assert!(!sock.exists(), "socket removed at stop");
+    let store = Store::start_local(LocalConfig::new(&store_dir.0)).expect("reopen the store");
+    let rows = store.read_after(0, 100_000).expect("read rollups");
+    store.stop();
+    let stored: BTreeMap<(u32, i64), _> = rows
+        .iter()
+        .map(|r| ((r.link_id, r.window_start_ns as i64), r))
+        .collect();
+    assert!(whole.len() >= 2 * 2 * 15, "{} whole windows", whole.len());
+    for ((link, d, w), (_, packets, bytes)) in whole {
+        let r = stored
+            .get(&(link, w))
+            .unwrap_or_else(|| panic!("no rollup for link {link} window {w}"));
+        let got = if d == 0 {
+            (r.rx_packets, r.rx_bytes)
+        } else {
+            (r.tx_packets, r.tx_bytes)
+        };
+        assert_eq!(got, (packets, bytes), "link {link} dir {d} window {w}");
+    }
 }
 
 #[test]
 fn bad_requests_get_a_clear_error_and_c_reads_real_frames() {
-    let (mut run, sock) = start("lpsc");
+    let (mut run, sock) = start("lpsc", None);
     // garbage
     match request_raw(&sock, b"hello linkpulse") {
         Err(ClientError::Refused { code, message }) => {
