@@ -437,9 +437,16 @@ impl StreamServer {
                     + sub.mask.count_ones() as usize * std::mem::size_of::<LinkRecord>();
                 let frame_ns = self.width.saturating_mul(sub.decimation);
                 match size_send_buffer(&c.fd, frame_len, frame_ns, self.buffer_ms) {
-                    Ok(bytes) => {
+                    Ok((bytes, want)) if bytes >= want => {
                         tracing::debug!(bytes, frame_len, frame_ns, "stream client buffer sized")
                     }
+                    Ok((bytes, want)) => tracing::warn!(
+                        bytes,
+                        want,
+                        "stream client's socket buffer is smaller than [stream] client_buffer_ms \
+                         asks (SO_SNDBUFFORCE needs CAP_NET_ADMIN; SO_SNDBUF is capped by \
+                         net.core.wmem_max): it may lose frames when held off its CPU"
+                    ),
                     Err(e) => {
                         tracing::warn!(error = %e, "stream client keeps the default socket buffer: it may lose frames when held off its CPU for a few ms")
                     }
@@ -792,13 +799,14 @@ const MAX_CLIENT_BUFFER: usize = 64 << 20;
 
 /// Sizes a client's send buffer (the Unix socket's queue towards it) to hold `buffer_ms` of its
 /// frames, so a client held off its CPU that long (softirq work, a busier real-time thread)
-/// loses nothing; never below the system's default. Returns the buffer the kernel set.
+/// loses nothing; never below the system's default. Returns the buffer the kernel set and the
+/// one wanted.
 fn size_send_buffer(
     fd: &OwnedFd,
     frame_len: usize,
     frame_ns: u64,
     buffer_ms: u32,
-) -> io::Result<usize> {
+) -> io::Result<(usize, usize)> {
     let get = || -> io::Result<usize> {
         let mut v: libc::c_int = 0;
         let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -825,7 +833,7 @@ fn size_send_buffer(
         .min(MAX_CLIENT_BUFFER);
     let have = get()?;
     if want <= have {
-        return Ok(have);
+        return Ok((have, want));
     }
     // The kernel doubles the value given (its own bookkeeping), and caps SO_SNDBUF at
     // net.core.wmem_max; SO_SNDBUFFORCE passes the cap with CAP_NET_ADMIN, which the daemon has.
@@ -845,7 +853,7 @@ fn size_send_buffer(
             break;
         }
     }
-    get()
+    Ok((get()?, want))
 }
 
 fn send_bytes(fd: &OwnedFd, b: &[u8]) -> io::Result<()> {
@@ -927,8 +935,11 @@ mod tests {
         let (a, _b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // 16 links every 100 µs bin: 200 frames in 20 ms, far beyond the 208 KiB default.
         let len = std::mem::size_of::<FrameHeader>() + 16 * std::mem::size_of::<LinkRecord>();
-        let bytes = size_send_buffer(&a, len, 100_000, 20).expect("sized");
-        assert!(bytes >= 200 * len, "{bytes} bytes");
+        let (bytes, want) = size_send_buffer(&a, len, 100_000, 20).expect("sized");
+        assert!(
+            bytes >= want && want >= 200 * len,
+            "{bytes} of {want} bytes"
+        );
         let frame = vec![0u8; len];
         for i in 0..200 {
             send_bytes(&a, &frame).unwrap_or_else(|e| panic!("frame {i} of 200 not queued: {e}"));
@@ -942,7 +953,7 @@ mod tests {
                 (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
             }
         };
-        let default = size_send_buffer(&c, len, 100_000_000, 20).expect("default");
+        let (default, _) = size_send_buffer(&c, len, 100_000_000, 20).expect("default");
         assert!(default < bytes);
     }
 
