@@ -105,7 +105,7 @@ fn fast_clients_get_every_bin_and_a_stuck_one_only_hurts_itself() {
         last_every = Some(f.header.seq);
         assert_eq!(f.header.width_ns, 100_000);
         every_bytes += f.records().next().map_or(0, |r| r.bytes[1]);
-        let utc = f.header.bin_start_utc_ns as i64;
+        let utc = f.header.bin_start_utc_ns;
         let w = utc - utc.rem_euclid(500_000_000);
         for r in f.records() {
             for d in 0..2 {
