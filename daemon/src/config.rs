@@ -561,6 +561,13 @@ impl Config {
                 }
                 toml::Value::String(s) if s == "off" => None,
                 v => {
+                    // Not `{v}`: toml's Display brings its serializer, ~20 KB of the binary.
+                    let v = match v {
+                        toml::Value::Integer(i) => i.to_string(),
+                        toml::Value::Float(f) => f.to_string(),
+                        toml::Value::String(s) => format!("{s:?}"),
+                        other => format!("a {}", other.type_str()),
+                    };
                     return Err(err(
                         Some(w.span()),
                         format!(
