@@ -575,7 +575,7 @@ impl Config {
                              {MAX_WAKEUP_LATENCY_US} (0: idle CPUs poll while clients are \
                              subscribed), or \"off\" to leave the idle states alone (default 0)"
                         ),
-                    ))
+                    ));
                 }
             };
             let buffer_ms = *raw.stream.client_buffer_ms.get_ref();

@@ -377,19 +377,47 @@ impl SlotSource for MmapSlots {
         if index >= self.len {
             return Slot::default();
         }
-        // SAFETY: in bounds of the mapping; the kernel writes concurrently, so every field is
-        // read once, volatile (each is an aligned u64: no torn field).
-        unsafe {
-            let p = self.ptr.as_ptr().add(index);
-            Slot {
-                bin_start: std::ptr::addr_of!((*p).bin_start).read_volatile(),
-                packets: std::ptr::addr_of!((*p).packets).read_volatile(),
-                bytes: std::ptr::addr_of!((*p).bytes).read_volatile(),
-                ring_full: std::ptr::addr_of!((*p).ring_full).read_volatile(),
-                malformed: std::ptr::addr_of!((*p).malformed).read_volatile(),
-                tcp_rtt: std::ptr::addr_of!((*p).tcp_rtt).read_volatile(),
-            }
+        let p = self.ptr.as_ptr();
+        // SAFETY (both closures): in bounds of the mapping; the kernel writes concurrently, so
+        // every field is read volatile (each is an aligned u64: no torn field).
+        consistent_slot(
+            || unsafe { std::ptr::addr_of!((*p.add(index)).bin_start).read_volatile() },
+            || unsafe {
+                let p = p.add(index);
+                Slot {
+                    bin_start: 0,
+                    packets: std::ptr::addr_of!((*p).packets).read_volatile(),
+                    bytes: std::ptr::addr_of!((*p).bytes).read_volatile(),
+                    ring_full: std::ptr::addr_of!((*p).ring_full).read_volatile(),
+                    malformed: std::ptr::addr_of!((*p).malformed).read_volatile(),
+                    tcp_rtt: std::ptr::addr_of!((*p).tcp_rtt).read_volatile(),
+                }
+            },
+        )
+    }
+}
+
+/// A slot's counts with the bin they belong to. The kernel moves a slot on by zeroing the
+/// counts, storing the new bin start, then counting the packet that moved it: counts read after
+/// that under a bin start read before it would be the new bin's, taken for the old one (a GSO
+/// packet of 40 segments landing in a bin that had 2). So the start is read before and after
+/// the counts, and the read is retried when it changed; if it keeps changing the slot reads as
+/// empty this time (its counts come with the record, or at the next tick).
+fn consistent_slot(mut bin: impl FnMut() -> u64, mut rest: impl FnMut() -> Slot) -> Slot {
+    use std::sync::atomic::{fence, Ordering};
+    for _ in 0..4 {
+        let b = bin();
+        // Loads in program order on weakly ordered CPUs too (x86 keeps them anyway).
+        fence(Ordering::Acquire);
+        let s = rest();
+        fence(Ordering::Acquire);
+        if bin() == b {
+            return Slot { bin_start: b, ..s };
         }
+    }
+    Slot {
+        bin_start: 0,
+        ..rest()
     }
 }
 
@@ -501,5 +529,59 @@ impl DataMaps {
     /// Possible CPUs the slot map was sized for.
     pub fn slots_ncpu(&self) -> usize {
         self.slots.ncpu
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn counts(packets: u64) -> Slot {
+        Slot {
+            packets,
+            bytes: packets * 1500,
+            ..Slot::default()
+        }
+    }
+
+    #[test]
+    fn counts_read_across_a_rollover_go_with_the_new_bin() {
+        // The kernel moves the slot from bin 100 to 200 and counts a 44-segment GSO packet
+        // between the daemon's first read of the start and its read of the counts.
+        let starts = [100u64, 200, 200, 200];
+        let calls = Cell::new(0);
+        let s = consistent_slot(
+            || {
+                let i = calls.get();
+                calls.set(i + 1);
+                starts[i.min(starts.len() - 1)]
+            },
+            || counts(44),
+        );
+        assert_eq!((s.bin_start, s.packets), (200, 44));
+    }
+
+    #[test]
+    fn a_quiet_slot_reads_once_and_a_slot_that_keeps_moving_reads_empty() {
+        let calls = Cell::new(0);
+        let s = consistent_slot(
+            || {
+                calls.set(calls.get() + 1);
+                100
+            },
+            || counts(3),
+        );
+        assert_eq!((s.bin_start, s.packets, calls.get()), (100, 3, 2));
+        let next = Cell::new(100);
+        let s = consistent_slot(
+            || {
+                next.set(next.get() + 100);
+                next.get()
+            },
+            || counts(5),
+        );
+        // Empty means "take nothing now": the counts still come with the record or later.
+        assert_eq!(s.bin_start, 0);
     }
 }

@@ -231,6 +231,10 @@ fn try_count(ctx: &TcContext, dir: u8) {
                 write_volatile(addr_of_mut!(slot.tcp_rtt.sum_ns), 0);
                 write_volatile(addr_of_mut!(slot.bin_start), bin);
             }
+            // The new bin's counts are stored after its start (the daemon reads the start
+            // before and after the counts to see a rollover under its feet): plain stores may
+            // otherwise move above the volatile ones.
+            core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
         }
     }
     slot.packets += packets;
