@@ -807,53 +807,23 @@ fn size_send_buffer(
     frame_ns: u64,
     buffer_ms: u32,
 ) -> io::Result<(usize, usize)> {
-    let get = || -> io::Result<usize> {
-        let mut v: libc::c_int = 0;
-        let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: an int-sized option into an int.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut l,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(v.max(0) as usize)
-    };
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
     let frames = (u64::from(buffer_ms) * 1_000_000)
         .div_ceil(frame_ns.max(1))
         .max(2);
     let want = (frames as usize)
         .saturating_mul(frame_truesize(frame_len))
         .min(MAX_CLIENT_BUFFER);
-    let have = get()?;
+    let have = getsockopt(fd, sockopt::SndBuf)?;
     if want <= have {
         return Ok((have, want));
     }
     // The kernel doubles the value given (its own bookkeeping), and caps SO_SNDBUF at
     // net.core.wmem_max; SO_SNDBUFFORCE passes the cap with CAP_NET_ADMIN, which the daemon has.
-    let half = libc::c_int::try_from(want / 2).unwrap_or(libc::c_int::MAX);
-    for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
-        // SAFETY: an int-sized option from an int.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&half as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            break;
-        }
+    if setsockopt(fd, sockopt::SndBufForce, &(want / 2)).is_err() {
+        setsockopt(fd, sockopt::SndBuf, &(want / 2))?;
     }
-    Ok((get()?, want))
+    Ok((getsockopt(fd, sockopt::SndBuf)?, want))
 }
 
 fn send_bytes(fd: &OwnedFd, b: &[u8]) -> io::Result<()> {
