@@ -4,6 +4,7 @@
 //! byte for byte. Sizes are asserted at compile time.
 #![no_std]
 
+pub mod ip;
 pub mod probe;
 pub mod stream;
 pub mod tcp;

@@ -21,6 +21,7 @@ use aya_ebpf::{
 };
 use linkpulse_common::{
     bin_start,
+    ip::{ipv6_ext_next, is_ipv6_ext, IPV6_MAX_EXT},
     probe::{ProbeConf, ProbeRecord, PROBE_STATS_LEN, PROBE_STAT_RING_FULL, PROBE_STAT_SHORT},
     slot_index,
     tcp::{
@@ -271,11 +272,21 @@ fn l4_start(ctx: &TcContext, l2: usize, proto: u16) -> Option<L4> {
         })
     } else {
         // Bytes 4..8: payload length, next header, hop limit.
-        let [_, _, nh, _] = ld32(ctx, l2 + 4)?.to_ne_bytes();
-        Some(L4 {
-            off: l2 + 40,
-            proto: nh,
-        })
+        let [_, _, mut nh, _] = ld32(ctx, l2 + 4)?.to_ne_bytes();
+        let mut off = l2 + 40;
+        // Extension headers (rare; one compare when absent), stepped over as the ground truth
+        // does (common's `ip`).
+        let mut n = 0;
+        while is_ipv6_ext(nh) {
+            if n == IPV6_MAX_EXT {
+                return None;
+            }
+            let (next, len) = ipv6_ext_next(nh, ld32(ctx, off)?.to_ne_bytes())?;
+            nh = next;
+            off += len;
+            n += 1;
+        }
+        Some(L4 { off, proto: nh })
     }
 }
 

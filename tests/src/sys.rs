@@ -545,9 +545,10 @@ pub fn write_packet(fd: RawFd, pkt: &[u8]) -> io::Result<()> {
     }
 }
 
-/// L3 facts of an IP packet: (length from the IP header, IP version, protocol/next header).
-/// The length comes from the header so link-layer padding never counts; it is capped at what
-/// was read. `None` if this is not IPv4/IPv6.
+/// L3 facts of an IP packet: (length from the IP header, IP version, transport protocol: for
+/// IPv6 the next header after any extension headers, stepped over as the kernel programs do,
+/// else the first next header). The length comes from the header so link-layer padding never
+/// counts; it is capped at what was read. `None` if this is not IPv4/IPv6.
 pub fn ip_info(pkt: &[u8]) -> Option<(usize, u8, u8)> {
     match pkt.first()? >> 4 {
         4 if pkt.len() >= 20 => {
@@ -567,7 +568,8 @@ pub fn ip_info(pkt: &[u8]) -> Option<(usize, u8, u8)> {
             } else {
                 pkt.len()
             };
-            Some((len, 6, pkt[6]))
+            let proto = linkpulse_common::ip::ipv6_transport(pkt).map_or(pkt[6], |(_, p)| p);
+            Some((len, 6, proto))
         }
         _ => None,
     }
@@ -594,6 +596,10 @@ mod tests {
         v6[4..6].copy_from_slice(&20u16.to_be_bytes());
         v6[6] = 58;
         assert_eq!(ip_info(&v6), Some((60, 6, 58)));
+        // Behind a destination options header (8 bytes): TCP.
+        v6[6] = 60;
+        v6[40] = 6;
+        assert_eq!(ip_info(&v6), Some((60, 6, 6)));
         assert_eq!(ip_info(&[0x10; 64]), None);
         assert_eq!(ip_info(&[0x45; 10]), None);
         assert_eq!(ip_info(&[]), None);

@@ -164,10 +164,10 @@ pub struct TcpFacts {
 impl TcpFacts {
     pub const ACK: u8 = 0x10;
 
-    /// The TCP facts of an IP packet (IPv4, or IPv6 without extension headers), None for
-    /// other packets, non-first fragments and headers cut short. Options are read with the
-    /// parser the kernel programs use (`linkpulse_common::tcp`); a malformed list gives `ts`
-    /// None.
+    /// The TCP facts of an IP packet (IPv4, or IPv6 with up to four extension headers, stepped
+    /// over as the kernel programs do: `linkpulse_common::ip`), None for other packets,
+    /// non-first fragments and headers cut short. Options are read with the parser the kernel
+    /// programs use (`linkpulse_common::tcp`); a malformed list gives `ts` None.
     pub fn of_packet(pkt: &[u8]) -> Option<TcpFacts> {
         let l4 = match pkt.first()? >> 4 {
             4 if pkt.len() >= 20 => {
@@ -176,7 +176,10 @@ impl TcpFacts {
                 }
                 usize::from(pkt[0] & 0x0f) * 4
             }
-            6 if pkt.len() >= 40 && pkt[6] == 6 => 40,
+            6 if pkt.len() >= 40 => match linkpulse_common::ip::ipv6_transport(pkt)? {
+                (off, 6) => off,
+                _ => return None,
+            },
             _ => return None,
         };
         let t = pkt.get(l4..)?;

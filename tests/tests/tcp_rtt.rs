@@ -1,8 +1,8 @@
 //! Passive TCP RTT end to end (privileged): TCP echo flows from the router namespace to the
 //! server through emulated modems with delay and jitter (IPv4 on a veth modem, IPv6 on a TUN
-//! raw-IP modem). The emulator logs every segment's ports, flags, TSval and TSecr; replaying
-//! the kernel's matching rules over that log (`linkpulse_testbed::rtt::tcp_rtt_truth`) gives
-//! the samples the daemon must find, bin by bin.
+//! raw-IP modem, every segment with a destination options header). The emulator logs every
+//! segment's ports, flags, TSval and TSecr; replaying the kernel's matching rules over that log
+//! (`linkpulse_testbed::rtt::tcp_rtt_truth`) gives the samples the daemon must find, bin by bin.
 mod common;
 
 use std::{
@@ -42,12 +42,44 @@ struct Echo {
     threads: Vec<JoinHandle<u64>>,
 }
 
+/// Makes every segment `s` sends carry an 8-byte IPv6 destination options header (a PadN
+/// option), so that the kernel programs and the truth must step over an extension header to
+/// reach TCP.
+fn add_destination_options(s: &impl std::os::fd::AsRawFd) {
+    // Next header (the kernel fills it in), length 0 (8 bytes), PadN of 4 bytes.
+    let hdr: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    // SAFETY: an 8-byte option from a live array.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_DSTOPTS,
+            hdr.as_ptr().cast(),
+            hdr.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+}
+
 impl Echo {
-    fn start(bed: &Testbed, server: IpAddr, port: u16, chunk: usize, every: Duration) -> Echo {
+    /// With `dstopts` both ends send every segment with a destination options header.
+    fn start(
+        bed: &Testbed,
+        server: IpAddr,
+        port: u16,
+        chunk: usize,
+        every: Duration,
+        dstopts: bool,
+    ) -> Echo {
         let addr = SocketAddr::new(server, port);
         let listener = netns::run_in(bed.server_ns(), || TcpListener::bind(addr))
             .expect("enter server ns")
             .expect("bind echo server");
+        if dstopts {
+            // On the listener, so the accepted socket's MSS allows for it from the start (set on
+            // an accepted socket, its full-sized segments did not get through here).
+            add_destination_options(&listener);
+        }
         let server = std::thread::spawn(move || -> u64 {
             let Ok((mut s, _)) = listener.accept() else {
                 return 0;
@@ -73,6 +105,9 @@ impl Echo {
         .expect("enter router ns")
         .expect("connect to the echo server");
         client.set_nodelay(true).expect("nodelay");
+        if dstopts {
+            add_destination_options(&client);
+        }
         let mut reader = client.try_clone().expect("clone");
         let drain = std::thread::spawn(move || -> u64 {
             let mut buf = vec![0u8; 64 * 1024];
@@ -265,14 +300,30 @@ fn tcp_rtt_matches_ground_truth_per_bin() {
     // Small writes every ms (each its own segment and TSval tick) and bigger ones that span
     // several segments sharing one TSval.
     let flows = [
-        Echo::start(&run.bed, srv4.into(), 47_101, 200, Duration::from_millis(1)),
-        Echo::start(&run.bed, srv6.into(), 47_102, 200, Duration::from_millis(1)),
+        Echo::start(
+            &run.bed,
+            srv4.into(),
+            47_101,
+            200,
+            Duration::from_millis(1),
+            false,
+        ),
+        // IPv6 with a destination options header on every segment, both ways.
+        Echo::start(
+            &run.bed,
+            srv6.into(),
+            47_102,
+            200,
+            Duration::from_millis(1),
+            true,
+        ),
         Echo::start(
             &run.bed,
             srv4.into(),
             47_103,
             6_000,
             Duration::from_millis(7),
+            false,
         ),
     ];
     // Mid-run, the last complete second in /api/v1/links has each link's passive RTT: both
