@@ -184,7 +184,32 @@ pub(crate) fn migrate(client: &Client) -> Result<u32, StoreError> {
         version = to;
     }
     build_tiers(client)?;
+    build_seq_ranges(client)?;
     Ok(version)
+}
+
+/// Fills the seq ranges of the 10 s buckets stored before schema v5 (see `migration_v5` in
+/// tiers.rs), in chunks, resumed after a crash. A no-op once done.
+fn build_seq_ranges(client: &Client) -> Result<(), StoreError> {
+    let start = Instant::now();
+    let mut rows = 0u64;
+    loop {
+        let (done, n): (bool, u64) = client
+            .call("lp_seq_build", &(TIER_BUILD_CHUNK,))
+            .map_err(|source| StoreError::Migration { version: 5, source })?;
+        rows += n;
+        if done {
+            break;
+        }
+    }
+    if rows > 0 {
+        tracing::info!(
+            rows,
+            secs = start.elapsed().as_secs_f64(),
+            "store: seq ranges of the 10 s buckets built from the rows stored before schema v5"
+        );
+    }
+    Ok(())
 }
 
 /// Rows per `lp_tier_build` call: ~0.1 s of work, far below the request timeout.

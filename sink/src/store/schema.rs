@@ -30,6 +30,26 @@
 //! filter answers "absent" without a disk read. Measured with 9 h of 16 links (1.04M rows):
 //! page indexes + bloom filters 3.1 MiB in v1 (~0.35 MiB per hour of 16 links), 1.4 MiB in v2
 //! (~0.16 MiB per hour). Both options apply to runs written from then on (no rebuild).
+//!
+//! Schema v5 (raw reads by time): reading rows by the `identity` index costs a primary lookup
+//! per row, and without a bloom filter on the primary each lookup reads a 64 KiB page of every
+//! run of its range that does not rule the seq out by its page index: on the bench's 30-day
+//! store (5.7 M rows, 21 primary runs in 9 ranges) one day of one link (172,800 rows) took 47 s
+//! in Tarantool on one core, ~9 page reads per row (the lead measured 110 s under load; 12.5 s
+//! once background compaction had left 12 runs), one hour 2.4 s. Measured alternatives on a copy of that store: bloom back on the primary plus a
+//! compaction, 12.9 s (then one 64 KiB page per row: the compaction, leaving one run per range,
+//! did most of it); the same with 8 KiB pages, 4.8 s (more page index: ~0.14 MiB per hour of
+//! 16 links, plus ~0.09 MiB of bloom filter, i.e. v2's RAM saving undone). v5 instead keeps in
+//! each 10 s bucket the lowest and highest `seq` of its rows and `lp_read_range` scans those
+//! ranges of the primary (~3 µs per row scanned, other links' rows in the range included):
+//! 2.1 s for that day (its seq range holds 4 links' rows: 691k scanned), 0.06 s for the hour,
+//! no RAM or disk added. With 16 links put one window at a time (the daemon's batches), a
+//! link's day scans all 16 links' rows: 9.0 s against 13.5 s by identity (2.76 M rows, 9
+//! primary runs in 4 ranges), an hour 0.25 s against 0.18 s. A copy of the rows keyed by
+//! identity read a day in 0.64 s there, but costs ~185 bytes per row on disk (+~70 % store
+//! size, so less history under `max_disk_mb`): not done.
+//! Exactness and the exceptions (late rows, tier retention): `migration_v5` in tiers.rs. The
+//! migration fills the ranges of older buckets from the rows, in chunks: 37 s for that store.
 
 use serde::{Deserialize, Serialize};
 
@@ -179,8 +199,9 @@ const SEQ_FIELD: usize = 1;
 const WINDOW_FIELD: usize = 3;
 
 /// The schema version this build writes and reads (v2: leaner seq index, v3: aggregate tiers,
-/// see tiers.rs, v4: passive TCP RTT and one-way delays in rollups and tiers).
-pub const SCHEMA_VERSION: u32 = 4;
+/// see tiers.rs, v4: passive TCP RTT and one-way delays in rollups and tiers, v5: raw reads
+/// through the 10 s buckets' seq ranges).
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Creates `_linkpulse_meta` if needed and returns the schema version (0 on a fresh instance).
 /// Idempotent; run before the migrations.
@@ -204,6 +225,7 @@ pub(crate) fn migrations() -> Vec<String> {
         MIGRATION_V2.to_owned(),
         super::tiers::migration_v3(),
         migration_v4(),
+        super::tiers::migration_v5(),
     ]
 }
 
@@ -311,7 +333,8 @@ end]])
 
 -- One link's windows with from_ns <= window_start < to_ns, ordered by (window_start, boot_tag),
 -- about `limit` rows: a page never ends inside one window start (rows of several boot tags), so
--- the caller pages on with the last window start + 1. Uses the identity index.
+-- the caller pages on with the last window start + 1. Uses the identity index (until v5, which
+-- replaces it: see tiers.rs).
 define('lp_read_range', [[function(link, from_ns, to_ns, limit)
     local out = {{}}
     for _, t in box.space.rollups.index.identity:pairs({{link, from_ns}}, {{iterator = 'GE'}}) do

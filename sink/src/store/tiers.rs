@@ -94,6 +94,14 @@ pub struct TierRow {
     pub owd_down_max_ns: Option<i64>,
     #[serde(default)]
     pub owd_error_max_ns: Option<u64>,
+    // Schema v5 (see the module doc).
+    /// Lowest and highest `seq` of the rollups counted in the bucket (a superset: a row deleted
+    /// or replaced leaves the range as it was). Exact for the 10 s tier, which raw reads use;
+    /// coarser buckets only span the rows put since v5.
+    #[serde(default)]
+    pub seq_min: Option<u64>,
+    #[serde(default)]
+    pub seq_max: Option<u64>,
 }
 
 /// Tuple layout of `tiers`: name, Tarantool field type, nullable.
@@ -133,6 +141,9 @@ pub const TIER_FIELDS: &[(&str, &str, bool)] = &[
     ("owd_up_max_ns", "integer", true),
     ("owd_down_max_ns", "integer", true),
     ("owd_error_max_ns", "unsigned", true),
+    // v5: nullable, as buckets stored before lack them until the v5 build.
+    ("seq_min", "unsigned", true),
+    ("seq_max", "unsigned", true),
 ];
 
 fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -203,6 +214,8 @@ impl TierRow {
             owd_up_max_ns: r.owd_up_max_ns,
             owd_down_max_ns: r.owd_down_max_ns,
             owd_error_max_ns: r.owd_error_ns,
+            seq_min: Some(r.seq),
+            seq_max: Some(r.seq),
         }
     }
 
@@ -238,6 +251,8 @@ impl TierRow {
         self.owd_up_max_ns = max_opt(self.owd_up_max_ns, o.owd_up_max_ns);
         self.owd_down_max_ns = max_opt(self.owd_down_max_ns, o.owd_down_max_ns);
         self.owd_error_max_ns = max_opt(self.owd_error_max_ns, o.owd_error_max_ns);
+        self.seq_min = min_opt(self.seq_min, o.seq_min);
+        self.seq_max = max_opt(self.seq_max, o.seq_max);
     }
 
     /// The figures that merge exactly (everything but the float sums), for comparisons.
@@ -316,7 +331,7 @@ end
 local function empty(w, link, start, boot)
     return {w, link, start, boot, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         box.NULL, box.NULL, box.NULL, 0, 0, 0, 0,
-        0, box.NULL, box.NULL, 0, 0, 0, 0, box.NULL, box.NULL, box.NULL}
+        0, box.NULL, box.NULL, 0, 0, 0, 0, box.NULL, box.NULL, box.NULL, box.NULL, box.NULL}
 end
 -- adds rollup r (tuple or table) to aggregate a
 local function add_row(a, r)
@@ -344,6 +359,8 @@ local function add_row(a, r)
     if r[38] ~= nil then a[30] = z(a[30]) + r[38] * on else a[30] = z(a[30]) end
     if r[40] ~= nil then a[31] = z(a[31]) + r[40] * on else a[31] = z(a[31]) end
     a[32] = maxn(a[32], r[39]); a[33] = maxn(a[33], r[41]); a[34] = maxn(a[34], r[42])
+    -- v5: the bucket's seq range
+    a[35] = minn(a[35], r[1]); a[36] = maxn(a[36], r[1])
 end
 -- adds aggregate b to aggregate a
 local function merge(a, b)
@@ -355,6 +372,15 @@ local function merge(a, b)
     a[30] = z(a[30]) + z(b[30]); a[31] = z(a[31]) + z(b[31])
     a[26] = minn(a[26], b[26]); a[27] = maxn(a[27], b[27])
     for i = 32, 34 do a[i] = maxn(a[i], b[i]) end
+    a[35] = minn(a[35], b[35]); a[36] = maxn(a[36], b[36])
+end
+-- a stored bucket with its seq range widened to [lo, hi] (merging an empty bucket fills the
+-- fields a bucket stored before v4 lacks: no hole in the table)
+local function widen(cur, lo, hi)
+    local a = cur:totable()
+    merge(a, empty(a[1], a[2], a[3], a[4]))
+    a[35] = minn(a[35], lo); a[36] = maxn(a[36], hi)
+    return a
 end
 local function key(link, start, boot)
     return tostring(link) .. ':' .. tostring(start) .. ':' .. tostring(boot)
@@ -390,9 +416,18 @@ local function recompute(lvl, link, start, boot)
     end
     return a
 end
--- applies level-1 deltas (new rows) and dirty buckets (changed rows), level by level
-local function apply(delta, dirty)
+-- applies level-1 deltas (new rows) and dirty buckets (changed rows), level by level; `moved`
+-- (rows put again unchanged, under a new seq) only widens their 10 s buckets' seq range
+local function apply(delta, dirty, moved)
     local sp = box.space.tiers
+    for k, m in pairs(moved or {}) do
+        if delta[k] == nil and dirty[k] == nil then
+            local cur = sp:get({TIERS[1], m[1], m[2], m[3]})
+            -- no bucket: retention removed it, and reads take windows before its cut from
+            -- the identity index
+            if cur ~= nil then sp:replace(widen(cur, m[4], m[4])) end
+        end
+    end
     for lvl = 1, #TIERS do
         local up = TIERS[lvl + 1]
         local next_delta, next_dirty = {}, {}
@@ -438,6 +473,14 @@ fn lib() -> String {
         .replace("@ROLLUP_FIELDS@", &super::FIELDS.len().to_string())
 }
 
+/// A stored function body: `f` with the tier helpers in scope.
+fn with_lib(f: &str) -> String {
+    format!(
+        "function(...)\n{}\nlocal main = {f}\nreturn main(...)\nend",
+        lib()
+    )
+}
+
 /// Schema v2 → v3: the tier spaces, and the stored functions that maintain and read them
 /// (`lp_put_rollups` is replaced by one that also maintains the tiers). The tiers of rows stored
 /// before are built afterwards by `lp_tier_build` (see `build_tiers` in mod.rs), in chunks.
@@ -445,12 +488,7 @@ pub(crate) fn migration_v3() -> String {
     let format = super::schema::lua_format(TIER_FIELDS);
     // The helpers are made inside the called function: closures made while a persistent
     // function's body is loaded do not see the globals (tostring, box), closures made by a call do.
-    let body = |f: &str| {
-        format!(
-            "function(...)\n{}\nlocal main = {f}\nreturn main(...)\nend",
-            lib()
-        )
-    };
+    let body = with_lib;
     let put = body(
         r#"function(batch)
     local s = box.space.rollups
@@ -461,7 +499,7 @@ pub(crate) fn migration_v3() -> String {
     rawset(_G, '__lp_seq', base + n)
     box.begin()
     local ok, err = pcall(function()
-        local delta, dirty = {}, {}
+        local delta, dirty, moved = {}, {}, {}
         for i = 1, n do
             local row = batch[i]
             row[1] = base + i
@@ -472,9 +510,13 @@ pub(crate) fn migration_v3() -> String {
                 add_delta(delta, row)
             elseif not same(old, row) then
                 mark(dirty, TIERS[1], row[2], row[3], row[4])
+            else
+                -- same figures, new seq: raw reads find rows by their bucket's seq range
+                local st = row[3] - row[3] % TIERS[1]
+                moved[key(row[2], st, row[4])] = {row[2], st, row[4], row[1]}
             end
         end
-        apply(delta, dirty)
+        apply(delta, dirty, moved)
     end)
     if not ok then
         box.rollback()
@@ -532,6 +574,12 @@ end"#;
         r#"function(before_ns, limit)
     local sp = box.space.tiers
     local deleted = 0
+    -- first (memtx, outside the vinyl transactions): windows before this may have lost their
+    -- 10 s bucket while rows of them stay (see lp_read_range)
+    local cut = before_ns - before_ns % TIERS[1]
+    local meta = box.space._linkpulse_meta
+    local cur = meta:get('tiers_cut')
+    if cur == nil or cur[2] < cut then meta:replace{'tiers_cut', cut} end
     for _, w in ipairs(TIERS) do
         local link = 0
         while deleted < limit do
@@ -581,6 +629,221 @@ return true
     )
 }
 
+/// A 10 s bucket whose seq range is wider than this many seqs per window (plus a constant) is
+/// read by identity instead of scanning its range: with every link's windows interleaved
+/// (`MAX_LINKS` = 32) a range holds ~32 seqs per window of the link; a row put much later (a
+/// replayed window) widens its bucket's range to the seqs written in between.
+const SPREAD_PER_WINDOW: u64 = 48;
+const SPREAD_SLACK: u64 = 256;
+/// Seq ranges closer than this are scanned as one (a new iterator costs about as much as
+/// reading this many rows).
+const SCAN_GAP: u64 = 256;
+
+/// Schema v4 → v5: raw reads by link and time go through the 10 s buckets' seq ranges.
+///
+/// A read by the `identity` index looks each row up in the primary (`seq`), a 64 KiB page
+/// read per row (and one per older run of the range, as the primary has no bloom filter
+/// since v2): 47 s for one day of one link on the bench's 30-day store. The 10 s buckets now
+/// keep the lowest and highest `seq` of their rows (fields `seq_min`, `seq_max`, maintained by
+/// `lp_put_rollups` in the same transaction, widened also when a row is put again unchanged
+/// under a new seq), so `lp_read_range` scans those seq ranges of the primary (merged when
+/// close) and keeps the link's rows in the time range. The result is exact: every row is
+/// counted in its 10 s bucket, and its seq is within that bucket's range. Exceptions, read
+/// by identity as before: buckets whose range is much wider than their rows (a window put
+/// again long after), buckets without a range (none after the build), and windows before
+/// `tiers_cut` in `_linkpulse_meta` (tier retention may have removed their bucket while rows
+/// of them stay: `lp_trim` deletes a prefix of the seq order); the build raises that cut past
+/// any row it finds without a bucket. Reads run in one transaction (one read view), so a row
+/// moved to a new seq meanwhile is seen exactly once.
+///
+/// `lp_seq_build` fills the ranges of buckets stored before v5 from the rows, in seq order and
+/// chunks, with its progress (`seq_stop`, `seq_done` in `tiers_build`) committed with each
+/// chunk, like `lp_tier_build`.
+pub(crate) fn migration_v5() -> String {
+    let format = super::schema::lua_format(TIER_FIELDS);
+    let read = with_lib(
+        &r#"function(link, from_ns, to_ns, limit)
+    local W = TIERS[1]
+    local ident = box.space.rollups.index.identity
+    local pk = box.space.rollups.index.primary
+    local cut = box.space._linkpulse_meta:get('tiers_cut')
+    cut = cut and cut[2] or 0
+    local out = {}
+    -- appends sorted rows while the page has room; false once it is full (a page never ends
+    -- inside one window start)
+    local function take(rows)
+        for _, t in ipairs(rows) do
+            if #out >= limit and out[#out][3] ~= t[3] then return false end
+            out[#out + 1] = t
+        end
+        return true
+    end
+    local function by_identity(lo, hi, boot, into)
+        for _, t in ident:pairs({link, lo}, {iterator = 'GE'}) do
+            if t[2] ~= link or t[3] >= hi then break end
+            if boot == nil or t[4] == boot then into[#into + 1] = t end
+        end
+    end
+    local function cmp(a, b)
+        if a[3] ~= b[3] then return a[3] < b[3] end
+        return a[4] < b[4]
+    end
+    -- the rows of a run of consecutive buckets, windows in [lo, hi)
+    local function scan(batch, lo, hi)
+        local ranges, odd, rows = {}, {}, {}
+        local odd_rows = {}
+        for _, b in ipairs(batch) do
+            local mn, mx = b[35], b[36]
+            if mn == nil or mx - mn > @SPREAD@ * b[5] + @SLACK@ then
+                odd[key(link, b[3], b[4])] = true
+                local l = b[3]
+                if l < lo then l = lo end
+                local h = b[3] + W
+                if h > hi then h = hi end
+                by_identity(l, h, b[4], odd_rows)
+            else
+                ranges[#ranges + 1] = {mn, mx}
+            end
+        end
+        local any_odd = next(odd) ~= nil
+        for _, t in ipairs(odd_rows) do rows[#rows + 1] = t end
+        table.sort(ranges, function(a, b) return a[1] < b[1] end)
+        local i = 1
+        while i <= #ranges do
+            local first, last = ranges[i][1], ranges[i][2]
+            i = i + 1
+            while i <= #ranges and ranges[i][1] <= last + @GAP@ do
+                if ranges[i][2] > last then last = ranges[i][2] end
+                i = i + 1
+            end
+            for _, t in pk:pairs({first}, {iterator = 'GE'}) do
+                if t[1] > last then break end
+                if t[2] == link then
+                    local ws = t[3]
+                    if ws >= lo and ws < hi and
+                        (not any_odd or not odd[key(link, ws - ws % W, t[4])]) then
+                        rows[#rows + 1] = t
+                    end
+                end
+            end
+        end
+        -- seq order is window order but for late rows and odd buckets: sort only then
+        local sorted = #odd_rows == 0
+        for j = 2, #rows do
+            if sorted and not cmp(rows[j - 1], rows[j]) then sorted = false break end
+        end
+        if not sorted then table.sort(rows, cmp) end
+        return take(rows)
+    end
+    box.begin()
+    local ok, err = pcall(function()
+        if from_ns < cut then
+            local hi = to_ns
+            if hi > cut then hi = cut end
+            local rows = {}
+            by_identity(from_ns, hi, nil, rows)
+            if not take(rows) then return end
+            from_ns = hi
+        end
+        if from_ns >= to_ns then return end
+        local batch, expect = {}, 0
+        for _, b in box.space.tiers.index.primary:pairs({W, link, from_ns - from_ns % W},
+                {iterator = 'GE'}) do
+            if b[1] ~= W or b[2] ~= link or b[3] >= to_ns then break end
+            -- a batch ends between two bucket starts once it holds the rows the page lacks
+            if #batch > 0 and b[3] ~= batch[#batch][3] and expect >= limit - #out then
+                local lo = batch[1][3]
+                if lo < from_ns then lo = from_ns end
+                local hi = batch[#batch][3] + W
+                if hi > to_ns then hi = to_ns end
+                if not scan(batch, lo, hi) then return end
+                if #out >= limit then return end
+                batch, expect = {}, 0
+            end
+            batch[#batch + 1] = b
+            expect = expect + b[5]
+        end
+        if #batch > 0 then
+            local lo = batch[1][3]
+            if lo < from_ns then lo = from_ns end
+            scan(batch, lo, to_ns)
+        end
+    end)
+    box.commit()
+    if not ok then error(err) end
+    return out
+end"#
+            .replace("@SPREAD@", &SPREAD_PER_WINDOW.to_string())
+            .replace("@SLACK@", &SPREAD_SLACK.to_string())
+            .replace("@GAP@", &SCAN_GAP.to_string()),
+    );
+    let build = with_lib(
+        r#"function(limit)
+    local W = TIERS[1]
+    local b = box.space.tiers_build
+    local sp = box.space.tiers
+    local st = b:get('seq_stop')
+    if st == nil then
+        local top = box.space.rollups.index.primary:max()
+        b:replace{'seq_stop', top and top[1] or 0}
+        st = b:get('seq_stop')
+    end
+    local stop = st[2]
+    local done = b:get('seq_done')
+    done = done and done[2] or 0
+    if done >= stop then return true, 0 end
+    local rows = box.space.rollups.index.primary:select({done}, {iterator = 'GT', limit = limit})
+    local last, count, span = stop, 0, {}
+    for _, t in ipairs(rows) do
+        if t[1] > stop then break end
+        local s = t[3] - t[3] % W
+        local k = key(t[2], s, t[4])
+        local x = span[k]
+        -- rows come in seq order: the first is the lowest
+        if x == nil then span[k] = {t[2], s, t[4], t[1], t[1]} else x[5] = t[1] end
+        count = count + 1
+    end
+    if count == limit then last = rows[count][1] end
+    -- rows whose bucket retention removed: raise the cut past them first (memtx, outside the
+    -- vinyl transaction), so that a crash after the chunk never leaves one unread
+    local meta = box.space._linkpulse_meta
+    local cut = meta:get('tiers_cut')
+    cut = cut and cut[2] or 0
+    local raised = cut
+    for _, x in pairs(span) do
+        if sp:get({W, x[1], x[2], x[3]}) == nil and x[2] + W > raised then raised = x[2] + W end
+    end
+    if raised > cut then meta:replace{'tiers_cut', raised} end
+    box.begin()
+    local ok, err = pcall(function()
+        for _, x in pairs(span) do
+            local cur = sp:get({W, x[1], x[2], x[3]})
+            if cur ~= nil then sp:replace(widen(cur, x[4], x[5])) end
+        end
+        b:replace{'seq_done', last}
+    end)
+    if not ok then
+        box.rollback()
+        error(err)
+    end
+    box.commit()
+    return last >= stop, count
+end"#,
+    );
+    format!(
+        r#"
+local function define5(name, body)
+    if box.schema.func.exists(name) then box.schema.func.drop(name) end
+    box.schema.func.create(name, {{language = 'LUA', body = body}})
+end
+box.space.tiers:format({{{format}}})
+define5('lp_read_range', {read:?})
+define5('lp_seq_build', {build:?})
+{v3}"#,
+        v3 = migration_v3(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -614,5 +877,8 @@ mod tests {
         // escapes Lua does not know; the bodies are ASCII.
         assert!(migration_v3().is_ascii());
         assert!(!migration_v3().contains("\\u{"));
+        assert!(migration_v5().is_ascii());
+        assert!(!migration_v5().contains("\\u{"));
+        assert!(!migration_v5().contains('@'), "a placeholder left");
     }
 }
