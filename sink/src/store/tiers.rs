@@ -22,6 +22,9 @@
 //! that meet a build resumed after a crash write rows above its stop mark, which it leaves alone
 //! (only a changed re-put of a not yet built old row could count that bucket's other rows twice).
 //!
+//! Schema v5: each bucket also keeps the lowest and highest `seq` of its rows, through which
+//! `lp_read_range` reads raw rows by time (see [`migration_v5`]).
+//!
 //! Percentiles do not merge. A tier keeps the highest window p99 (RTT and rates), which is what
 //! the API serves at any step: an upper bound of the windows' p99s, not the p99 of the step.
 
