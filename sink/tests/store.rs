@@ -1108,8 +1108,17 @@ fn raw_reads_find_late_rows_and_rows_whose_bucket_was_trimmed() {
             .expect("late put");
         store.put_rollups(&[rollup(2, n + 5, 1)]).expect("filler");
     }
+    // One identity twice in one batch, unchanged, in a new bucket: the row kept has the
+    // second seq.
+    store
+        .put_rollups(&[
+            rollup(1, n + 10, 1),
+            rollup(2, n + 10, 1),
+            rollup(1, n + 10, 1),
+        ])
+        .expect("twice in a batch");
     let want = link_rows(&store, 1);
-    assert_eq!(want.len() as u64, n + 3);
+    assert_eq!(want.len() as u64, n + 4);
     let to = T0 + (n + 100) * W;
     assert_same_rows(
         &store.read_range(1, T0, to, 1_000_000).expect("read"),
