@@ -656,7 +656,9 @@ const SCAN_GAP: u64 = 256;
 /// `tiers_cut` in `_linkpulse_meta` (tier retention may have removed their bucket while rows
 /// of them stay: `lp_trim` deletes a prefix of the seq order); the build raises that cut past
 /// any row it finds without a bucket. Reads run in one transaction (one read view), so a row
-/// moved to a new seq meanwhile is seen exactly once.
+/// moved to a new seq meanwhile is seen exactly once; the cut (memtx) is read outside it, before
+/// and after, and a read that saw it rise (tier retention raises it before deleting buckets)
+/// is done again with the new cut.
 ///
 /// `lp_seq_build` fills the ranges of buckets stored before v5 from the rows, in seq order and
 /// chunks, with its progress (`seq_stop`, `seq_done` in `tiers_build`) committed with each
@@ -668,8 +670,6 @@ pub(crate) fn migration_v5() -> String {
     local W = TIERS[1]
     local ident = box.space.rollups.index.identity
     local pk = box.space.rollups.index.primary
-    local cut = box.space._linkpulse_meta:get('tiers_cut')
-    cut = cut and cut[2] or 0
     local out = {}
     -- appends sorted rows while the page has room; false once it is full (a page never ends
     -- inside one window start)
@@ -737,43 +737,61 @@ pub(crate) fn migration_v5() -> String {
         if not sorted then table.sort(rows, cmp) end
         return take(rows)
     end
-    box.begin()
-    local ok, err = pcall(function()
-        if from_ns < cut then
-            local hi = to_ns
-            if hi > cut then hi = cut end
-            local rows = {}
-            by_identity(from_ns, hi, nil, rows)
-            if not take(rows) then return end
-            from_ns = hi
-        end
-        if from_ns >= to_ns then return end
-        local batch, expect = {}, 0
-        for _, b in box.space.tiers.index.primary:pairs({W, link, from_ns - from_ns % W},
-                {iterator = 'GE'}) do
-            if b[1] ~= W or b[2] ~= link or b[3] >= to_ns then break end
-            -- a batch ends between two bucket starts once it holds the rows the page lacks
-            if #batch > 0 and b[3] ~= batch[#batch][3] and expect >= limit - #out then
+    local function once(cut)
+        -- a copy: a second attempt starts where the first did
+        local from_ns = from_ns
+        out = {}
+        box.begin()
+        local ok, err = pcall(function()
+            if from_ns < cut then
+                local hi = to_ns
+                if hi > cut then hi = cut end
+                local rows = {}
+                by_identity(from_ns, hi, nil, rows)
+                if not take(rows) then return end
+                from_ns = hi
+            end
+            if from_ns >= to_ns then return end
+            local batch, expect = {}, 0
+            for _, b in box.space.tiers.index.primary:pairs({W, link, from_ns - from_ns % W},
+                    {iterator = 'GE'}) do
+                if b[1] ~= W or b[2] ~= link or b[3] >= to_ns then break end
+                -- a batch ends between two bucket starts once it holds the rows the page lacks
+                if #batch > 0 and b[3] ~= batch[#batch][3] and expect >= limit - #out then
+                    local lo = batch[1][3]
+                    if lo < from_ns then lo = from_ns end
+                    local hi = batch[#batch][3] + W
+                    if hi > to_ns then hi = to_ns end
+                    if not scan(batch, lo, hi) then return end
+                    if #out >= limit then return end
+                    batch, expect = {}, 0
+                end
+                batch[#batch + 1] = b
+                expect = expect + b[5]
+            end
+            if #batch > 0 then
                 local lo = batch[1][3]
                 if lo < from_ns then lo = from_ns end
-                local hi = batch[#batch][3] + W
-                if hi > to_ns then hi = to_ns end
-                if not scan(batch, lo, hi) then return end
-                if #out >= limit then return end
-                batch, expect = {}, 0
+                scan(batch, lo, to_ns)
             end
-            batch[#batch + 1] = b
-            expect = expect + b[5]
-        end
-        if #batch > 0 then
-            local lo = batch[1][3]
-            if lo < from_ns then lo = from_ns end
-            scan(batch, lo, to_ns)
-        end
-    end)
-    box.commit()
-    if not ok then error(err) end
-    return out
+        end)
+        box.commit()
+        if not ok then error(err) end
+    end
+    -- memtx, so outside the vinyl transaction; tier retention raises the cut before it deletes
+    -- buckets, so a deletion the read saw shows as a higher cut after it: read again
+    local meta = box.space._linkpulse_meta
+    local function get_cut()
+        local c = meta:get('tiers_cut')
+        return c and c[2] or 0
+    end
+    local cut = get_cut()
+    while true do
+        once(cut)
+        local now = get_cut()
+        if now == cut then return out end
+        cut = now
+    end
 end"#
             .replace("@SPREAD@", &SPREAD_PER_WINDOW.to_string())
             .replace("@SLACK@", &SPREAD_SLACK.to_string())
