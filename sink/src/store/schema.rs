@@ -37,9 +37,10 @@
 //! store (5.7 M rows, 21 primary runs in 9 ranges) one day of one link (172,800 rows) took 47 s
 //! in Tarantool on one core, ~9 page reads per row (the lead measured 110 s under load; 12.5 s
 //! once background compaction had left 12 runs), one hour 2.4 s. Measured alternatives on a
-//! copy of that store: bloom back on the primary plus a compaction, 12.9 s (then one 64 KiB page per row: the compaction, leaving one run per range,
-//! did most of it); the same with 8 KiB pages, 4.8 s (more page index: ~0.14 MiB per hour of
-//! 16 links, plus ~0.09 MiB of bloom filter, i.e. v2's RAM saving undone). v5 instead keeps in
+//! copy of that store: bloom back on the primary plus a compaction, 12.9 s (then one 64 KiB page
+//! per row: the compaction, leaving one run per range, did most of it); the same with 8 KiB
+//! pages, 4.8 s (more page index: ~0.14 MiB per hour of 16 links, plus ~0.09 MiB of bloom
+//! filter, i.e. v2's RAM saving undone). v5 instead keeps in
 //! each 10 s bucket the lowest and highest `seq` of its rows and `lp_read_range` scans those
 //! ranges of the primary (~3 µs per row scanned, other links' rows in the range included):
 //! 2.1 s for that day (its seq range holds 4 links' rows: 691k scanned), 0.06 s for the hour,
