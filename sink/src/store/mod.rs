@@ -183,58 +183,47 @@ pub(crate) fn migrate(client: &Client) -> Result<u32, StoreError> {
         tracing::info!(from = version, to, "store schema migrated");
         version = to;
     }
-    build_tiers(client)?;
-    build_seq_ranges(client)?;
+    // The builds after the migrations: the tiers of rows stored before v3, then the seq ranges
+    // of the 10 s buckets stored before v5 (`migration_v5` in tiers.rs).
+    build_in_chunks(
+        client,
+        "lp_tier_build",
+        2,
+        "aggregate tiers built from the rows stored before schema v3",
+    )?;
+    build_in_chunks(
+        client,
+        "lp_seq_build",
+        5,
+        "seq ranges of the 10 s buckets built from the rows stored before schema v5",
+    )?;
     Ok(version)
 }
 
-/// Fills the seq ranges of the 10 s buckets stored before schema v5 (see `migration_v5` in
-/// tiers.rs), in chunks, resumed after a crash. A no-op once done.
-fn build_seq_ranges(client: &Client) -> Result<(), StoreError> {
-    let start = Instant::now();
-    let mut rows = 0u64;
-    loop {
-        let (done, n): (bool, u64) = client
-            .call("lp_seq_build", &(TIER_BUILD_CHUNK,))
-            .map_err(|source| StoreError::Migration { version: 5, source })?;
-        rows += n;
-        if done {
-            break;
-        }
-    }
-    if rows > 0 {
-        tracing::info!(
-            rows,
-            secs = start.elapsed().as_secs_f64(),
-            "store: seq ranges of the 10 s buckets built from the rows stored before schema v5"
-        );
-    }
-    Ok(())
-}
-
-/// Rows per `lp_tier_build` call: ~0.1 s of work, far below the request timeout.
+/// Rows per `lp_tier_build` / `lp_seq_build` call: ~0.1 s of work, far below the request timeout.
 const TIER_BUILD_CHUNK: u32 = 20_000;
 
-/// Builds the tiers of the rows stored before schema v3, in chunks (resumed after a crash: the
-/// progress is committed with each chunk's tiers). A no-op once done.
-fn build_tiers(client: &Client) -> Result<(), StoreError> {
+/// Calls the stored function `func(chunk)` → (done, rows) until done: each call commits its
+/// chunk with its progress, so a crash resumes where it stopped. A no-op once done.
+fn build_in_chunks(
+    client: &Client,
+    func: &str,
+    version: u32,
+    what: &'static str,
+) -> Result<(), StoreError> {
     let start = Instant::now();
     let mut rows = 0u64;
     loop {
         let (done, n): (bool, u64) = client
-            .call("lp_tier_build", &(TIER_BUILD_CHUNK,))
-            .map_err(|source| StoreError::Migration { version: 2, source })?;
+            .call(func, &(TIER_BUILD_CHUNK,))
+            .map_err(|source| StoreError::Migration { version, source })?;
         rows += n;
         if done {
             break;
         }
     }
     if rows > 0 {
-        tracing::info!(
-            rows,
-            secs = start.elapsed().as_secs_f64(),
-            "store: aggregate tiers built from the rows stored before schema v3"
-        );
+        tracing::info!(rows, secs = start.elapsed().as_secs_f64(), "store: {what}");
     }
     Ok(())
 }

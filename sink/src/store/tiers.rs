@@ -485,7 +485,7 @@ fn with_lib(f: &str) -> String {
 
 /// Schema v2 → v3: the tier spaces, and the stored functions that maintain and read them
 /// (`lp_put_rollups` is replaced by one that also maintains the tiers). The tiers of rows stored
-/// before are built afterwards by `lp_tier_build` (see `build_tiers` in mod.rs), in chunks.
+/// before are built afterwards by `lp_tier_build` (see `build_in_chunks` in mod.rs), in chunks.
 pub(crate) fn migration_v3() -> String {
     let format = super::schema::lua_format(TIER_FIELDS);
     // The helpers are made inside the called function: closures made while a persistent
