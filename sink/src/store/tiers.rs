@@ -466,6 +466,42 @@ local function same(a, b)
     end
     return true
 end
+-- runs f in a transaction: committed, or rolled back and its error raised
+local function in_txn(f)
+    box.begin()
+    local ok, err = pcall(f)
+    if not ok then
+        box.rollback()
+        error(err)
+    end
+    box.commit()
+end
+-- the next chunk of a resumable build whose marks in tiers_build are `stop_key` (the highest
+-- seq when the build began) and `done_key`: the rows after done up to stop (at most `limit`),
+-- the done mark to store with their work, and stop; nil once done
+local function build_chunk(stop_key, done_key, limit)
+    local b = box.space.tiers_build
+    local st = b:get(stop_key)
+    if st == nil then
+        local top = box.space.rollups.index.primary:max()
+        b:replace{stop_key, top and top[1] or 0}
+        st = b:get(stop_key)
+    end
+    local stop = st[2]
+    local done = b:get(done_key)
+    done = done and done[2] or 0
+    if done >= stop then return nil end
+    local rows = {}
+    for _, t in ipairs(box.space.rollups.index.primary:select({done},
+            {iterator = 'GT', limit = limit})) do
+        if t[1] > stop then break end
+        rows[#rows + 1] = t
+    end
+    -- a full chunk ends at its last row; a short one reached stop
+    local last = stop
+    if #rows == limit then last = rows[#rows][1] end
+    return rows, last, stop
+end
 "#;
 
 fn lib() -> String {
@@ -490,8 +526,7 @@ pub(crate) fn migration_v3() -> String {
     let format = super::schema::lua_format(TIER_FIELDS);
     // The helpers are made inside the called function: closures made while a persistent
     // function's body is loaded do not see the globals (tostring, box), closures made by a call do.
-    let body = with_lib;
-    let put = body(
+    let put = with_lib(
         r#"function(batch)
     local s = box.space.rollups
     local ident = s.index.identity
@@ -499,8 +534,7 @@ pub(crate) fn migration_v3() -> String {
     local base = box.func.lp_seq_base:call()
     -- reserve the range before the first yield, so concurrent puts never share a seq
     rawset(_G, '__lp_seq', base + n)
-    box.begin()
-    local ok, err = pcall(function()
+    in_txn(function()
         local delta, dirty, moved = {}, {}, {}
         for i = 1, n do
             local row = batch[i]
@@ -520,47 +554,20 @@ pub(crate) fn migration_v3() -> String {
         end
         apply(delta, dirty, moved)
     end)
-    if not ok then
-        box.rollback()
-        error(err)
-    end
-    box.commit()
     return n, base + n
 end"#,
     );
-    let build = body(
+    let build = with_lib(
         r#"function(limit)
-    local b = box.space.tiers_build
-    local st = b:get('stop')
-    if st == nil then
-        local top = box.space.rollups.index.primary:max()
-        b:replace{'stop', top and top[1] or 0}
-        st = b:get('stop')
-    end
-    local stop = st[2]
-    local done = b:get('done')
-    done = done and done[2] or 0
-    if done >= stop then return true, 0 end
-    local rows = box.space.rollups.index.primary:select({done}, {iterator = 'GT', limit = limit})
-    local last, count = stop, 0
-    box.begin()
-    local ok, err = pcall(function()
+    local rows, last, stop = build_chunk('stop', 'done', limit)
+    if rows == nil then return true, 0 end
+    in_txn(function()
         local delta = {}
-        for _, t in ipairs(rows) do
-            if t[1] > stop then break end
-            add_delta(delta, t)
-            count = count + 1
-        end
-        if count == limit then last = rows[count][1] end
+        for _, t in ipairs(rows) do add_delta(delta, t) end
         apply(delta, {})
-        b:replace{'done', last}
+        box.space.tiers_build:replace{'done', last}
     end)
-    if not ok then
-        box.rollback()
-        error(err)
-    end
-    box.commit()
-    return last >= stop, count
+    return last >= stop, #rows
 end"#,
     );
     let read = r#"function(tier, link, from_ns, to_ns, limit)
@@ -572,7 +579,7 @@ end"#,
     end
     return out
 end"#;
-    let trim = body(
+    let trim = with_lib(
         r#"function(before_ns, limit)
     local sp = box.space.tiers
     local deleted = 0
@@ -597,9 +604,9 @@ end"#;
             if #keys == 0 then
                 link = link + 1
             else
-                box.begin()
-                for _, k in ipairs(keys) do sp:delete(k) end
-                box.commit()
+                in_txn(function()
+                    for _, k in ipairs(keys) do sp:delete(k) end
+                end)
                 deleted = deleted + #keys
             end
         end
@@ -800,30 +807,17 @@ end"#
     let build = with_lib(
         r#"function(limit)
     local W = TIERS[1]
-    local b = box.space.tiers_build
     local sp = box.space.tiers
-    local st = b:get('seq_stop')
-    if st == nil then
-        local top = box.space.rollups.index.primary:max()
-        b:replace{'seq_stop', top and top[1] or 0}
-        st = b:get('seq_stop')
-    end
-    local stop = st[2]
-    local done = b:get('seq_done')
-    done = done and done[2] or 0
-    if done >= stop then return true, 0 end
-    local rows = box.space.rollups.index.primary:select({done}, {iterator = 'GT', limit = limit})
-    local last, count, span = stop, 0, {}
+    local rows, last, stop = build_chunk('seq_stop', 'seq_done', limit)
+    if rows == nil then return true, 0 end
+    local span = {}
     for _, t in ipairs(rows) do
-        if t[1] > stop then break end
         local s = t[3] - t[3] % W
         local k = key(t[2], s, t[4])
         local x = span[k]
         -- rows come in seq order: the first is the lowest
         if x == nil then span[k] = {t[2], s, t[4], t[1], t[1]} else x[5] = t[1] end
-        count = count + 1
     end
-    if count == limit then last = rows[count][1] end
     -- rows whose bucket retention removed: raise the cut past them first (memtx, outside the
     -- vinyl transaction), so that a crash after the chunk never leaves one unread
     local meta = box.space._linkpulse_meta
@@ -834,20 +828,14 @@ end"#
         if sp:get({W, x[1], x[2], x[3]}) == nil and x[2] + W > raised then raised = x[2] + W end
     end
     if raised > cut then meta:replace{'tiers_cut', raised} end
-    box.begin()
-    local ok, err = pcall(function()
+    in_txn(function()
         for _, x in pairs(span) do
             local cur = sp:get({W, x[1], x[2], x[3]})
             if cur ~= nil then sp:replace(widen(cur, x[4], x[5])) end
         end
-        b:replace{'seq_done', last}
+        box.space.tiers_build:replace{'seq_done', last}
     end)
-    if not ok then
-        box.rollback()
-        error(err)
-    end
-    box.commit()
-    return last >= stop, count
+    return last >= stop, #rows
 end"#,
     );
     format!(
