@@ -259,18 +259,21 @@ box.space.rollups.index.primary:alter({page_size = 65536, bloom_fpr = 1})
 return true
 "#;
 
+/// The migrations' `define(name, body)`: installs a stored function (drop + create: a re-run
+/// installs the body of this build).
+pub(crate) const LUA_DEFINE: &str = "
+local function define(name, body)
+    if box.schema.func.exists(name) then box.schema.func.drop(name) end
+    box.schema.func.create(name, {language = 'LUA', body = body})
+end
+";
+
 fn migration_v1() -> String {
     let format = lua_format(FIELDS);
     let seq = SEQ_FIELD;
     let window = WINDOW_FIELD;
     format!(
-        r#"
-local function define(name, body)
-    -- drop + create: a re-run installs the body of this build
-    if box.schema.func.exists(name) then box.schema.func.drop(name) end
-    box.schema.func.create(name, {{language = 'LUA', body = body}})
-end
-
+        r#"{LUA_DEFINE}
 local r = box.schema.space.create('rollups', {{engine = 'vinyl', if_not_exists = true, format = {{
     {format}
 }}}})

@@ -615,11 +615,7 @@ end"#;
 end"#,
     );
     format!(
-        r#"
-local function define(name, body)
-    if box.schema.func.exists(name) then box.schema.func.drop(name) end
-    box.schema.func.create(name, {{language = 'LUA', body = body}})
-end
+        r#"{define}
 local t = box.schema.space.create('tiers', {{engine = 'vinyl', if_not_exists = true, format = {{
     {format}
 }}}})
@@ -635,6 +631,7 @@ define('lp_trim_tiers', {trim:?})
 return true
 "#,
         format = format,
+        define = super::schema::LUA_DEFINE,
     )
 }
 
@@ -839,15 +836,12 @@ end"#
 end"#,
     );
     format!(
-        r#"
-local function define5(name, body)
-    if box.schema.func.exists(name) then box.schema.func.drop(name) end
-    box.schema.func.create(name, {{language = 'LUA', body = body}})
-end
+        r#"{define}
 box.space.tiers:format({{{format}}})
-define5('lp_read_range', {read:?})
-define5('lp_seq_build', {build:?})
+define('lp_read_range', {read:?})
+define('lp_seq_build', {build:?})
 {v3}"#,
+        define = super::schema::LUA_DEFINE,
         v3 = migration_v3(),
     )
 }
