@@ -53,15 +53,16 @@ impl CpuLatency {
     }
 
     /// Holds or releases the limit; a write only when that changes (one syscall, no allocation).
-    pub fn set(&mut self, hold: bool) -> io::Result<()> {
+    /// True when it changed.
+    pub fn set(&mut self, hold: bool) -> io::Result<bool> {
         if hold == self.held {
-            return Ok(());
+            return Ok(false);
         }
         let v = if hold { self.us } else { RELEASE };
         // The kernel takes exactly four bytes as a binary s32.
         self.file.write_all(&v.to_ne_bytes())?;
         self.held = hold;
-        Ok(())
+        Ok(true)
     }
 
     pub fn held(&self) -> bool {
@@ -79,11 +80,11 @@ mod tests {
         let p = dir.path().join("qos");
         std::fs::write(&p, b"").expect("create");
         let mut q = CpuLatency::open(&p, 7).expect("open");
-        q.set(false).expect("no-op");
-        q.set(true).expect("hold");
-        q.set(true).expect("no-op");
+        assert!(!q.set(false).expect("no-op"));
+        assert!(q.set(true).expect("hold"));
+        assert!(!q.set(true).expect("no-op"));
         assert!(q.held());
-        q.set(false).expect("release");
+        assert!(q.set(false).expect("release"));
         let b = std::fs::read(&p).expect("read");
         let vals: Vec<i32> = b
             .chunks(4)

@@ -592,7 +592,7 @@ impl StreamSender {
         if let Some(w) = &mut self.wakeup {
             // A write only when the first client comes or the last goes. A failed write (not
             // seen in practice) leaves the gauge telling the truth and is tried again next tick.
-            if w.set(self.active > 0).is_ok() {
+            if let Ok(true) = w.set(self.active > 0) {
                 self.shared
                     .stream
                     .wakeup_latency_held
